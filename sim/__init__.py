@@ -1,0 +1,7 @@
+"""xlio.sim: an in-process model of nested VMX and EPT that charges every exit."""
+
+from .costs import PRESETS, CostModel
+from .nested import Config, ModelError, NestedVmx
+from .vmx import ExitReason, VmcsField
+
+__all__ = ["PRESETS", "Config", "CostModel", "ExitReason", "ModelError", "NestedVmx", "VmcsField"]

@@ -1,0 +1,126 @@
+"""Routing of L2's exits: does L0 keep the exit or reflect it to L1?
+
+Every L2 exit lands in L0. KVM's ``nested_vmx_reflect_vmexit`` (``nested.c``)
+first asks ``nested_vmx_l0_wants_exit`` (exits L0 must see first), then
+``nested_vmx_l1_wants_exit`` (exits L1 asked for in vmcs12, or that only L1
+can handle). This module is that decision as a table: one row per exit reason,
+the rule that decides it, and the KVM source of the rule.
+
+An exit that L1 did not ask for is L0's, exactly as in KVM: an L2 port I/O
+that L1's vmcs12 I/O bitmap lets through is served by L0 as an access to L1's
+own port. That is how the direct-service path works without a special case:
+when L1 delegates a device, it switches vmcs12 from unconditional I/O exiting
+to I/O bitmaps with the device's notify port clear, and L0's direct backend
+owns that port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .vmx import CpuBased, ExitReason, PinBased
+
+R = ExitReason
+
+
+class Rule(Enum):
+    """How one exit reason is decided."""
+
+    L0 = "L0 always handles it first"
+    L1 = "always reflected to L1"
+    L1_IF_CPU_CONTROL = "reflected when L1 set the primary exec-control bit"
+    L1_IF_PIN_CONTROL = "reflected when L1 set the pin-based control bit"
+    L1_IF_IO_EXITING = "reflected on unconditional I/O exiting or the port's I/O-bitmap bit"
+    L1_IF_MSR_EXITING = "reflected without MSR bitmaps, or on the MSR's bitmap bit"
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: Rule
+    control: int = 0
+    source: str = ""
+
+
+#: The routing table. Reasons not listed are reflected to L1 (KVM's default
+#: in nested_vmx_l1_wants_exit is "return true").
+ROUTES: dict[ExitReason, Route] = {
+    R.EXTERNAL_INTERRUPT: Route(
+        Rule.L0, source="nested_vmx_l0_wants_exit: host interrupt, L0 first"
+    ),
+    R.EXCEPTION_NMI: Route(Rule.L0, source="nested_vmx_l0_wants_exit: NMIs and L0's #PF/#MC"),
+    R.EPT_VIOLATION: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0 walks EPT12 first"),
+    R.EPT_MISCONFIG: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0 walks EPT12 first"),
+    R.PREEMPTION_TIMER: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0's timer"),
+    R.PML_FULL: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0's dirty logging"),
+    R.TRIPLE_FAULT: Route(Rule.L1, source="nested_vmx_l1_wants_exit: always"),
+    R.CPUID: Route(Rule.L1, source="nested_vmx_l1_wants_exit: CPUID always exits"),
+    R.XSETBV: Route(Rule.L1, source="nested_vmx_l1_wants_exit: always"),
+    R.INVD: Route(Rule.L1, source="nested_vmx_l1_wants_exit: always"),
+    R.HLT: Route(Rule.L1_IF_CPU_CONTROL, CpuBased.HLT_EXITING, "nested_vmx_l1_wants_exit"),
+    R.RDTSC: Route(Rule.L1_IF_CPU_CONTROL, CpuBased.RDTSC_EXITING, "nested_vmx_l1_wants_exit"),
+    R.INVLPG: Route(Rule.L1_IF_CPU_CONTROL, CpuBased.INVLPG_EXITING, "nested_vmx_l1_wants_exit"),
+    R.CR_ACCESS: Route(
+        Rule.L1_IF_CPU_CONTROL,
+        CpuBased.CR3_LOAD_EXITING | CpuBased.CR8_LOAD_EXITING,
+        "nested_vmx_exit_handled_cr (CR3/CR8 part; CR0/CR4 by guest/host masks)",
+    ),
+    R.INTERRUPT_WINDOW: Route(
+        Rule.L1_IF_CPU_CONTROL, CpuBased.INTR_WINDOW_EXITING, "nested_vmx_l1_wants_exit"
+    ),
+    R.IO_INSTRUCTION: Route(Rule.L1_IF_IO_EXITING, source="nested_vmx_exit_handled_io"),
+    R.MSR_READ: Route(Rule.L1_IF_MSR_EXITING, source="nested_vmx_exit_handled_msr"),
+    R.MSR_WRITE: Route(Rule.L1_IF_MSR_EXITING, source="nested_vmx_exit_handled_msr"),
+    R.NMI_WINDOW: Route(Rule.L1_IF_PIN_CONTROL, PinBased.NMI_EXITING, "nested_vmx_l1_wants_exit"),
+}
+for _vmx_insn in (
+    R.VMCALL, R.VMCLEAR, R.VMLAUNCH, R.VMPTRLD, R.VMPTRST, R.VMREAD,
+    R.VMRESUME, R.VMWRITE, R.VMOFF, R.VMON, R.INVEPT, R.INVVPID,
+):  # fmt: skip
+    ROUTES[_vmx_insn] = Route(Rule.L1, source="nested_vmx_l1_wants_exit: VMX instructions")
+
+DEFAULT_ROUTE = Route(Rule.L1, source="nested_vmx_l1_wants_exit: default")
+
+
+@dataclass
+class L1Controls:
+    """The parts of vmcs12 that routing reads: L1's wishes for L2's exits."""
+
+    cpu_based: int
+    pin_based: int
+    io_passthrough: frozenset[int] = frozenset()  # ports whose I/O-bitmap bit is clear
+    msr_bitmap: frozenset[int] = frozenset()  # MSRs whose access exits
+
+
+def l1_wants(reason: ExitReason, ctl: L1Controls, *, port: int = -1, msr: int = -1) -> bool:
+    """Whether L1 asked for this exit (KVM: nested_vmx_l1_wants_exit)."""
+    route = ROUTES.get(reason, DEFAULT_ROUTE)
+    rule = route.rule
+    if rule is Rule.L1:
+        return True
+    if rule is Rule.L1_IF_CPU_CONTROL:
+        return bool(ctl.cpu_based & route.control)
+    if rule is Rule.L1_IF_PIN_CONTROL:
+        return bool(ctl.pin_based & route.control)
+    if rule is Rule.L1_IF_IO_EXITING:
+        if ctl.cpu_based & CpuBased.USE_IO_BITMAPS:
+            return port not in ctl.io_passthrough
+        return bool(ctl.cpu_based & CpuBased.UNCOND_IO_EXITING)
+    if rule is Rule.L1_IF_MSR_EXITING:
+        if not ctl.cpu_based & CpuBased.USE_MSR_BITMAPS:
+            return True
+        return msr in ctl.msr_bitmap
+    return False  # Rule.L0 rows never reach here: l0 wants them first
+
+
+def route_l2_exit(
+    reason: ExitReason,
+    ctl: L1Controls,
+    *,
+    port: int = -1,
+    msr: int = -1,
+) -> int:
+    """The level (0 or 1) that handles an L2 exit."""
+    if ROUTES.get(reason, DEFAULT_ROUTE).rule is Rule.L0:
+        return 0
+    return 1 if l1_wants(reason, ctl, port=port, msr=msr) else 0

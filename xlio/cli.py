@@ -1,0 +1,105 @@
+"""The ``xlio`` command line: argument parsing and printing only.
+
+A user's mistake (unknown name, bad number) is one line on stderr and exit
+status 2; everything else lives in sans-IO modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from xlio.measure import UsageError, format_report, measure
+from xlio.sim.costs import PRESETS
+from xlio.sim.workloads import PATHS, WORKLOADS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_model_switches(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--shadow-vmcs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="VMCS shadowing (default: the preset's)",
+    )
+    p.add_argument(
+        "--no-vmcs-exits",
+        action="store_true",
+        help="L1's VMREAD/VMWRITE never exit (Turtles' hypothetical)",
+    )
+    p.add_argument("--operand", default="register", help="VMREAD/VMWRITE operand: register|memory")
+    p.add_argument("--cache-reg", default=None, help="L1 register cache: base|extended")
+    p.add_argument("--trace", action="store_true", help="record every event (slower)")
+
+
+def _switches(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "shadow_vmcs": a.shadow_vmcs,
+        "vmcs_exits": not a.no_vmcs_exits,
+        "operand": a.operand,
+        "cache_reg": a.cache_reg,
+        "trace": a.trace,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xlio", description="Cross-layer paravirtual I/O for nested VMX")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("measure", help="charge one workload on one path")
+    m.add_argument("--workload", required=True, help=f"one of: {', '.join(WORKLOADS)}")
+    m.add_argument("--path", default="l1", help=f"one of: {', '.join(PATHS)}")
+    m.add_argument("--count", type=_positive_int, default=1000)
+    m.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_model_switches(m)
+    return parser
+
+
+def _cmd_measure(a: argparse.Namespace) -> int:
+    r = measure(a.workload, a.path, a.preset, count=a.count, **_switches(a))
+    if a.json:
+        json.dump(r, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(r))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return COMMANDS[a.command](a)
+    except UsageError as e:
+        print(f"xlio: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `xlio ... | head`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+COMMANDS = {"measure": _cmd_measure}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

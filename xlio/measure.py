@@ -1,0 +1,142 @@
+"""Run a workload on a path under a configuration and report what it cost.
+
+``measure()`` is pure (no I/O): it returns the JSON-ready result that
+``xlio measure --json`` prints. ``format_report()`` renders it for people, in
+the spirit of ``perf kvm stat report``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xlio.sim.accounting import SUMMARY_KEYS
+from xlio.sim.costs import PRESETS
+from xlio.sim.nested import Config, NestedVmx
+from xlio.sim.workloads import PATHS, WORKLOADS
+
+
+class UsageError(ValueError):
+    """A user's mistake: reported in one line, exit status 2."""
+
+
+def make_config(
+    preset: str,
+    path: str,
+    *,
+    shadow_vmcs: bool | None = None,
+    vmcs_exits: bool = True,
+    operand: str = "register",
+    cache_reg: str | None = None,
+    trace: bool = False,
+) -> Config:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if path not in PATHS:
+        raise UsageError(f"unknown path {path!r} (choose from {', '.join(PATHS)})")
+    try:
+        return Config.from_preset(
+            PRESETS[preset],
+            nested=path != "single",
+            shadow_vmcs=shadow_vmcs,
+            vmcs_exits=vmcs_exits,
+            operand=operand,
+            cache_reg=cache_reg,
+            trace=trace,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def measure(
+    workload: str,
+    path: str,
+    preset: str,
+    *,
+    count: int = 1,
+    options: dict[str, Any] | None = None,
+    **switches: Any,
+) -> dict[str, Any]:
+    """Build a machine, run ``count`` operations, return per-op and total figures."""
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+    if count < 1:
+        raise UsageError(f"--count must be at least 1, got {count}")
+    cfg = make_config(preset, path, **switches)
+    m = NestedVmx(cfg)
+    w = WORKLOADS[workload]
+    op = w.build(m, path, dict(options or {}))
+    m.reset_stats()
+    for _ in range(count):
+        op()
+    return result_of(m, workload, path, count, w.per)
+
+
+def result_of(m: NestedVmx, workload: str, path: str, count: int, per: str) -> dict[str, Any]:
+    s = m.stats
+    totals = s.summary()
+    totals["time_us"] = m.costs.cycles_to_us(totals["cycles"])
+    per_op = {k: v / count for k, v in totals.items()}
+    extra = getattr(m, "extra_totals", None)
+    if extra:
+        totals.update(extra)
+    out: dict[str, Any] = {
+        "workload": workload,
+        "path": path,
+        "count": count,
+        "per": per,
+        "config": {**m.cfg.describe(), "path": path},
+        "per_op": per_op,
+        "totals": totals,
+        "cycles_by_level": s.cycles_by_level(),
+        "by_reason": s.reason_rows(),
+        "by_cause": dict(s.by_cause),
+    }
+    if s.trace is not None:
+        out["trace"] = [list(e) for e in s.trace]
+    return out
+
+
+def _num(v: float) -> str:
+    if float(v).is_integer():
+        return f"{int(v):,}"
+    return f"{v:,.2f}"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    cfg = r["config"]
+    cyc_total = r["totals"]["cycles"] or 1.0
+    clock = cfg["clock_ghz"]
+    lines = [
+        f"xlio measure: workload={r['workload']} path={r['path']} count={r['count']} "
+        f"preset={cfg['preset']}",
+        f"  shadow_vmcs={cfg['shadow_vmcs']} vmcs_exits={cfg['vmcs_exits']} "
+        f"operand={cfg['operand']} cache_reg={cfg['cache_reg']} "
+        f"dirty_tracking={cfg['dirty_tracking']} clock={clock} GHz",
+        "",
+        f"{'level':<6}{'exit reason':<22}{'samples':>10}{'samples%':>10}"
+        f"{'time%':>8}{'time/exit (us)':>16}",
+    ]
+    nexits = sum(row["count"] for row in r["by_reason"]) or 1
+    for row in r["by_reason"]:
+        lines.append(
+            f"{row['level']:<6}{row['reason']:<22}{row['count']:>10,}"
+            f"{100.0 * row['count'] / nexits:>9.2f}%"
+            f"{100.0 * row['cycles'] / cyc_total:>7.2f}%"
+            f"{row['cycles'] / row['count'] / (clock * 1000):>16.3f}"
+        )
+    lines.append("")
+    lines.append(f"per {r['per']} (totals / {r['count']:,}):")
+    for k in (*SUMMARY_KEYS, "cycles", "time_us"):
+        v = r["per_op"].get(k, 0)
+        if v or k in ("l0_exits", "l2_exits", "l1_exits", "reflected", "crossings", "cycles"):
+            lines.append(f"  {k:<26}{_num(v):>14}")
+    lv = r["cycles_by_level"]
+    lines.append(
+        "  cycles by level: " + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in lv.items() if v)
+    )
+    if r["by_cause"]:
+        lines.append(
+            "  L1 exits by cause (per op): "
+            + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in sorted(r["by_cause"].items()))
+        )
+    return "\n".join(lines)
