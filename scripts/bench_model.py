@@ -45,9 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=0.5)
     a = ap.parse_args()
-    print(
-        f"{'workload':<12}{'preset':<14}{'exits/s trace off':>20}{'exits/s trace on':>20}{'ratio':>8}"
-    )
+    head = ("workload", "preset", "exits/s trace off", "exits/s trace on", "ratio")
+    print(f"{head[0]:<12}{head[1]:<14}{head[2]:>20}{head[3]:>20}{head[4]:>8}")
     for preset in PRESETS:
         for w in ("cpuid", "vmcall", "io-kick", "io-user", "mmio-kick"):
             off, _ = rate(w, preset, False, a.seconds)
