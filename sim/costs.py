@@ -52,6 +52,12 @@ class CostModel:
     l1_pollution: float  # L1 handler cycles = L0 handler cycles x this factor
     l1_exit_framework: int  # L1's vmx_handle_exit/vcpu_enter_guest around a handler
     handlers: dict[str, int] = field(default_factory=dict)  # handler cycles when run in L0
+    ept12_walk_level: int = 150  # L0 reads one EPT12 entry from L1 memory
+    ept02_build: int = 400  # L0 installs one EPT02 entry (and its reverse map)
+    ept02_zap: int = 60  # L0 drops one EPT02 entry
+    lock: int = 40  # one uncontended MMU-lock round trip
+    swap_evict: int = 6_000  # reclaim one page (unmap, rmap walk, queue the write)
+    swap_in: int = 6_000  # bring one page back (fault path; the disk is not modeled)
     shadow_vmcs: bool = False
     dirty_tracking: bool = False  # vmcs12 dirty tracking: skip merge_rare when clean
     cache_reg: str = "base"
@@ -76,6 +82,15 @@ HANDLER_CYCLES: dict[str, Param] = {
     "msr_write": Param(800, "estimate: kvm_set_msr_common for a user-return MSR"),
     "cr_access": Param(600, "estimate: CR0.TS toggle, handle_cr/clts"),
     "inject": Param(300, "estimate: L0 writes VM-entry interruption info before entry"),
+    "ept_fault": Param(
+        1_500, "estimate: kvm_mmu_page_fault entry for an L2 EPT violation, before walk and build"
+    ),
+    "ept12_write": Param(
+        3_000, "estimate: emulate L1's write to a write-protected EPT12 page (decode, write)"
+    ),
+    "invept": Param(
+        1_500, "estimate: handle_invept: memory-operand descriptor, checks, free the roots"
+    ),
 }
 
 _TURTLES_SOURCES = {
@@ -92,6 +107,12 @@ _TURTLES_SOURCES = {
     "merge_rare": "calibrated: L0 share of nested CPUID = 38.5k (Turtles 4.1)",
     "l1_pollution": "Turtles 4.1: the CPUID handler costs 5,000 in L1 vs 1,500 in L0",
     "l1_exit_framework": "calibrated: L1 share of nested CPUID = 8k (Turtles 4.1)",
+    "ept12_walk_level": "estimate: kvm_vcpu_read_guest of 8 bytes of L1 memory (gfn->hva, copy)",
+    "ept02_build": "estimate: mmu_set_spte plus rmap_add",
+    "ept02_zap": "estimate: drop one SPTE while freeing a shadow root",
+    "lock": "estimate: an uncontended spin lock; contention is counted, not costed",
+    "swap_evict": "estimate: try_to_unmap + add_to_swap for one 4 KiB page, same at L0 or L1",
+    "swap_in": "estimate: do_swap_page without the disk, same at L0 or L1",
 }
 
 

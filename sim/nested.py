@@ -34,6 +34,8 @@ fixed for a machine's life), so an exit costs a few additions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +149,9 @@ class NestedVmx:
                 (VmcsField.SECONDARY_VM_EXEC_CONTROL, KVM_L1_SECONDARY),
             ]
         )
+        self.memory: Any = None  # (VirtualEpt, L1Mmu) when a workload models memory
         self.state = L2
+        self._l1_background = 0
         self.vmcs12_dirty = False
         self._cache: CacheState = EMPTY_CACHE
         self._compiled: dict[
@@ -198,6 +202,23 @@ class NestedVmx:
     def _require(self, state: int, what: str) -> None:
         if self.state != state:
             raise ModelError(f"{what} needs {('L0', 'L1', 'L2')[state]} running")
+
+    def _require_l1(self, what: str) -> None:
+        if self.state != L1 and not self._l1_background:
+            raise ModelError(f"{what} needs L1 running")
+
+    @contextmanager
+    def l1_background(self) -> Iterator[None]:
+        """L1 work on another of L1's vCPUs, one not running L2 (L1's kswapd, say).
+
+        Its exits are L1 exits to L0 while this L2 vCPU keeps its state; it
+        cannot VMRESUME this L2.
+        """
+        self._l1_background += 1
+        try:
+            yield
+        finally:
+            self._l1_background -= 1
 
     # ------------------------------------------------------------- L2 side
     def l2_exit(
@@ -359,7 +380,7 @@ class NestedVmx:
 
     def l1_exit(self, reason: ExitReason, handler: str, *, cause: str, count: int = 1) -> None:
         """``count`` hardware exits L1 takes to L0 on its own (L0 handles them)."""
-        self._require(L1, "an L1 exit")
+        self._require_l1("an L1 exit")
         s = self.stats
         c = self.costs
         h = c.handlers[handler]

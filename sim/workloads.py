@@ -15,7 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .ept import PAGE_SHIFTS
+from .l1mmu import L1Mmu
+from .memory import HostMemory
 from .nested import L1, NestedVmx
+from .vept import SCHEMES, VirtualEpt
 from .vmx import ExitReason
 
 PATHS = ("single", "l1", "l0")
@@ -25,7 +29,7 @@ PATHS = ("single", "l1", "l0")
 VIRTIO_NOTIFY_PORT = 0xC050
 
 
-Op = Callable[[], None]
+Op = Callable[[], "float | None"]  # returns the units it performed (None: one)
 Builder = Callable[[NestedVmx, str, dict[str, Any]], Op]
 
 
@@ -60,12 +64,152 @@ def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     )
 
 
+# ---------------------------------------------------------------- memory (EPT)
+#: Defaults of the memory workloads: the issue's 16 GiB L2 inside a 32 GiB L1,
+#: and the slides' 4K EPT-table modifications per second.
+EPT_DEFAULTS: dict[str, Any] = {
+    "virtual_ept": "vtlb",
+    "static_ept": False,
+    "static_ept02": False,
+    "swap": "l1",
+    "avoid_invept": False,
+    "defer_rebuild": False,
+    "working_set_mib": 64,
+    "rate": 4000,
+    "seconds": 1.0,
+    "touch_hz": 100,
+    "page_size": "4k",
+    "l2_mem_gib": 16,
+    "l1_mem_gib": 32,
+}
+
+
+def ept_options(opts: dict[str, Any]) -> dict[str, Any]:
+    o = {**EPT_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+    if o["virtual_ept"] not in SCHEMES:
+        raise ValueError(f"--virtual-ept must be one of {', '.join(SCHEMES)}")
+    if o["page_size"] not in PAGE_SHIFTS:
+        raise ValueError(f"--page-size must be one of {', '.join(PAGE_SHIFTS)}")
+    if o["swap"] not in ("l1", "l0"):
+        raise ValueError("--swap must be l1 or l0")
+    if o["l1_mem_gib"] < o["l2_mem_gib"]:
+        raise ValueError("L1 memory must be at least L2 memory")
+    if not 0 < o["working_set_mib"] <= o["l2_mem_gib"] * 1024:
+        raise ValueError("--working-set must be positive and fit in L2 memory")
+    for k in ("rate", "seconds", "touch_hz"):
+        if o[k] <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive")
+    return o
+
+
+def build_memory(m: NestedVmx, o: dict[str, Any]) -> tuple[VirtualEpt, L1Mmu]:
+    """L1 and L2 memory, EPT01/EPT12/EPT02, in the configuration ``o``."""
+    shift = PAGE_SHIFTS[o["page_size"]]
+    l1 = int(o["l1_mem_gib"] * (1 << 30))
+    l2 = int(o["l2_mem_gib"] * (1 << 30))
+    # host memory: L1's frames plus room for L0's own tables (never all resident)
+    host = HostMemory(l1 + l1 // 8 + (64 << 20))
+    vept = VirtualEpt(m, host, l1, shift, o["virtual_ept"], o["defer_rebuild"])
+    mmu = L1Mmu(m, vept, l2, avoid_invept=o["avoid_invept"])
+    if o["static_ept"] or o["static_ept02"]:
+        mmu.prebuild()
+    if o["static_ept02"]:
+        vept.prebuild_ept02(0, mmu.l2_pages)
+    m.memory = (vept, mmu)
+    return vept, mmu
+
+
+def _working_set_pages(o: dict[str, Any]) -> int:
+    return max(1, (int(o["working_set_mib"]) << 20) >> PAGE_SHIFTS[o["page_size"]])
+
+
+def _single_level_touch(m: NestedVmx, pages: int) -> None:
+    for _ in range(pages):
+        m.l2_exit(ExitReason.EPT_VIOLATION, "ept_violation")
+
+
+def _ept_touch(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+    o = ept_options(opts)
+    pages = _working_set_pages(o)
+    if path == "single":  # a plain VM: each first touch is one EPT violation L0 fixes
+        static = o["static_ept"] or o["static_ept02"]
+
+        def op_single() -> float:
+            if not static:
+                _single_level_touch(m, pages)
+            return pages
+
+        return op_single
+    vept, mmu = build_memory(m, o)
+
+    def op() -> float:
+        vept.l2_touch(0, pages, mmu.l2_fault)
+        return pages
+
+    return op
+
+
+def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+    """Host swap at ``rate`` EPT modifications per second while L2 sweeps its working set.
+
+    A modification is one change of the swapping level's table: an eviction
+    (present -> not present) or the swap-in that follows it when L2 touches
+    the page again, so evictions run at rate/2. L2 touches its whole working
+    set ``touch_hz`` times a second. With ``swap=l0`` the same evictions hit
+    EPT01 in L0 instead, and L1's EPT12 never changes.
+    """
+    o = ept_options(opts)
+    pages = _working_set_pages(o)
+    seconds = float(o["seconds"])
+    evictions = round(o["rate"] * seconds / 2)
+    sweeps = max(1, round(o["touch_hz"] * seconds))
+    # one timeline, events in time order (an eviction first on a tie)
+    events = sorted(
+        [(i * seconds / max(evictions, 1), 0) for i in range(evictions)]
+        + [((j + 1) * seconds / sweeps, 1) for j in range(sweeps)]
+    )
+    if path == "single":  # a plain VM, host swap in L0: each eviction refaults once
+        c = m.costs
+
+        def op_single() -> float:
+            m.l0_work(evictions * c.swap_evict)
+            for _ in range(evictions):
+                m.l2_exit(ExitReason.EPT_VIOLATION, "ept_violation", l0_extra=c.swap_in)
+            return seconds
+
+        return op_single
+    vept, mmu = build_memory(m, o)
+    for _ in range(2):  # warm: the working set is resident and EPT02 holds all of it
+        vept.l2_touch(0, pages, mmu.l2_fault)
+
+    def op() -> float:
+        victim = 0
+        for _, kind in events:
+            if kind == 1:
+                vept.l2_touch(0, pages, mmu.l2_fault)
+                continue
+            p = victim % pages
+            victim += 1
+            if o["swap"] == "l1":
+                mmu.evict(p)
+            else:
+                # L0 picks a host page; its reverse map names the L1 page and
+                # the EPT02 entry built from it (here read from EPT12)
+                l1_page = mmu.l1_page_of(p)
+                if l1_page is not None and l1_page not in vept.swapped_out:
+                    vept.l0_swap_out(l1_page, p)
+        return seconds
+
+    return op
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     build: Builder
     description: str
     per: str = "op"  # what per_op counts: an operation, a frame, a request, a second
+    once: bool = False  # the operation is a whole run (--count does not repeat it)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -82,5 +226,14 @@ WORKLOADS: dict[str, Workload] = {
             "one port I/O handled by the hypervisor's userspace device model",
         ),
         Workload("mmio-kick", _mmio_kick, "one MMIO virtio kick (EPT misconfiguration)"),
+        Workload(
+            "ept-touch", _ept_touch, "L2 touches its working set for the first time",
+            per="page", once=True,
+        ),
+        Workload(
+            "ept-churn", _ept_churn,
+            "host swap rewrites EPT entries at --rate per second while L2 runs",
+            per="second", once=True,
+        ),
     )
 }  # fmt: skip

@@ -72,11 +72,58 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--count", type=_positive_int, default=1000)
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_switches(m)
+    e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
+    e.add_argument("--virtual-ept", default=None, help="shadow|vtlb (default vtlb)")
+    e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
+    e.add_argument(
+        "--static-ept02", action="store_true", help="L1 pre-builds EPT12 and L0 pre-builds EPT02"
+    )
+    e.add_argument("--swap", default=None, help="host swap in l1|l0 (default l1)")
+    e.add_argument("--avoid-invept", action="store_true", help="no INVEPT for new mappings")
+    e.add_argument("--defer-rebuild", action="store_true", help="L0 defers the EPT02 rebuild")
+    e.add_argument("--working-set", type=_positive_int, default=None, metavar="MiB")
+    e.add_argument("--rate", type=_positive_int, default=None, help="EPT modifications/s")
+    e.add_argument("--seconds", type=_positive_float, default=None, help="modeled duration")
+    e.add_argument("--touch-hz", type=_positive_int, default=None, help="L2 sweeps per second")
+    e.add_argument("--page-size", default=None, help="4k|2m (default 4k)")
+    e.add_argument("--l2-mem", type=_positive_int, default=None, metavar="GiB")
+    e.add_argument("--l1-mem", type=_positive_int, default=None, metavar="GiB")
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
+    opts = {
+        "virtual_ept": a.virtual_ept,
+        "static_ept": a.static_ept or None,
+        "static_ept02": a.static_ept02 or None,
+        "swap": a.swap,
+        "avoid_invept": a.avoid_invept or None,
+        "defer_rebuild": a.defer_rebuild or None,
+        "working_set_mib": a.working_set,
+        "rate": a.rate,
+        "seconds": a.seconds,
+        "touch_hz": a.touch_hz,
+        "page_size": a.page_size,
+        "l2_mem_gib": a.l2_mem,
+        "l1_mem_gib": a.l1_mem,
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def _cmd_measure(a: argparse.Namespace) -> int:
-    r = measure(a.workload, a.path, a.preset, count=a.count, **_switches(a))
+    r = measure(
+        a.workload, a.path, a.preset, count=a.count, options=_workload_options(a), **_switches(a)
+    )
     if a.json:
         json.dump(r, sys.stdout, indent=1)
         sys.stdout.write("\n")

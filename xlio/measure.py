@@ -64,33 +64,54 @@ def measure(
     cfg = make_config(preset, path, **switches)
     m = NestedVmx(cfg)
     w = WORKLOADS[workload]
-    op = w.build(m, path, dict(options or {}))
+    try:
+        op = w.build(m, path, dict(options or {}))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    setup = m.stats.summary()
     m.reset_stats()
-    for _ in range(count):
-        op()
-    return result_of(m, workload, path, count, w.per)
+    units = 0.0
+    for _ in range(1 if w.once else count):
+        done = op()
+        units += 1 if done is None else done
+    return result_of(m, workload, path, units, w.per, setup=setup, options=options)
 
 
-def result_of(m: NestedVmx, workload: str, path: str, count: int, per: str) -> dict[str, Any]:
+def result_of(
+    m: NestedVmx,
+    workload: str,
+    path: str,
+    units: float,
+    per: str,
+    *,
+    setup: dict[str, float] | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     s = m.stats
     totals = s.summary()
     totals["time_us"] = m.costs.cycles_to_us(totals["cycles"])
-    per_op = {k: v / count for k, v in totals.items()}
-    extra = getattr(m, "extra_totals", None)
-    if extra:
-        totals.update(extra)
+    per_op = {k: v / units for k, v in totals.items()}
+    if per == "second":
+        totals["cycles_per_second"] = totals["cycles"] / units
+    if m.memory is not None:
+        vept, mmu = m.memory
+        totals["ept01_entries_built"] = vept.ept01_entries_built
+        totals["invept_skipped"] = mmu.invepts_skipped
+        totals["host_resident_mib"] = vept.host.resident_bytes() / (1 << 20)
     out: dict[str, Any] = {
         "workload": workload,
         "path": path,
-        "count": count,
+        "count": units,
         "per": per,
-        "config": {**m.cfg.describe(), "path": path},
+        "config": {**m.cfg.describe(), "path": path, **(options or {})},
         "per_op": per_op,
         "totals": totals,
         "cycles_by_level": s.cycles_by_level(),
         "by_reason": s.reason_rows(),
         "by_cause": dict(s.by_cause),
     }
+    if setup is not None and setup.get("cycles"):
+        out["setup"] = setup
     if s.trace is not None:
         out["trace"] = [list(e) for e in s.trace]
     return out
@@ -125,11 +146,17 @@ def format_report(r: dict[str, Any]) -> str:
             f"{row['cycles'] / row['count'] / (clock * 1000):>16.3f}"
         )
     lines.append("")
-    lines.append(f"per {r['per']} (totals / {r['count']:,}):")
+    lines.append(f"per {r['per']} (totals / {_num(r['count'])}):")
     for k in (*SUMMARY_KEYS, "cycles", "time_us"):
         v = r["per_op"].get(k, 0)
         if v or k in ("l0_exits", "l2_exits", "l1_exits", "reflected", "crossings", "cycles"):
             lines.append(f"  {k:<26}{_num(v):>14}")
+    if "cycles_per_second" in r["totals"]:
+        cps = r["totals"]["cycles_per_second"]
+        lines.append(
+            f"  {'cycles_per_second':<26}{_num(cps):>14}"
+            f"   ({cps / (clock * 1e9):.2%} of one {clock} GHz CPU)"
+        )
     lv = r["cycles_by_level"]
     lines.append(
         "  cycles by level: " + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in lv.items() if v)

@@ -1,0 +1,155 @@
+"""Sparse physical memory: host frames, and L1's guest-physical view of them.
+
+Theory of operation
+-------------------
+:class:`HostMemory` is L0's physical memory as 4 KiB frames. A frame is a
+number handed out by :meth:`HostMemory.alloc_frame`; it gets bytes only when
+something writes to it, and reads of an untouched frame return zeros without
+allocating. A 16 GiB guest whose pages are mapped but never written costs
+nothing but its page tables.
+
+:class:`L1Memory` is L1's guest-physical address space: an L1 frame number
+becomes a host frame through EPT01, which only L0 changes. L1Memory asks its
+``resolve`` function (L0's EPT01 lookup, with L0's own cache) and never
+touches a host frame it was not given. Both classes are the one place where
+bytes of a level's memory are read or written; everything else (EPT walks,
+virtqueues) goes through them, so bounds are checked in one spot.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+QWORDS_PER_PAGE = PAGE_SIZE // 8
+_PAGE_Q = struct.Struct(f"<{QWORDS_PER_PAGE}Q")
+_U64 = struct.Struct("<Q")
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class MemoryFault(Exception):
+    """An access outside the memory a level owns (counted by callers, never fatal)."""
+
+
+class HostMemory:
+    """L0's physical memory: sparse 4 KiB frames."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError("host memory size must be a positive multiple of 4 KiB")
+        self.size = size
+        self.nframes = size >> PAGE_SHIFT
+        self.frames: dict[int, bytearray] = {}
+        self._next = 1  # frame 0 is never handed out: a zero address means "none"
+        self._free: list[int] = []
+
+    # ---------------------------------------------------------------- frames
+    def alloc_frame(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next >= self.nframes:
+            raise MemoryFault("host memory exhausted")
+        f = self._next
+        self._next += 1
+        return f
+
+    def alloc_frames(self, n: int, align: int = 1) -> int:
+        """``n`` contiguous frames starting at a multiple of ``align``; returns the first."""
+        start = -(-self._next // align) * align
+        if start + n > self.nframes:
+            raise MemoryFault("host memory exhausted")
+        self._next = start + n
+        return start
+
+    def free_frame(self, frame: int) -> None:
+        self.frames.pop(frame, None)
+        self._free.append(frame)
+
+    def _check(self, frame: int) -> None:
+        if not 0 < frame < self.nframes:
+            raise MemoryFault(f"host frame {frame:#x} outside host memory")
+
+    # ---------------------------------------------------------------- bytes
+    def read_page_qwords(self, frame: int) -> tuple[int, ...]:
+        self._check(frame)
+        page = self.frames.get(frame)
+        return _PAGE_Q.unpack(page if page is not None else _ZERO_PAGE)
+
+    def write_page_qwords(self, frame: int, qwords: Sequence[int]) -> None:
+        self._check(frame)
+        page = self.frames.get(frame)
+        if page is None:
+            page = self.frames[frame] = bytearray(PAGE_SIZE)
+        _PAGE_Q.pack_into(page, 0, *qwords)
+
+    def read_u64(self, frame: int, index: int) -> int:
+        self._check(frame)
+        page = self.frames.get(frame)
+        return 0 if page is None else _U64.unpack_from(page, index << 3)[0]
+
+    def write_u64(self, frame: int, index: int, value: int) -> None:
+        self._check(frame)
+        page = self.frames.get(frame)
+        if page is None:
+            if value == 0:
+                return
+            page = self.frames[frame] = bytearray(PAGE_SIZE)
+        _U64.pack_into(page, index << 3, value)
+
+    def read(self, frame: int, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` within one frame."""
+        self._check(frame)
+        if offset < 0 or n < 0 or offset + n > PAGE_SIZE:
+            raise MemoryFault("access crosses a frame boundary")
+        page = self.frames.get(frame)
+        return bytes(n) if page is None else bytes(page[offset : offset + n])
+
+    def write(self, frame: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(frame)
+        n = len(data)
+        if offset < 0 or offset + n > PAGE_SIZE:
+            raise MemoryFault("access crosses a frame boundary")
+        page = self.frames.get(frame)
+        if page is None:
+            page = self.frames[frame] = bytearray(PAGE_SIZE)
+        page[offset : offset + n] = data
+
+    def page(self, frame: int) -> bytearray:
+        """The frame's bytes, materialized (for zero-copy views of a whole frame)."""
+        self._check(frame)
+        page = self.frames.get(frame)
+        if page is None:
+            page = self.frames[frame] = bytearray(PAGE_SIZE)
+        return page
+
+    def resident_bytes(self) -> int:
+        return len(self.frames) * PAGE_SIZE
+
+
+class L1Memory:
+    """L1's guest-physical memory: L1 frames resolved to host frames by L0 (EPT01)."""
+
+    def __init__(self, host: HostMemory, size: int, resolve: Callable[[int], int]) -> None:
+        self.host = host
+        self.size = size
+        self.nframes = size >> PAGE_SHIFT
+        self.resolve = resolve  # L1 frame -> host frame (L0 maps on first use)
+
+    def _host(self, frame: int) -> int:
+        if not 0 <= frame < self.nframes:
+            raise MemoryFault(f"L1 frame {frame:#x} outside L1 memory")
+        return self.resolve(frame)
+
+    def read_page_qwords(self, frame: int) -> tuple[int, ...]:
+        return self.host.read_page_qwords(self._host(frame))
+
+    def write_page_qwords(self, frame: int, qwords: Sequence[int]) -> None:
+        self.host.write_page_qwords(self._host(frame), qwords)
+
+    def read_u64(self, frame: int, index: int) -> int:
+        return self.host.read_u64(self._host(frame), index)
+
+    def write_u64(self, frame: int, index: int, value: int) -> None:
+        self.host.write_u64(self._host(frame), index, value)

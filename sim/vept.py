@@ -1,0 +1,378 @@
+"""L0's virtual EPT for L1: EPT01, EPT02, and the two ways of keeping EPT02 right.
+
+Theory of operation
+-------------------
+L0 runs L1 on EPT01 (L1 frame -> host frame) and L2 on EPT02, which must
+always be the composition of L1's EPT12 (L2 page -> L1 frame, stored as bytes
+in L1's memory) and EPT01. L1 changes EPT12 with ordinary memory writes and
+tells the hardware with INVEPT. The slides compare two ways for L0 to follow:
+
+``shadow`` (shadow-like)
+    L0 write-protects every EPT12 table page it has shadowed. Each L1 write
+    to one is an EPT-violation exit of L1; L0 emulates the write and fixes the
+    EPT02 entry at once, under the global MMU lock (counted, since that lock
+    is what hurts SMP). L1's INVEPT then has nothing left to do.
+``vtlb`` (vTLB-like, KVM's choice)
+    No write protection. EPT02 is a cache filled on L2's EPT violations by
+    walking EPT12 and EPT01; when EPT12 has no mapping, L0 injects the EPT
+    violation into L1 (a reflected exit). L1's INVEPT traps and L0 drops all
+    of EPT02 for the context (``nested.c``: INVEPT frees the shadow roots;
+    there is no per-address invalidation), to be rebuilt entry by entry.
+
+``defer_rebuild`` is our reading of the slides' "L0 may defer part of the
+shadow EPT rebuild effort": the zapped entries are remembered as stale, and
+the fault that brings the first one back rebuilds up to 7 more stale entries
+of the same leaf table from the current EPT12 (KVM's PTE prefetch depth is
+8), so a rebuild costs one exit per 8 entries instead of one per entry. It is
+safe because every rebuilt entry is composed from EPT12 as it is now.
+
+:meth:`VirtualEpt.translate` is the L2 GPA -> host service the direct
+backend uses; its cache is dropped exactly when L1's change becomes visible
+to L0 (a trapped EPT12 write under ``shadow``, INVEPT under ``vtlb``) and when
+L0 itself changes EPT01 (host swap in L0).
+
+Cost: every L2 EPT violation L0 fixes is a hardware exit plus the
+``ept_fault`` handler, the EPT12 entries it reads, and the EPT02 entry it
+builds; sweeps charge these in bulk per leaf table, with exactly the counts
+the per-entry path would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .ept import (
+    ADDR_MASK,
+    EPT_LARGE,
+    EPT_MT_WB,
+    EPT_RWX,
+    PAGE_2M,
+    QW,
+    EptTable,
+    entry_pa,
+    is_misconfig,
+    is_present,
+    leaf_entry,
+)
+from .memory import PAGE_SHIFT, HostMemory, L1Memory, MemoryFault
+from .nested import NestedVmx
+from .vmx import ExitReason
+
+SCHEMES = ("vtlb", "shadow")
+PREFETCH = 8  # KVM: PTE_PREFETCH_NUM
+
+
+class VirtualEpt:
+    """L0's nested-EPT state for one L1 and its L2 (see the module docstring)."""
+
+    def __init__(
+        self,
+        machine: NestedVmx,
+        host: HostMemory,
+        l1_size: int,
+        page_shift: int,
+        scheme: str = "vtlb",
+        defer_rebuild: bool = False,
+    ) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"virtual EPT scheme must be one of {', '.join(SCHEMES)}")
+        self.m = machine
+        self.costs = machine.costs
+        self.host = host
+        self.scheme = scheme
+        self.defer_rebuild = defer_rebuild
+        self.page_shift = page_shift
+        self.frames_per_page = 1 << (page_shift - PAGE_SHIFT)
+        self.ept01 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT01")
+        self.ept02 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT02")
+        self.l1mem = L1Memory(host, l1_size, self._resolve_l1_frame)
+        # L0's index of its own EPT01: L1 region (512 pages) -> EPT01 leaf table frame
+        self._ept01_leaf: dict[int, int] = {}
+        self._tcache: dict[int, int] = {}  # translation service: L2 page -> host frame
+        self._wp: dict[int, int] = {}  # write-protected EPT12 table frame -> region base
+        # deferred rebuild: an L2 page is stale when EPT02 built it before the
+        # latest INVEPT zap (generation counter: an INVEPT is O(1))
+        self._gen = 0
+        self._built_gen: dict[int, int] = {}
+        self.ept12: EptTable | None = None  # attached by L1's MMU
+        self.ept01_entries_built = 0
+        self.swapped_out: set[int] = set()  # L1 pages L0 evicted (host swap in L0)
+
+    # ------------------------------------------------------------- EPT01
+    def _resolve_l1_frame(self, l1_frame: int) -> int:
+        """L1 frame -> host frame through EPT01; L0 backs L1 memory on first use."""
+        shift = self.page_shift - PAGE_SHIFT
+        page = l1_frame >> shift
+        table = self._ept01_leaf.get(page >> 9)
+        if table is not None:
+            e = self.host.read_u64(table, page & (QW - 1))
+            if e & EPT_RWX:
+                return (entry_pa(e) >> PAGE_SHIFT) + (l1_frame & ((1 << shift) - 1))
+        return self._ept01_fill(page) + (l1_frame & ((1 << shift) - 1))
+
+    def _ept01_fill(self, l1_page: int) -> int:
+        """Back an L1 page; returns its first host frame.
+
+        The first use of an L1 region backs the whole region (512 pages) in one
+        step, as L0 does when it backs guest memory with huge pages; a page L0
+        swapped out comes back alone.
+        """
+        n = self.frames_per_page
+        region = l1_page >> 9
+        table = self._ept01_leaf.get(region)
+        if table is None:
+            base = self.host.alloc_frames(QW * n, n)
+            shift = self.page_shift
+            entries = [leaf_entry((base + i * n) << PAGE_SHIFT, EPT_RWX, shift) for i in range(QW)]
+            gpa = region << (shift + 9)
+            self.ept01.write_leaves(gpa, entries)
+            self._ept01_leaf[region] = self.ept01.leaf_table(gpa)[0]
+            self.ept01_entries_built += QW
+            return base + (l1_page & (QW - 1)) * n
+        base = self.host.alloc_frame() if n == 1 else self.host.alloc_frames(n, n)
+        self.ept01.map(l1_page << self.page_shift, base << PAGE_SHIFT)
+        self.ept01_entries_built += 1
+        if l1_page in self.swapped_out:  # host swap in L0: L0 brings the page back
+            self.swapped_out.discard(l1_page)
+            self.m.stats.cycles_l0 += self.costs.swap_in + self.costs.lock
+            self.m.stats.lock_acquisitions += 1
+        return base
+
+    def l0_swap_out(self, l1_page: int, l2_page: int) -> None:
+        """Host swap kept in L0: L0 evicts the L1 page backing ``l2_page``.
+
+        L0 clears its own EPT01 entry and, through its reverse map, the EPT02
+        entry built from it; L1 and EPT12 never hear of it.
+        """
+        c = self.costs
+        gpa1 = l1_page << self.page_shift
+        old = self.ept01.unmap(gpa1)
+        if is_present(old):
+            n = self.frames_per_page
+            base = entry_pa(old) >> PAGE_SHIFT
+            for f in range(base, base + n):
+                self.host.frames.pop(f, None)  # the data went to swap
+        self.swapped_out.add(l1_page)
+        s = self.m.stats
+        s.lock_acquisitions += 1
+        s.cycles_l0 += c.swap_evict + c.lock
+        if is_present(self.ept02.unmap(l2_page << self.page_shift)):
+            s.ept02_entries_zapped += 1
+            s.cycles_l0 += c.ept02_zap
+        self._tcache.pop(l2_page, None)
+
+    # ------------------------------------------------------------- EPT12 hooks
+    def attach_ept12(self, ept12: EptTable) -> None:
+        self.ept12 = ept12
+        if self.scheme == "shadow":
+            ept12.trap = self
+
+    def protected(self, frame: int) -> bool:
+        """Trap protocol: is this EPT12 table page write-protected by L0?"""
+        return frame in self._wp
+
+    def write(self, frame: int, index: int, old: int, new: int) -> None:
+        """Trap protocol: L1 wrote an entry of a write-protected EPT12 page.
+
+        An EPT-violation exit of L1 (write to a read-only page), which L0
+        emulates: it performs the write and brings EPT02 in line at once.
+        """
+        m = self.m
+        c = self.costs
+        m.l1_exit(ExitReason.EPT_VIOLATION, "ept12_write", cause="ept12-write-protect")
+        s = m.stats
+        s.ept12_writes_trapped += 1
+        s.lock_acquisitions += 1
+        s.cycles_l0 += c.lock
+        region = self._wp[frame]
+        l2_page = (region >> self.page_shift) + index
+        self._tcache.pop(l2_page, None)
+        gpa2 = l2_page << self.page_shift
+        if is_present(new) and not is_misconfig(new):
+            host = self._resolve_l1_frame(entry_pa(new) >> PAGE_SHIFT)
+            self.ept02.map(gpa2, host << PAGE_SHIFT, new & EPT_RWX)
+            s.ept02_entries_built += 1
+            s.cycles_l0 += c.ept02_build
+        elif is_present(self.ept02.unmap(gpa2)):
+            s.ept02_entries_zapped += 1
+            s.cycles_l0 += c.ept02_zap
+
+    def _shadow_region(self, region: int) -> int:
+        """Walk EPT12 to the leaf table of ``region`` (L0 reads L1 memory);
+        under ``shadow`` write-protect it. Returns the table frame (0: none)."""
+        assert self.ept12 is not None
+        frame, reads = self.ept12.leaf_table(region)
+        self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
+        if frame and self.scheme == "shadow" and frame not in self._wp:
+            self._wp[frame] = region
+        return frame
+
+    # ------------------------------------------------------------- INVEPT
+    def invept(self) -> None:
+        """L1 executed INVEPT (single context); L0 has trapped it (an L1 exit)."""
+        m = self.m
+        c = self.costs
+        m.l1_exit(ExitReason.INVEPT, "invept", cause="invept")
+        s = m.stats
+        s.invept_emulated += 1
+        if self.scheme == "shadow":
+            return  # EPT02 already follows every EPT12 write
+        s.lock_acquisitions += 1
+        s.cycles_l0 += c.lock
+        self._gen += 1
+        zapped = self.ept02.drop_all()
+        s.ept02_entries_zapped += zapped
+        s.cycles_l0 += zapped * c.ept02_zap
+        self._tcache.clear()
+
+    # ------------------------------------------------------------- L2 faults
+    def l2_touch(self, first: int, count: int, on_missing: Callable[[int], None]) -> None:
+        """L2 touches pages ``first .. first+count-1`` (in EPT page units), in order.
+
+        Pages EPT02 maps cost nothing. The rest are EPT violations that L0
+        fixes from EPT12 and EPT01 (charged in bulk per leaf table), except
+        where EPT12 has no mapping: then ``on_missing(page)`` runs the
+        reflected exit through L1 and L2 touches the page again.
+        """
+        assert self.ept12 is not None
+        page = first
+        end = first + count
+        while page < end:
+            region_first = page & ~(QW - 1)
+            stop = min(end, region_first + QW)
+            page = self._touch_region(region_first, page, stop, on_missing)
+
+    def _touch_region(
+        self, region_first: int, page: int, stop: int, on_missing: Callable[[int], None]
+    ) -> int:
+        assert self.ept12 is not None
+        c = self.costs
+        m = self.m
+        s = m.stats
+        shift = self.page_shift
+        region = region_first << shift
+        e02 = self.ept02.read_leaves(region)
+        if e02 is not None:
+            lo = page - region_first
+            hi = stop - region_first
+            if all(e & EPT_RWX for e in e02[lo:hi]):
+                return stop
+        e12_frame = self._shadow_region(region)
+        e12 = self.ept12.store.read_page_qwords(e12_frame) if e12_frame else (0,) * QW
+        new = list(e02) if e02 is not None else [0] * QW
+        faults = 0
+        built = 0
+        missing: int | None = None
+        i = page - region_first
+        defer = self.defer_rebuild
+        gen = self._gen
+        built_gen = self._built_gen
+        while i < stop - region_first:
+            if new[i] & EPT_RWX:
+                i += 1
+                continue
+            x = e12[i]
+            if not is_present(x) or is_misconfig(x):
+                missing = region_first + i
+                break
+            faults += 1
+            group = [i]
+            if defer and built_gen.get(region_first + i, gen) < gen:
+                j = i + 1
+                while len(group) < PREFETCH and j < QW:
+                    if (
+                        not new[j] & EPT_RWX
+                        and built_gen.get(region_first + j, gen) < gen
+                        and is_present(e12[j])
+                        and not is_misconfig(e12[j])
+                    ):
+                        group.append(j)
+                    j += 1
+            for k in group:
+                xk = e12[k]
+                host = self._resolve_l1_frame(entry_pa(xk) >> PAGE_SHIFT)
+                new[k] = leaf_entry(host << PAGE_SHIFT, xk & EPT_RWX, shift)
+                if defer:
+                    built_gen[region_first + k] = gen
+            built += len(group)
+            i += 1
+        if faults:
+            self.ept02.write_leaves(region, new)
+            per_fault = c.hw_exit + c.handlers["ept_fault"] + c.lock + 4 * c.ept12_walk_level
+            s.l2_exits += faults
+            s.l0_exits += faults
+            s.crossings += 2 * faults
+            s.cycles_switch += faults * c.hw_exit
+            s.cycles_l0 += faults * (per_fault - c.hw_exit) + built * c.ept02_build
+            s.exit(2, ExitReason.EPT_VIOLATION, faults * per_fault + built * c.ept02_build, faults)
+            s.ept_violations_l0 += faults
+            s.ept02_entries_built += built
+            s.lock_acquisitions += faults
+        if missing is None:
+            return stop
+        on_missing(missing)
+        return missing  # L2 touches the page again, now that L1 mapped it
+
+    def prebuild_ept02(self, first: int, count: int) -> None:
+        """L0 builds EPT02 for a range up front (static EPT at L0's level too)."""
+        assert self.ept12 is not None
+        shift = self.page_shift
+        large = EPT_LARGE if shift == PAGE_2M else 0
+        page = first
+        end = first + count
+        e01: tuple[int, ...] = ()
+        e01_region = -1
+        while page < end:
+            region_first = page & ~(QW - 1)
+            e12_frame = self._shadow_region(region_first << shift)
+            e12 = self.ept12.store.read_page_qwords(e12_frame) if e12_frame else (0,) * QW
+            new = [0] * QW
+            for i, x in enumerate(e12):
+                if not x & EPT_RWX or is_misconfig(x):
+                    continue
+                l1_page = entry_pa(x) >> shift
+                if l1_page >> 9 != e01_region:
+                    self._resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))  # backs the region
+                    e01_region = l1_page >> 9
+                    e01 = self.host.read_page_qwords(self._ept01_leaf[e01_region])
+                h = e01[l1_page & (QW - 1)]
+                if not h & EPT_RWX:  # a page L0 swapped out: back it alone
+                    self._resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))
+                    e01 = self.host.read_page_qwords(self._ept01_leaf[e01_region])
+                    h = e01[l1_page & (QW - 1)]
+                new[i] = (h & ADDR_MASK) | (x & h & EPT_RWX) | EPT_MT_WB | large
+            self.ept02.write_leaves(region_first << shift, new)
+            page = region_first + QW
+
+    # ------------------------------------------------------------- translation
+    def translate(self, l2_gpa: int) -> int:
+        """L2 GPA -> host address, for L0's direct backend. Raises MemoryFault.
+
+        A miss walks EPT12 (in L1 memory) and EPT01; the result is cached until
+        L1's next visible EPT12 change (see the module docstring).
+        """
+        assert self.ept12 is not None
+        shift = self.page_shift
+        page = l2_gpa >> shift
+        frame = self._tcache.get(page)
+        if frame is None:
+            e, reads = self.ept12.walk(l2_gpa)
+            self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
+            if not is_present(e) or is_misconfig(e):
+                raise MemoryFault(f"L2 GPA {l2_gpa:#x} not mapped by EPT12")
+            if self.scheme == "shadow":
+                self._shadow_region(page << shift)
+            frame = self._resolve_l1_frame(entry_pa(e) >> PAGE_SHIFT)
+            self._tcache[page] = frame
+        return (frame << PAGE_SHIFT) + (l2_gpa & ((1 << shift) - 1))
+
+    def check_consistent(self) -> None:
+        """Assert every present EPT02 entry is EPT12 composed with EPT01 (tests)."""
+        assert self.ept12 is not None
+        for gpa2, e02 in self.ept02.leaves().items():
+            e12, _ = self.ept12.walk(gpa2)
+            assert is_present(e12), f"EPT02 maps {gpa2:#x}, EPT12 does not"
+            e01, _ = self.ept01.walk(entry_pa(e12))
+            assert is_present(e01), f"EPT02 maps {gpa2:#x}, EPT01 does not back it"
+            assert entry_pa(e02) == entry_pa(e01), f"EPT02 {gpa2:#x} points elsewhere"
+            assert e02 & EPT_RWX == e12 & e01 & EPT_RWX, f"EPT02 {gpa2:#x} permissions"
