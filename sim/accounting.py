@@ -30,6 +30,8 @@ SUMMARY_KEYS = (
     "ept_violations_l0",
     "ept_violations_reflected",
     "invept_emulated",
+    "invept_skipped",
+    "ept01_entries_built",
     "ept02_entries_built",
     "ept02_entries_zapped",
     "ept12_writes_trapped",
@@ -68,6 +70,8 @@ class Stats:
     ept_violations_l0: int
     ept_violations_reflected: int
     invept_emulated: int
+    invept_skipped: int  # EPT12 changes L1 made without an INVEPT (not present -> present)
+    ept01_entries_built: int
     ept02_entries_built: int
     ept02_entries_zapped: int
     ept12_writes_trapped: int

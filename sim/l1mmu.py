@@ -23,7 +23,7 @@ swaps the page back in.
 from __future__ import annotations
 
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
-from .memory import PAGE_SHIFT, MemoryFault
+from .memory import MemoryFault
 from .nested import L1, NestedVmx
 from .vept import VirtualEpt
 from .vmx import ExitReason
@@ -55,7 +55,6 @@ class L1Mmu:
         self.ept12 = EptTable(mem, self._alloc_table, self._free_table, self.page_shift, "EPT12")
         vept.attach_ept12(self.ept12)
         self.swapped: set[int] = set()
-        self.invepts_skipped = 0
 
     # ------------------------------------------------------------- L1 frames
     def _alloc_table(self) -> int:
@@ -108,6 +107,29 @@ class L1Mmu:
         l1_page = self._alloc_page()
         self.ept12.map(l2_page << self.page_shift, l1_page << self.page_shift)
 
+    def map_page(self, l2_page: int) -> None:
+        """L1 maps an unmapped L2 page on its own initiative (not present -> present)."""
+        self._check(l2_page)
+        if self.l1_page_of(l2_page) is not None:
+            raise ValueError(f"L2 page {l2_page:#x} is already mapped")
+        with self.m.l1_background():
+            self._map(l2_page)
+            if self.avoid_invept:
+                self.m.stats.invept_skipped += 1
+            else:
+                self.vept.invept()
+
+    def remap_page(self, l2_page: int) -> None:
+        """L1 moves a mapped L2 page to another L1 page (compaction, say)."""
+        old = self.l1_page_of(l2_page)
+        if old is None:
+            raise ValueError(f"L2 page {l2_page:#x} is not mapped")
+        with self.m.l1_background():
+            new = self._alloc_page()
+            self.ept12.map(l2_page << self.page_shift, new << self.page_shift)
+            self.vept.invept()  # present -> other present: the old translation is stale
+        self._free_pages.append(old)
+
     def handle_ept_violation(self, l2_page: int) -> None:
         """L1's handler for an EPT violation L0 injected: map the page (swap it in)."""
         self._check(l2_page)
@@ -118,7 +140,7 @@ class L1Mmu:
             self.m.l1_work(self.costs.swap_in)
         self._map(l2_page)
         if self.avoid_invept:
-            self.invepts_skipped += 1  # not present -> present: nothing can be stale
+            self.m.stats.invept_skipped += 1  # not present -> present: nothing can be stale
         else:
             self.vept.invept()
 

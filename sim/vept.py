@@ -95,7 +95,6 @@ class VirtualEpt:
         self._gen = 0
         self._built_gen: dict[int, int] = {}
         self.ept12: EptTable | None = None  # attached by L1's MMU
-        self.ept01_entries_built = 0
         self.swapped_out: set[int] = set()  # L1 pages L0 evicted (host swap in L0)
 
     # ------------------------------------------------------------- EPT01
@@ -127,11 +126,11 @@ class VirtualEpt:
             gpa = region << (shift + 9)
             self.ept01.write_leaves(gpa, entries)
             self._ept01_leaf[region] = self.ept01.leaf_table(gpa)[0]
-            self.ept01_entries_built += QW
+            self.m.stats.ept01_entries_built += QW
             return base + (l1_page & (QW - 1)) * n
         base = self.host.alloc_frame() if n == 1 else self.host.alloc_frames(n, n)
         self.ept01.map(l1_page << self.page_shift, base << PAGE_SHIFT)
-        self.ept01_entries_built += 1
+        self.m.stats.ept01_entries_built += 1
         if l1_page in self.swapped_out:  # host swap in L0: L0 brings the page back
             self.swapped_out.discard(l1_page)
             self.m.stats.cycles_l0 += self.costs.swap_in + self.costs.lock
@@ -197,10 +196,11 @@ class VirtualEpt:
             s.ept02_entries_zapped += 1
             s.cycles_l0 += c.ept02_zap
 
-    def _shadow_region(self, region: int) -> int:
-        """Walk EPT12 to the leaf table of ``region`` (L0 reads L1 memory);
+    def _shadow_region(self, gpa: int) -> int:
+        """Walk EPT12 to the leaf table covering ``gpa`` (L0 reads L1 memory);
         under ``shadow`` write-protect it. Returns the table frame (0: none)."""
         assert self.ept12 is not None
+        region = gpa & ~((1 << (self.page_shift + 9)) - 1)
         frame, reads = self.ept12.leaf_table(region)
         self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
         if frame and self.scheme == "shadow" and frame not in self._wp:

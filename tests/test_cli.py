@@ -56,9 +56,28 @@ def test_measure_text_report_reads_like_perf_kvm_stat() -> None:
     assert "l0_exits" in out and "31" in out
 
 
+def test_memory_workload_options_reach_the_model() -> None:
+    small = ("--working-set", "4", "--l2-mem", "1", "--l1-mem", "2")
+    p = xlio("measure", "--workload", "ept-churn", *small, "--rate", "400", "--seconds", "0.5",
+             "--touch-hz", "10", "--swap", "l0", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["per"] == "second" and r["config"]["swap"] == "l0"
+    assert r["totals"]["cycles_per_second"] == r["totals"]["cycles"] / 0.5
+    assert r["totals"]["reflected"] == 0
+    p = xlio("measure", "--workload", "ept-touch", *small, "--static-ept", "--json")
+    assert json.loads(p.stdout)["totals"]["ept_violations_reflected"] == 0
+    p = xlio("measure", "--workload", "ept-touch", *small, "--virtual-ept", "shadow")
+    assert p.returncode == 0 and "ept12_writes_trapped" in p.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ("measure", "--workload", "ept-touch", "--virtual-ept", "magic"),
+        ("measure", "--workload", "ept-churn", "--seconds", "-1"),
+        ("measure", "--workload", "ept-touch", "--page-size", "1g"),
+        ("measure", "--workload", "ept-touch", "--working-set", "999999"),
         ("measure", "--workload", "nope"),
         ("measure", "--workload", "cpuid", "--count", "0"),
         ("measure", "--workload", "cpuid", "--count", "many"),

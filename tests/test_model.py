@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from xlio.measure import measure
 from xlio.sim.costs import PRESETS, TURTLES_2010
 from xlio.sim.nested import Config, ModelError, NestedVmx
 from xlio.sim.profiles import EMPTY_CACHE, FRAGMENTS, PROFILES, READ, WRITE, compile_fragment
@@ -20,8 +22,6 @@ from xlio.sim.vmx import (
     field_width,
 )
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
-
-from xlio.measure import measure
 
 R = ExitReason
 F = VmcsField

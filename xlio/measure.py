@@ -94,10 +94,7 @@ def result_of(
     if per == "second":
         totals["cycles_per_second"] = totals["cycles"] / units
     if m.memory is not None:
-        vept, mmu = m.memory
-        totals["ept01_entries_built"] = vept.ept01_entries_built
-        totals["invept_skipped"] = mmu.invepts_skipped
-        totals["host_resident_mib"] = vept.host.resident_bytes() / (1 << 20)
+        totals["host_resident_mib"] = m.memory[0].host.resident_bytes() / (1 << 20)
     out: dict[str, Any] = {
         "workload": workload,
         "path": path,
@@ -128,7 +125,7 @@ def format_report(r: dict[str, Any]) -> str:
     cyc_total = r["totals"]["cycles"] or 1.0
     clock = cfg["clock_ghz"]
     lines = [
-        f"xlio measure: workload={r['workload']} path={r['path']} count={r['count']} "
+        f"xlio measure: workload={r['workload']} path={r['path']} count={_num(r['count'])} "
         f"preset={cfg['preset']}",
         f"  shadow_vmcs={cfg['shadow_vmcs']} vmcs_exits={cfg['vmcs_exits']} "
         f"operand={cfg['operand']} cache_reg={cfg['cache_reg']} "

@@ -1,0 +1,53 @@
+"""Peak resident memory of the EPT model for a 16 GiB L2 inside a 32 GiB L1.
+
+Each scenario runs in a fresh child process so its peak RSS is its own; the
+first row is the bare interpreter with xlio imported, for reference. Target
+(issue 3): under 200 MB for the 16 GiB L2 model.
+
+    python scripts/bench_memory.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+SCENARIOS = {
+    "import only": "",
+    "on demand, 1 GiB working set touched": (
+        "measure('ept-touch', 'l1', 'turtles-2010', options=dict(working_set_mib=1024,"
+        " avoid_invept=True))"
+    ),
+    "static EPT12 (all 16 GiB), 1 GiB touched": (
+        "measure('ept-touch', 'l1', 'turtles-2010', options=dict(working_set_mib=1024,"
+        " static_ept=True))"
+    ),
+    "static EPT12 + EPT02 (all 16 GiB)": (
+        "measure('ept-touch', 'l1', 'turtles-2010', options=dict(working_set_mib=16384,"
+        " static_ept02=True))"
+    ),
+    "static EPT12 + EPT02, 2 MiB pages": (
+        "measure('ept-touch', 'l1', 'turtles-2010', options=dict(working_set_mib=16384,"
+        " static_ept02=True, page_size='2m'))"
+    ),
+}
+
+
+def peak_rss_mib(code: str) -> float:
+    prog = f"from xlio.measure import measure\n{code}\n"
+    proc = subprocess.Popen([sys.executable, "-c", prog])
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"scenario failed: {code}")
+    return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    print(f"{'scenario (16 GiB L2 in 32 GiB L1, 4 KiB pages unless said)':<58}{'peak RSS MiB':>14}")
+    for name, code in SCENARIOS.items():
+        print(f"{name:<58}{peak_rss_mib(code):>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
