@@ -58,6 +58,8 @@ class CostModel:
     lock: int = 40  # one uncontended MMU-lock round trip
     swap_evict: int = 6_000  # reclaim one page (unmap, rmap walk, queue the write)
     swap_in: int = 6_000  # bring one page back (fault path; the disk is not modeled)
+    backend_frame: int = 1_200  # a virtio-net backend handling one frame, copy excluded
+    copy_byte: float = 0.25  # copying one byte of a frame between guest buffers
     shadow_vmcs: bool = False
     dirty_tracking: bool = False  # vmcs12 dirty tracking: skip merge_rare when clean
     cache_reg: str = "base"
@@ -113,6 +115,8 @@ _TURTLES_SOURCES = {
     "lock": "estimate: an uncontended spin lock; contention is counted, not costed",
     "swap_evict": "estimate: try_to_unmap + add_to_swap for one 4 KiB page, same at L0 or L1",
     "swap_in": "estimate: do_swap_page without the disk, same at L0 or L1",
+    "backend_frame": "estimate: vhost-net handle_tx/handle_rx per packet, without the copy",
+    "copy_byte": "estimate: 4 bytes per cycle for a guest-to-guest copy with translation",
 }
 
 

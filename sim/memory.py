@@ -153,3 +153,78 @@ class L1Memory:
 
     def write_u64(self, frame: int, index: int, value: int) -> None:
         self.host.write_u64(self._host(frame), index, value)
+
+
+class GuestMemory:
+    """One level's view of L2's guest-physical memory: the audited accessor.
+
+    Every byte any driver or device reads or writes in L2's memory goes
+    through here. An access is checked against L2's size, translated page by
+    page with ``translate`` (L2 GPA -> host address: EPT12 then EPT01, by
+    whichever level is looking), and only then touches a host frame; an
+    address that is out of range or not mapped raises :class:`MemoryFault`,
+    which devices count and contain. ``faults`` counts them here too.
+    """
+
+    def __init__(
+        self, host: HostMemory, size: int, translate: Callable[[int], int], name: str
+    ) -> None:
+        self.host = host
+        self.size = size
+        self.translate = translate
+        self.name = name
+        self.faults = 0
+        self.touched: set[int] | None = None  # host frames accessed, when auditing
+
+    def _span(self, gpa: int, n: int) -> None:
+        if gpa < 0 or n < 0 or gpa + n > self.size:
+            self.faults += 1
+            raise MemoryFault(f"{self.name}: [{gpa:#x}, +{n}) outside guest memory")
+
+    def _page(self, gpa: int) -> tuple[bytearray, int]:
+        try:
+            hpa = self.translate(gpa)
+        except MemoryFault:
+            self.faults += 1
+            raise
+        if self.touched is not None:
+            self.touched.add(hpa >> PAGE_SHIFT)
+        return self.host.page(hpa >> PAGE_SHIFT), hpa & (PAGE_SIZE - 1)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        self._span(gpa, n)
+        off = gpa & (PAGE_SIZE - 1)
+        if off + n <= PAGE_SIZE:
+            page, o = self._page(gpa)
+            return bytes(page[o : o + n])
+        out = bytearray()
+        while n:
+            page, o = self._page(gpa)
+            k = min(n, PAGE_SIZE - o)
+            out += page[o : o + k]
+            gpa += k
+            n -= k
+        return bytes(out)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._span(gpa, n)
+        off = gpa & (PAGE_SIZE - 1)
+        if off + n <= PAGE_SIZE:
+            page, o = self._page(gpa)
+            page[o : o + n] = data
+            return
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            page, o = self._page(gpa + pos)
+            k = min(n - pos, PAGE_SIZE - o)
+            page[o : o + k] = view[pos : pos + k]
+            pos += k
+
+    def read_u16(self, gpa: int) -> int:
+        b = self.read(gpa, 2)
+        return b[0] | b[1] << 8
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & 0xFFFF).to_bytes(2, "little"))

@@ -150,6 +150,7 @@ class NestedVmx:
             ]
         )
         self.memory: Any = None  # (VirtualEpt, L1Mmu) when a workload models memory
+        self.datapath: Any = None  # the Datapath, for the network workloads
         self.state = L2
         self._l1_background = 0
         self.vmcs12_dirty = False

@@ -85,7 +85,7 @@ class VirtualEpt:
         self.frames_per_page = 1 << (page_shift - PAGE_SHIFT)
         self.ept01 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT01")
         self.ept02 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT02")
-        self.l1mem = L1Memory(host, l1_size, self._resolve_l1_frame)
+        self.l1mem = L1Memory(host, l1_size, self.resolve_l1_frame)
         # L0's index of its own EPT01: L1 region (512 pages) -> EPT01 leaf table frame
         self._ept01_leaf: dict[int, int] = {}
         self._tcache: dict[int, int] = {}  # translation service: L2 page -> host frame
@@ -96,9 +96,12 @@ class VirtualEpt:
         self._built_gen: dict[int, int] = {}
         self.ept12: EptTable | None = None  # attached by L1's MMU
         self.swapped_out: set[int] = set()  # L1 pages L0 evicted (host swap in L0)
+        # moves whenever an EPT02 or EPT01 mapping is removed or changed, so that
+        # anyone caching a translation (L2's own view, the datapath) can drop it
+        self.epoch = 0
 
     # ------------------------------------------------------------- EPT01
-    def _resolve_l1_frame(self, l1_frame: int) -> int:
+    def resolve_l1_frame(self, l1_frame: int) -> int:
         """L1 frame -> host frame through EPT01; L0 backs L1 memory on first use."""
         shift = self.page_shift - PAGE_SHIFT
         page = l1_frame >> shift
@@ -152,6 +155,7 @@ class VirtualEpt:
             for f in range(base, base + n):
                 self.host.frames.pop(f, None)  # the data went to swap
         self.swapped_out.add(l1_page)
+        self.epoch += 1
         s = self.m.stats
         s.lock_acquisitions += 1
         s.cycles_l0 += c.swap_evict + c.lock
@@ -184,11 +188,12 @@ class VirtualEpt:
         s.lock_acquisitions += 1
         s.cycles_l0 += c.lock
         region = self._wp[frame]
+        self.epoch += 1
         l2_page = (region >> self.page_shift) + index
         self._tcache.pop(l2_page, None)
         gpa2 = l2_page << self.page_shift
         if is_present(new) and not is_misconfig(new):
-            host = self._resolve_l1_frame(entry_pa(new) >> PAGE_SHIFT)
+            host = self.resolve_l1_frame(entry_pa(new) >> PAGE_SHIFT)
             self.ept02.map(gpa2, host << PAGE_SHIFT, new & EPT_RWX)
             s.ept02_entries_built += 1
             s.cycles_l0 += c.ept02_build
@@ -220,6 +225,7 @@ class VirtualEpt:
         s.lock_acquisitions += 1
         s.cycles_l0 += c.lock
         self._gen += 1
+        self.epoch += 1
         zapped = self.ept02.drop_all()
         s.ept02_entries_zapped += zapped
         s.cycles_l0 += zapped * c.ept02_zap
@@ -290,7 +296,7 @@ class VirtualEpt:
                     j += 1
             for k in group:
                 xk = e12[k]
-                host = self._resolve_l1_frame(entry_pa(xk) >> PAGE_SHIFT)
+                host = self.resolve_l1_frame(entry_pa(xk) >> PAGE_SHIFT)
                 new[k] = leaf_entry(host << PAGE_SHIFT, xk & EPT_RWX, shift)
                 if defer:
                     built_gen[region_first + k] = gen
@@ -332,12 +338,12 @@ class VirtualEpt:
                     continue
                 l1_page = entry_pa(x) >> shift
                 if l1_page >> 9 != e01_region:
-                    self._resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))  # backs the region
+                    self.resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))  # backs the region
                     e01_region = l1_page >> 9
                     e01 = self.host.read_page_qwords(self._ept01_leaf[e01_region])
                 h = e01[l1_page & (QW - 1)]
                 if not h & EPT_RWX:  # a page L0 swapped out: back it alone
-                    self._resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))
+                    self.resolve_l1_frame(l1_page << (shift - PAGE_SHIFT))
                     e01 = self.host.read_page_qwords(self._ept01_leaf[e01_region])
                     h = e01[l1_page & (QW - 1)]
                 new[i] = (h & ADDR_MASK) | (x & h & EPT_RWX) | EPT_MT_WB | large
@@ -362,7 +368,7 @@ class VirtualEpt:
                 raise MemoryFault(f"L2 GPA {l2_gpa:#x} not mapped by EPT12")
             if self.scheme == "shadow":
                 self._shadow_region(page << shift)
-            frame = self._resolve_l1_frame(entry_pa(e) >> PAGE_SHIFT)
+            frame = self.resolve_l1_frame(entry_pa(e) >> PAGE_SHIFT)
             self._tcache[page] = frame
         return (frame << PAGE_SHIFT) + (l2_gpa & ((1 << shift) - 1))
 

@@ -232,7 +232,7 @@ class EptMachine(RuleBasedStateMachine):
             return
         l1 = self.mmu.l1_page_of(p)
         assert l1 is not None, "translation of a page EPT12 no longer maps"
-        assert hpa == (self.vept._resolve_l1_frame(l1) << 12) + off
+        assert hpa == (self.vept.resolve_l1_frame(l1) << 12) + off
 
     @invariant()
     def ept02_is_the_composition(self) -> None:

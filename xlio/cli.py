@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from xlio.measure import UsageError, format_report, measure
+from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
 from xlio.sim.costs import PRESETS
-from xlio.sim.workloads import PATHS, WORKLOADS
+from xlio.sim.workloads import PATHS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--count", type=_positive_int, default=1000)
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_switches(m)
+    dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
+    dm.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
+    dm.add_argument("--count", type=_positive_int, default=200, help="requests per path")
+    dm.add_argument("--batch", type=_positive_int, default=None, help="requests per burst")
+    dm.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
+    dm.add_argument("--json", action="store_true")
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
     e.add_argument("--virtual-ept", default=None, help="shadow|vtlb (default vtlb)")
     e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
@@ -88,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--page-size", default=None, help="4k|2m (default 4k)")
     e.add_argument("--l2-mem", type=_positive_int, default=None, metavar="GiB")
     e.add_argument("--l1-mem", type=_positive_int, default=None, metavar="GiB")
+    d = m.add_argument_group("network workloads (tx, rx, echo)")
+    d.add_argument("--batch", type=_positive_int, default=None, help="frames per kick (default 1)")
+    d.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
+    d.add_argument("--queue-size", type=_positive_int, default=None, help="default 256")
+    d.add_argument("--no-event-idx", action="store_true", help="flag-based notification")
     return parser
 
 
@@ -117,6 +128,14 @@ def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
         "l2_mem_gib": a.l2_mem,
         "l1_mem_gib": a.l1_mem,
     }
+    opts.update(
+        {
+            "batch": a.batch,
+            "frame_size": a.frame_size,
+            "queue_size": a.queue_size,
+            "event_idx": False if a.no_event_idx else None,
+        }
+    )
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -145,7 +164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-COMMANDS = {"measure": _cmd_measure}
+def _cmd_demo(a: argparse.Namespace) -> int:
+    opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
+    d = demo(a.preset, a.count, **opts)
+    if a.json:
+        json.dump(d, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_demo(d))
+    return 0
+
+
+COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo}
 
 
 if __name__ == "__main__":

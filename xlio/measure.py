@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from xlio.backends.datapath import BUILDERS
 from xlio.sim.accounting import SUMMARY_KEYS
 from xlio.sim.costs import PRESETS
 from xlio.sim.nested import Config, NestedVmx
-from xlio.sim.workloads import PATHS, WORKLOADS
+from xlio.sim.workloads import PATHS, Workload
+from xlio.sim.workloads import WORKLOADS as MODEL_WORKLOADS
+
+#: Every workload ``xlio measure`` runs: the model's micro and memory workloads,
+#: and the datapath's network workloads (per frame, or per request for echo).
+WORKLOADS: dict[str, Workload] = {
+    **MODEL_WORKLOADS,
+    "tx": Workload("tx", BUILDERS["tx"], "L2 sends UDP frames to the peer", "frame", True),
+    "rx": Workload("rx", BUILDERS["rx"], "the peer sends UDP frames to L2", "frame", True),
+    "echo": Workload(
+        "echo", BUILDERS["echo"], "the peer sends UDP echo requests, L2 answers", "request", True
+    ),
+}
 
 
 class UsageError(ValueError):
@@ -65,7 +78,7 @@ def measure(
     m = NestedVmx(cfg)
     w = WORKLOADS[workload]
     try:
-        op = w.build(m, path, dict(options or {}))
+        op = w.build(m, path, {"count": count, **(options or {})})
     except ValueError as e:
         raise UsageError(str(e)) from None
     setup = m.stats.summary()
@@ -107,6 +120,8 @@ def result_of(
         "by_reason": s.reason_rows(),
         "by_cause": dict(s.by_cause),
     }
+    if m.datapath is not None:
+        out["devices"] = m.datapath.metrics()
     if setup is not None and setup.get("cycles"):
         out["setup"] = setup
     if s.trace is not None:
@@ -163,4 +178,46 @@ def format_report(r: dict[str, Any]) -> str:
             "  L1 exits by cause (per op): "
             + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in sorted(r["by_cause"].items()))
         )
+    return "\n".join(lines)
+
+
+DEMO_COLUMNS = (
+    ("l2_exits", "L2 exits"),
+    ("reflected", "reflected"),
+    ("l1_exits", "L1 exits"),
+    ("l1_be_exits", "L1 BE exits"),
+    ("l0_exits", "L0 exits"),
+    ("crossings", "crossings"),
+    ("time_us", "time (us)"),
+)
+
+
+def demo(preset: str = "turtles-2010", count: int = 200, **opts: Any) -> dict[str, Any]:
+    """The loopback echo on single, l1 and l0, per request, side by side."""
+    rows = {p: measure("echo", p, preset, count=count, options=opts) for p in PATHS}
+    l0 = rows["l0"]["per_op"]["cycles"] or 1.0
+    return {
+        "workload": "echo",
+        "preset": preset,
+        "count": count,
+        "options": opts,
+        "paths": {p: r["per_op"] for p, r in rows.items()},
+        "devices": {p: r.get("devices", {}) for p, r in rows.items()},
+        "l1_over_l0": rows["l1"]["per_op"]["cycles"] / l0,
+    }
+
+
+def format_demo(d: dict[str, Any]) -> str:
+    head = f"{'path':<8}" + "".join(f"{t:>13}" for _, t in DEMO_COLUMNS)
+    lines = [
+        f"xlio demo: UDP echo over the loopback wire, {d['count']} requests per path, "
+        f"preset {d['preset']}; figures per request",
+        "",
+        head,
+        "-" * len(head),
+    ]
+    for p, row in d["paths"].items():
+        lines.append(f"{p:<8}" + "".join(f"{_num(round(row[k], 2)):>13}" for k, _ in DEMO_COLUMNS))
+    lines.append("")
+    lines.append(f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x")
     return "\n".join(lines)

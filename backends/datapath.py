@@ -1,0 +1,558 @@
+"""One L2 NIC, end to end, on one path, charged exit by exit.
+
+Theory of operation
+-------------------
+A :class:`Datapath` wires the pieces together for ``single``, ``l1`` or
+``l0`` and drives them; every piece it calls is sans-IO and every crossing
+between levels goes through the machine (:class:`xlio.sim.nested.NestedVmx`),
+which charges it.
+
+Memory. L2's memory is laid out by the EPT model (static EPT12 and EPT02, so
+no EPT exit happens in steady state) and each level looks at it its own way,
+each a :class:`~xlio.sim.memory.GuestMemory`: L2 itself through EPT02 (the
+hardware), L1's backend through its own EPT12 (vhost's memory table), L0's
+direct backend through the translation service ``VirtualEpt.translate``.
+L1's own NIC lives in L1 memory, which L1 and L0 see through EPT01.
+
+Control plane. L2's driver probes its NIC through a register interface whose
+accesses are port I/O: in ``single`` L0's device model answers them, nested
+L1's does (reflected exits). At DRIVER_OK that device model starts its
+backend. On ``l0``, L1 then delegates the device to L0
+(:mod:`xlio.backends.direct`).
+
+Data plane. A kick (port I/O to the notify port) is an L2 exit:
+
+* L0 keeps it (``single``, or delegated): L0's backend drains TX onto the wire;
+* L1 gets it (``l1``): L1's backend drains TX, relays the frames through L1's
+  own NIC (whose kick is an L1 exit, caused by the backend), L0's device for
+  that NIC puts them on the wire, and L1 resumes L2.
+
+Receive (:meth:`Datapath.pump`, L0's backend thread): frames from the wire go
+straight into L2's RX ring and L0 injects the interrupt (``single``, ``l0``),
+or into L1's RX ring with an interrupt for L1, which first forces a reflected
+exit of the running L2; L1 receives, its backend copies into L2's ring,
+injects L2's interrupt in vmcs12 and resumes L2 (``l1``). L2's interrupt
+handler takes the frames, its endpoint answers ARP, ICMP echo and UDP echo,
+and the answers go out through the same send path.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
+from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, Endpoint, udp_frame_of_size
+from xlio.sim.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryFault
+from xlio.sim.nested import L0, L1, NestedVmx
+from xlio.sim.vmx import ExitReason
+from xlio.sim.workloads import VIRTIO_NOTIFY_PORT, build_memory
+from xlio.virtio import (
+    NET_HDR_SIZE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MAC,
+)
+
+from .device import NetDevice, with_rx_header
+from .direct import Delegation, DirectBackend, device_queue, queue_state
+from .virtqueue import DeviceQueue
+from .wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
+
+#: The config-space I/O port of L2's NIC (legacy virtio-pci BAR0: status,
+#: features, queue set-up); never delegated, the control plane stays L1's.
+VIRTIO_CONFIG_PORT = 0xC040
+DEVICE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_F_EVENT_IDX)
+#: Where L1 keeps its own NIC's rings and buffers (L1 GPA), clear of L2's backing.
+L1_NIC_BASE = 64 << 20
+RX_BATCH = 256  # frames L0's RX thread moves per pass
+
+
+class _Translator:
+    """A page-granular translation cache that forgets everything when ``epoch()`` moves."""
+
+    def __init__(self, fn: Callable[[int], int], epoch: Callable[[], int]) -> None:
+        self.fn = fn
+        self.epoch = epoch
+        self.seen = -1
+        self.cache: dict[int, int] = {}
+
+    def __call__(self, gpa: int) -> int:
+        e = self.epoch()
+        if e != self.seen:
+            self.cache.clear()
+            self.seen = e
+        page = gpa >> PAGE_SHIFT
+        base = self.cache.get(page)
+        if base is None:
+            base = self.fn(page << PAGE_SHIFT)
+            self.cache[page] = base
+        return base | (gpa & (PAGE_SIZE - 1))
+
+
+class _DeviceModel:
+    """A virtio-net device's register interface and the backend it starts.
+
+    ``access`` runs one register access as the exit it is (L2's port I/O to
+    the config port, or L1's to its own NIC's) and calls the handler at the
+    level that handles it.
+    """
+
+    def __init__(
+        self,
+        access: Callable[[Callable[[], Any]], Any],
+        kick: Callable[[int], None],
+        start: Callable[[_DeviceModel], NetDevice],
+        broken: Callable[[], bool],
+    ) -> None:
+        self._access = access
+        self._kick = kick
+        self._start = start
+        self._broken = broken
+        self.status = 0
+        self.features = 0
+        self.queues: dict[int, tuple[int, int, int, int]] = {}
+        self.device: NetDevice | None = None
+
+    def device_features(self) -> int:
+        return int(self._access(lambda: DEVICE_FEATURES))
+
+    def set_driver_features(self, features: int) -> None:
+        self._access(lambda: setattr(self, "features", features & DEVICE_FEATURES))
+
+    def get_status(self) -> int:
+        return int(
+            self._access(lambda: self.status | (STATUS_DEVICE_NEEDS_RESET if self._broken() else 0))
+        )
+
+    def set_status(self, status: int) -> None:
+        def write() -> None:
+            if status == 0:
+                self.device = None
+                self.queues.clear()
+            self.status = status
+            if status & STATUS_DRIVER_OK and self.device is None:
+                self.device = self._start(self)
+
+        self._access(write)
+
+    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
+        self._access(lambda: self.queues.__setitem__(index, (size, desc, avail, used)))
+
+    def notify(self, index: int) -> None:
+        self._kick(index)
+
+    def make_device(self, mem: GuestMemory, name: str) -> NetDevice:
+        event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        qs = [DeviceQueue(mem, *self.queues[i], event_idx) for i in (RXQ, TXQ)]
+        for q in qs:
+            q.set_notify(True)
+        return NetDevice(mem, qs[0], qs[1], name)
+
+
+class Datapath:
+    """L2's NIC on one path (see the module docstring)."""
+
+    def __init__(
+        self,
+        m: NestedVmx,
+        path: str,
+        *,
+        queue_size: int = 256,
+        event_idx: bool = True,
+        buf_size: int = 2048,
+        capture: bool = False,
+        l2_mem_mib: int = 64,
+        l1_mem_mib: int = 256,
+    ) -> None:
+        self.m = m
+        self.path = path
+        self.costs = m.costs
+        vept, mmu = build_memory(
+            m,
+            {
+                "l2_mem_gib": l2_mem_mib / 1024,
+                "l1_mem_gib": l1_mem_mib / 1024,
+                "page_size": "4k",
+                "virtual_ept": "vtlb",
+                "static_ept": True,
+                "static_ept02": True,
+                "swap": "l1",
+                "avoid_invept": True,
+                "defer_rebuild": False,
+            },
+        )
+        self.vept, self.mmu = vept, mmu
+        host = vept.host
+        l2_size = mmu.l2_pages << PAGE_SHIFT
+        epoch = lambda: vept.epoch + mmu.epoch  # noqa: E731
+        self.l2_view = GuestMemory(host, l2_size, _Translator(self._l2_hw, epoch), "L2")
+        self.l1_view_of_l2 = GuestMemory(host, l2_size, _Translator(self._l1_vhost, epoch), "L1")
+        self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0")
+        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory")
+        self.wire = LoopbackWire(capture=capture)
+        self.endpoint = Endpoint(GUEST_MAC, GUEST_IP)
+        self.received: list[bytes] | None = [] if capture else None
+        self.direct = DirectBackend(self.l0_view_of_l2)
+        self.l1_dev: NetDevice | None = None  # L1's backend for L2's NIC
+        self.single_dev: NetDevice | None = None  # L0's backend, single-level
+        self.l1_pending: deque[bytes] = deque()  # L1 holds these for L2's RX
+        self.resets_signalled = 0
+        self.l0_nic: NetDevice | None = None  # L0's device for L1's own NIC
+        self.l1_nic: VirtioNetDriver | None = None
+        nested = path != "single"
+        self.model = _DeviceModel(
+            self._l2_config_access, self.kick, self._start_l2_backend, self._l2_broken
+        )
+        self.driver = VirtioNetDriver(
+            self.l2_view, self.model, queue_size=queue_size, event_idx=event_idx,
+            buf_size=buf_size,
+        )  # fmt: skip
+        if nested:
+            l1_model = _DeviceModel(
+                self._l1_config_access, self._l1_nic_kick, self._start_l1_nic, lambda: False
+            )
+            self.l1_nic = VirtioNetDriver(
+                self.l1_view, l1_model, queue_size=queue_size, event_idx=event_idx,
+                buf_size=buf_size, base=L1_NIC_BASE,
+            )  # fmt: skip
+            with m.l1_background():  # L1 boots with its own NIC
+                self.l1_nic.probe()
+        self.driver.probe()  # L2 boots
+        if path == "l0":
+            self.l1_delegate()
+
+    # ------------------------------------------------------------- translation
+    def _l2_hw(self, gpa: int) -> int:
+        """L2's own accesses: the hardware walks EPT02 (an EPT violation if absent)."""
+        hpa = self.vept.ept02.translate(gpa)
+        if hpa is None:
+            if not 0 <= gpa < self.l2_view.size:
+                raise MemoryFault(f"L2 GPA {gpa:#x} outside L2 memory")
+            self.vept.l2_touch(gpa >> PAGE_SHIFT, 1, self.mmu.l2_fault)
+            hpa = self.vept.ept02.translate(gpa)
+            if hpa is None:
+                raise MemoryFault(f"L2 GPA {gpa:#x} not mapped")
+        return hpa
+
+    def _l1_vhost(self, gpa: int) -> int:
+        """L1's backend: L2 GPA through L1's own EPT12, then L1 memory (EPT01)."""
+        l1 = self.mmu.ept12.translate(gpa)
+        if l1 is None:
+            raise MemoryFault(f"L2 GPA {gpa:#x} not mapped by EPT12")
+        return self._l1_own(l1)
+
+    def _l1_own(self, l1_gpa: int) -> int:
+        if not 0 <= l1_gpa < self.vept.l1mem.size:
+            raise MemoryFault(f"L1 GPA {l1_gpa:#x} outside L1 memory")
+        frame = self.vept.resolve_l1_frame(l1_gpa >> PAGE_SHIFT)
+        return (frame << PAGE_SHIFT) | (l1_gpa & (PAGE_SIZE - 1))
+
+    # ------------------------------------------------------------- control plane
+    def _l2_config_access(self, handler: Callable[[], Any]) -> Any:
+        """L2's port I/O to its NIC's config space: handled by the device model's level."""
+        m = self.m
+        level = m.l2_exit(ExitReason.IO_INSTRUCTION, "io_user", port=VIRTIO_CONFIG_PORT)
+        result = handler()
+        if level == L1:
+            m.l1_vmresume()
+        return result
+
+    def _l1_config_access(self, handler: Callable[[], Any]) -> Any:
+        self.m.l1_exit(ExitReason.IO_INSTRUCTION, "io_user", cause="l1-own-nic-setup")
+        return handler()
+
+    def _start_l2_backend(self, model: _DeviceModel) -> NetDevice:
+        if self.path == "single":
+            self.single_dev = model.make_device(self.l0_view_of_l2, "l0")
+            return self.single_dev
+        self.l1_dev = model.make_device(self.l1_view_of_l2, "l1-backend")
+        return self.l1_dev
+
+    def _start_l1_nic(self, model: _DeviceModel) -> NetDevice:
+        self.l0_nic = model.make_device(self.l1_view, "l0-for-l1-nic")
+        return self.l0_nic
+
+    def _l2_broken(self) -> bool:
+        dev = self.active_device()
+        return dev is not None and dev.needs_reset
+
+    def active_device(self) -> NetDevice | None:
+        """The backend that serves L2's rings right now."""
+        if self.path == "single":
+            return self.single_dev
+        return self.direct.device if self.direct.active else self.l1_dev
+
+    def l1_delegate(self) -> None:
+        """L1 hands L2's NIC to L0 (DELEGATE hypercall); raises DelegationRefused."""
+        dev = self.l1_dev
+        assert dev is not None, "L2's driver has not brought the device up"
+        d = Delegation(
+            VIRTIO_NOTIFY_PORT, self.model.features, GUEST_MAC,
+            queue_state(dev.rxq), queue_state(dev.txq),
+        )  # fmt: skip
+        m = self.m
+        with m.l1_background():
+            m.l1_exit(ExitReason.VMCALL, "vmcall", cause="delegate")
+            self.direct.delegate(d)
+            m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
+        self.l1_dev = None
+
+    def l1_revoke(self) -> None:
+        """L1 takes L2's NIC back (REVOKE hypercall) and resumes where L0 stopped."""
+        m = self.m
+        with m.l1_background():
+            m.l1_exit(ExitReason.VMCALL, "vmcall", cause="revoke")
+            hb = self.direct.revoke(pending_rx=[])
+            m.l1_set_io_passthrough(frozenset())
+        event_idx = bool(self.model.features >> VIRTIO_F_EVENT_IDX & 1)
+        self.l1_dev = NetDevice(
+            self.l1_view_of_l2,
+            device_queue(self.l1_view_of_l2, hb.rx, event_idx),
+            device_queue(self.l1_view_of_l2, hb.tx, event_idx),
+            "l1-backend",
+        )
+        self.l1_pending.extend(hb.pending_rx)
+        self.model.device = self.l1_dev
+        # a backend that takes over a queue looks for work it was never kicked
+        # for (L2 may have published and notified L0 just before the REVOKE)
+        with m.l1_background():
+            frames, _ = self.l1_dev.tx()
+            self._charge_l1(frames)
+            self._l1_relay(frames)
+
+    # ------------------------------------------------------------- data plane
+    def _charge_l0(self, frames: list[bytes]) -> None:
+        c = self.costs
+        self.m.l0_work(len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames)))
+
+    def _charge_l1(self, frames: list[bytes]) -> None:
+        c = self.costs
+        work = len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames))
+        self.m.l1_work(work * c.l1_pollution)
+
+    def kick(self, queue: int) -> None:
+        """L2 writes the queue index to the notify port."""
+        m = self.m
+        level = m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT)
+        if level == L0:
+            dev = self.active_device()
+            if dev is not None and queue == TXQ:
+                frames, _ = dev.tx()
+                self._charge_l0(frames)
+                self.wire.transmit(frames)
+            return
+        if self.l1_dev is not None:
+            if queue == TXQ:
+                frames, _ = self.l1_dev.tx()
+                self._charge_l1(frames)
+                self._l1_relay(frames)
+            else:
+                self._l1_to_l2()
+        m.l1_vmresume()
+
+    def _l1_relay(self, frames: list[bytes]) -> None:
+        """L1's backend passes frames to L1's own NIC (L1 runs, L2 is out)."""
+        if frames and self.l1_nic is not None:
+            self.l1_nic.send([f[NET_HDR_SIZE:] for f in frames])
+
+    def _l1_nic_kick(self, queue: int) -> None:
+        """L1 kicks its own NIC: an L1 exit that L0's device for it handles."""
+        self.m.l1_exit(ExitReason.IO_INSTRUCTION, "io_kick", cause="l1-backend")
+        if queue == TXQ and self.l0_nic is not None:
+            frames, _ = self.l0_nic.tx()
+            self._charge_l0(frames)
+            self.wire.transmit(frames)
+
+    def _l1_to_l2(self) -> bool:
+        """L1's backend moves what it holds into L2's RX ring; True to interrupt L2."""
+        dev = self.l1_dev
+        if dev is None or not self.l1_pending:
+            return False
+        frames = list(self.l1_pending)
+        consumed, irq = dev.rx(frames)
+        self._charge_l1(frames[:consumed])
+        for _ in range(consumed):
+            self.l1_pending.popleft()
+        if irq:
+            self.m.l1_inject_l2_irq()
+        return irq
+
+    def pump(self) -> int:
+        """L0's RX thread: move the wire's frames toward L2 until nothing moves."""
+        moved = 0
+        while self.wire.to_guest:
+            n = self._rx_pass()
+            if not n:
+                break
+            moved += n
+        return moved
+
+    def _rx_pass(self) -> int:
+        frames = self.wire.take(RX_BATCH)
+        if self.path == "l1" or (self.path == "l0" and not self.direct.active):
+            return self._rx_via_l1(frames)
+        dev = self.active_device()
+        if dev is None:
+            self.wire.put_back(frames)
+            return 0
+        consumed, irq = dev.rx(frames)
+        self._charge_l0(frames[:consumed])
+        self.wire.put_back(frames[consumed:])
+        if irq:
+            self.m.l0_inject_l2_irq(in_exit=False)
+            self.l2_interrupt()
+        self._config_interrupt_if_broken()
+        return consumed
+
+    def _rx_via_l1(self, frames: list[bytes]) -> int:
+        m = self.m
+        nic = self.l0_nic
+        if nic is None or self.l1_nic is None:
+            self.wire.put_back(frames)
+            return 0
+        consumed, irq = nic.rx(frames)
+        self._charge_l0(frames[:consumed])
+        self.wire.put_back(frames[consumed:])
+        if not irq:
+            return consumed
+        m.l0_interrupt_l1()  # L2 was running: a reflected external interrupt
+        got = self.l1_nic.receive()  # L1's NIC driver (its refill kick is L1's exit)
+        self.l1_pending.extend(with_rx_header(f) for f in got)
+        l2_irq = self._l1_to_l2()
+        m.l1_vmresume()
+        if l2_irq:
+            self.l2_interrupt()
+        self._config_interrupt_if_broken()
+        return consumed
+
+    def l2_interrupt(self) -> None:
+        """L2's RX interrupt handler and its endpoint's answers."""
+        frames = self.driver.receive()
+        replies: list[bytes] = []
+        for f in frames:
+            if self.received is not None:
+                self.received.append(f)
+            replies.extend(self.endpoint.handle(f))
+        if replies:
+            self.send(replies)
+
+    def send(self, frames: list[bytes]) -> int:
+        """L2 transmits (its driver kicks when the device asks)."""
+        sent = self.driver.send(frames)
+        self._config_interrupt_if_broken()
+        return sent
+
+    def _config_interrupt_if_broken(self) -> None:
+        """A device that set DEVICE_NEEDS_RESET raises a config-change interrupt;
+        L2's handler reads the status (a config access) and resets the device."""
+        dev = self.active_device()
+        if dev is None or not dev.needs_reset:
+            return
+        self.resets_signalled += 1
+        if self.m.state == L1:
+            return  # delivered when L1 resumes L2
+        if self.path == "l1" or (self.path == "l0" and not self.direct.active):
+            self.m.l0_interrupt_l1()  # L1's device model raises it...
+            self.m.l1_inject_l2_irq()  # ...into L2
+            self.m.l1_vmresume()
+        else:
+            self.m.l0_inject_l2_irq(in_exit=False)
+        if self.driver.needs_reset():
+            if self.path == "l0" and self.direct.active:
+                self.l1_revoke()  # the control plane is L1's: it takes the device back first
+            self.driver.reset()
+            if self.path == "l0":
+                self.l1_delegate()
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        devs = {
+            "l2-nic": self.single_dev if self.path == "single" else None,
+            "l1-backend": self.l1_dev,
+            "l0-direct": self.direct.device,
+            "l0-for-l1-nic": self.l0_nic,
+        }
+        return {
+            k: {**dict(d.metrics), **{f"error: {e}": n for e, n in d.errors.items()}}
+            for k, d in devs.items()
+            if d is not None
+        }
+
+
+# ---------------------------------------------------------------- workloads
+DATAPATH_DEFAULTS: dict[str, Any] = {
+    "count": 1000,
+    "batch": 1,
+    "frame_size": 256,
+    "queue_size": 256,
+    "event_idx": True,
+}
+
+
+def datapath_options(opts: dict[str, Any]) -> dict[str, Any]:
+    o = {**DATAPATH_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+    if not 60 <= o["frame_size"] <= 9000:
+        raise ValueError("--frame-size must be between 60 and 9000 bytes")
+    if not 1 <= o["batch"] <= o["queue_size"]:
+        raise ValueError("--batch must be between 1 and the queue size")
+    if o["queue_size"] & (o["queue_size"] - 1) or not 2 <= o["queue_size"] <= 32768:
+        raise ValueError("--queue-size must be a power of two from 2 to 32768")
+    return o
+
+
+def _buf_size(frame_size: int) -> int:
+    return max(2048, (frame_size + NET_HDR_SIZE + 2047) & ~2047)
+
+
+def make_datapath(m: NestedVmx, path: str, o: dict[str, Any], capture: bool = False) -> Datapath:
+    dp = Datapath(
+        m, path, queue_size=o["queue_size"], event_idx=o["event_idx"],
+        buf_size=_buf_size(o["frame_size"]), capture=capture,
+    )  # fmt: skip
+    m.datapath = dp
+    return dp
+
+
+def _guest_frames(first: int, n: int, size: int, dport: int) -> list[bytes]:
+    return [
+        udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, dport, size, first + i)
+        for i in range(n)
+    ]
+
+
+def _peer_frames(first: int, n: int, size: int, dport: int) -> list[bytes]:
+    return [
+        udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, dport, size, first + i)
+        for i in range(n)
+    ]
+
+
+def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[], float]]:
+    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Callable[[], float]:
+        o = datapath_options(opts)
+        dp = make_datapath(m, path, o, capture=bool(opts.get("capture")))
+        n, b, size = int(o["count"]), int(o["batch"]), int(o["frame_size"])
+
+        def op() -> float:
+            done = 0
+            while done < n:
+                k = min(b, n - done)
+                if kind == "tx":
+                    dp.send(_guest_frames(done, k, size, UDP_DISCARD_PORT))
+                elif kind == "rx":
+                    dp.wire.inject(_peer_frames(done, k, size, UDP_DISCARD_PORT))
+                else:
+                    dp.wire.inject(_peer_frames(done, k, size, UDP_ECHO_PORT))
+                dp.pump()
+                done += k
+            return n
+
+        return op
+
+    return build
+
+
+BUILDERS = {"tx": _build("tx"), "rx": _build("rx"), "echo": _build("echo")}

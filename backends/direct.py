@@ -1,0 +1,175 @@
+"""L0's direct service of L2's virtio-net, and the L1/L0 delegation protocol.
+
+Theory of operation
+-------------------
+Network I/O is stateless, so once L1 has set a device up, L0 can serve L2's
+rings itself and L1 need not see L2's kicks. The cooperation between L1's
+backend and L0's is this protocol (the slides' "cooperation between L1/L2
+BE"), carried by hypercalls (VMCALL from L1, handled by L0):
+
+1. L1's device model negotiates with L2 as usual: features, queue set-up,
+   DRIVER_OK. The control plane (config space, status) stays L1's for good.
+2. ``DELEGATE`` (:class:`Delegation`): L1 hands L0 everything a backend
+   needs and nothing else: the notify port, the negotiated features, the
+   MAC, and per queue its size, the L2 GPAs of its descriptor table,
+   available and used rings, and L1's ``last_avail``/``used_idx``.
+   L0 validates (:meth:`DirectBackend.delegate`): sizes are powers of two up
+   to 32768, features are ones L0 serves (VERSION_1, MAC, EVENT_IDX), the
+   rings are aligned, inside L2's memory and mapped by EPT12. A refusal
+   changes nothing: L1 keeps serving.
+3. On acceptance L1 clears the notify port's bit in vmcs12's I/O bitmap, so
+   L2's kicks are L0's (``sim.routing``: an exit L1 did not ask for is L0's),
+   and stops its own backend for the device.
+4. Data plane, L1 never involved: L0 pops L2's TX chains and fills its RX
+   chains through the L2 GPA -> host translation service of
+   ``sim.vept.VirtualEpt`` (which forgets a translation exactly when L1's
+   EPT12 change becomes visible to L0), puts frames on its wire, and injects
+   interrupts into L2 itself.
+5. ``REVOKE``: L1 asks for the device back (before a reset, a migration, a
+   config change). L0 stops between chains and returns
+   :class:`Handback`: each queue's ``last_avail``/``used_idx``/``signalled``
+   and the frames it held for L2's RX. L1 restores unconditional I/O
+   exiting and its backend resumes exactly there, first draining anything L2
+   published (and notified L0 about) before the hand-back: no frame is lost
+   or delivered twice.
+
+No per-connection state is shared: what L1 set up is handed over at step 2,
+what L0 holds is handed back at step 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xlio.sim.memory import GuestMemory, MemoryFault
+from xlio.virtio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MAC,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+    valid_queue_size,
+)
+
+from .device import NetDevice
+from .virtqueue import DeviceQueue
+
+#: Features L0's direct backend can serve.
+DIRECT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_F_EVENT_IDX)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    size: int
+    desc: int
+    avail: int
+    used: int
+    last_avail: int
+    used_idx: int
+    signalled: int
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """What L1 hands L0 in the DELEGATE hypercall."""
+
+    notify_port: int
+    features: int
+    mac: bytes
+    rx: QueueState
+    tx: QueueState
+
+
+@dataclass
+class Handback:
+    """What L0 returns to L1 on REVOKE."""
+
+    rx: QueueState
+    tx: QueueState
+    pending_rx: list[bytes] = field(default_factory=list)
+
+
+class DelegationRefused(Exception):
+    """L0 validated a DELEGATE and said no (the reason is the message)."""
+
+
+def queue_state(q: DeviceQueue) -> QueueState:
+    return QueueState(q.size, q.desc, q.avail, q.used, q.last_avail, q.used_idx, q.signalled)
+
+
+def device_queue(mem: GuestMemory, s: QueueState, event_idx: bool) -> DeviceQueue:
+    q = DeviceQueue(
+        mem,
+        s.size,
+        s.desc,
+        s.avail,
+        s.used,
+        event_idx,
+        last_avail=s.last_avail,
+        used_idx=s.used_idx,
+    )
+    q.signalled = s.signalled
+    return q
+
+
+class DirectBackend:
+    """L0's side of the protocol: validate, serve, hand back."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem  # L0's view of L2 memory (the translation service)
+        self.device: NetDevice | None = None
+        self.delegation: Delegation | None = None
+        self.refusals = 0
+
+    @property
+    def active(self) -> bool:
+        return self.device is not None
+
+    def _check_ring(self, name: str, gpa: int, length: int, align: int) -> None:
+        if gpa % align:
+            raise DelegationRefused(f"{name} at {gpa:#x} is not {align}-byte aligned")
+        if gpa < 0 or gpa + length > self.mem.size:
+            raise DelegationRefused(f"{name} lies outside L2 memory")
+        try:
+            for page in range(gpa >> 12, ((gpa + length - 1) >> 12) + 1):
+                self.mem.translate(page << 12)
+        except MemoryFault:
+            raise DelegationRefused(f"{name} is not mapped by EPT12") from None
+
+    def delegate(self, d: Delegation) -> None:
+        """Validate and accept a DELEGATE; raises :class:`DelegationRefused`."""
+        try:
+            if self.device is not None:
+                raise DelegationRefused("device already delegated")
+            if d.features & ~DIRECT_FEATURES:
+                raise DelegationRefused(f"features {d.features & ~DIRECT_FEATURES:#x} not served")
+            if not d.features >> VIRTIO_F_VERSION_1 & 1:
+                raise DelegationRefused("VIRTIO_F_VERSION_1 not negotiated")
+            for name, q in (("rx", d.rx), ("tx", d.tx)):
+                if not valid_queue_size(q.size):
+                    raise DelegationRefused(f"{name} queue size {q.size} invalid")
+                self._check_ring(f"{name} descriptor table", q.desc, desc_table_size(q.size), 16)
+                self._check_ring(f"{name} available ring", q.avail, avail_ring_size(q.size), 2)
+                self._check_ring(f"{name} used ring", q.used, used_ring_size(q.size), 4)
+        except DelegationRefused:
+            self.refusals += 1
+            raise
+        event_idx = bool(d.features >> VIRTIO_F_EVENT_IDX & 1)
+        self.device = NetDevice(
+            self.mem,
+            device_queue(self.mem, d.rx, event_idx),
+            device_queue(self.mem, d.tx, event_idx),
+            "l0-direct",
+        )
+        self.delegation = d
+
+    def revoke(self, pending_rx: list[bytes]) -> Handback:
+        """Stop serving; the queue positions and held RX frames go back to L1."""
+        dev = self.device
+        if dev is None:
+            raise RuntimeError("nothing delegated")
+        hb = Handback(queue_state(dev.rxq), queue_state(dev.txq), list(pending_rx))
+        self.device = None
+        self.delegation = None
+        return hb

@@ -1,0 +1,205 @@
+"""The device side of one split virtqueue, over one level's view of L2 memory.
+
+Theory of operation
+-------------------
+A :class:`DeviceQueue` remembers ``last_avail`` (the next available entry it
+will consume) and ``used_idx`` (the next used slot it will fill). :meth:`pop`
+reads the driver's available index, takes one head, and walks its descriptor
+chain; :meth:`push` writes a used element; :meth:`publish` makes the used index
+visible and says whether the driver asked to be interrupted (``used_event``
+with VIRTIO_F_EVENT_IDX, the NO_INTERRUPT flag without). :meth:`set_notify`
+tells the driver whether the device wants kicks (``avail_event``, or the
+NO_NOTIFY flag).
+
+A guest's bad input never escapes as an exception and never reaches memory
+outside L2's own (every access goes through ``GuestMemory``):
+
+* a chain that is malformed (descriptor index out of range in ``next``, a
+  loop or a chain longer than the queue, a zero-length buffer, an indirect
+  descriptor, which we do not offer, a readable descriptor after a writable
+  one, an address outside L2's memory or not mapped by EPT12) is dropped:
+  :meth:`pop` raises :class:`ChainError` with the head, the device returns the
+  head to the used ring with length 0 and counts it (Firecracker's behaviour);
+* a broken ring (an available index that moved by more than the queue size,
+  a head index out of range, a descriptor table that cannot be read) makes
+  the queue ``broken``: the device sets DEVICE_NEEDS_RESET and stops using it
+  (QEMU's ``virtio_error``; vhost's "Guest says index %u > %u is available",
+  "Desc index is %u > %u").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from xlio.sim.memory import GuestMemory, MemoryFault
+from xlio.virtio import (
+    DESC,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    need_event,
+    valid_queue_size,
+)
+
+
+class ChainError(Exception):
+    """A malformed chain: drop it, return ``head`` with length 0, count ``reason``."""
+
+    def __init__(self, reason: str, head: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.head = head
+
+
+class QueueBroken(Exception):
+    """The ring itself is corrupt: the device needs a reset."""
+
+
+@dataclass
+class Chain:
+    head: int
+    readable: list[tuple[int, int]]  # (L2 GPA, length)
+    writable: list[tuple[int, int]]
+
+
+class DeviceQueue:
+    """Device side of a split virtqueue (see the module docstring)."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        event_idx: bool,
+        *,
+        last_avail: int = 0,
+        used_idx: int = 0,
+    ) -> None:
+        if not valid_queue_size(size):
+            raise ValueError(f"queue size {size} is not a power of two up to 32768")
+        self.mem = mem
+        self.size = size
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.event_idx = event_idx
+        self.last_avail = last_avail
+        self.used_idx = used_idx
+        self.signalled = used_idx  # used index at the last publish
+        self.broken = False
+        self.errors: Counter[str] = Counter()
+
+    # ------------------------------------------------------------- helpers
+    def _break(self, reason: str) -> QueueBroken:
+        self.broken = True
+        self.errors[reason] += 1
+        return QueueBroken(reason)
+
+    def pending(self) -> int:
+        """Available entries not consumed yet; a jump beyond the size breaks the queue."""
+        if self.broken:
+            return 0
+        try:
+            idx = self.mem.read_u16(self.avail + 2)
+        except MemoryFault:
+            raise self._break("available ring unreadable") from None
+        n = (idx - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise self._break("available index moved by more than the queue size")
+        return n
+
+    # ------------------------------------------------------------- consuming
+    def pop(self) -> Chain | None:
+        """The next available chain, None when there is none.
+
+        Raises :class:`ChainError` (drop that chain) or :class:`QueueBroken`.
+        """
+        if not self.pending():
+            return None
+        size = self.size
+        mem = self.mem
+        try:
+            head = mem.read_u16(self.avail + 4 + 2 * (self.last_avail % size))
+        except MemoryFault:
+            raise self._break("available ring unreadable") from None
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= size:
+            raise self._break("head descriptor index out of range")
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        idx = head
+        seen = 0
+        while True:
+            seen += 1
+            if seen > size:
+                raise ChainError("descriptor loop or chain longer than the queue", head)
+            try:
+                addr, length, flags, nxt = DESC.unpack(mem.read(self.desc + 16 * idx, 16))
+            except MemoryFault:
+                raise self._break("descriptor table unreadable") from None
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise ChainError("indirect descriptor (feature not offered)", head)
+            if length == 0:
+                raise ChainError("zero-length buffer", head)
+            if addr + length > mem.size or addr + length < addr:
+                raise ChainError("buffer outside guest memory", head)
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise ChainError("readable descriptor after a writable one", head)
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= size:
+                raise ChainError("next descriptor index out of range", head)
+            idx = nxt
+
+    def push(self, head: int, length: int) -> None:
+        """Return a chain to the driver (not visible until :meth:`publish`)."""
+        slot = self.used + 4 + 8 * (self.used_idx % self.size)
+        self.mem.write(slot, USED_ELEM.pack(head, length))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Expose the used index; True if the driver wants an interrupt now."""
+        if self.broken:
+            return False
+        new = self.used_idx
+        old = self.signalled
+        if new == old:
+            return False
+        try:
+            self.mem.write_u16(self.used + 2, new)
+            if self.event_idx:
+                event = self.mem.read_u16(self.avail + 4 + 2 * self.size)
+                notify = need_event(event, new, old)
+            else:
+                notify = not self.mem.read_u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        except MemoryFault:
+            raise self._break("used ring unwritable") from None
+        self.signalled = new
+        return notify
+
+    def set_notify(self, enabled: bool) -> None:
+        """Ask for kicks (at the next available entry) or suppress them."""
+        if self.broken:
+            return
+        try:
+            if self.event_idx:
+                if enabled:
+                    self.mem.write_u16(self.used + 4 + 8 * self.size, self.last_avail)
+            else:
+                self.mem.write_u16(self.used, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+        except MemoryFault:
+            raise self._break("used ring unwritable") from None
+
+    def state(self) -> tuple[int, int]:
+        """(last_avail, used_idx): what a hand-over between backends carries."""
+        return self.last_avail, self.used_idx

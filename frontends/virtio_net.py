@@ -1,0 +1,253 @@
+"""L2's virtio-net driver: split virtqueues laid out byte for byte in L2 memory.
+
+Theory of operation
+-------------------
+:meth:`VirtioNetDriver.probe` does what a driver does at probe time (virtio
+1.x, 3.1.1): reset, ACKNOWLEDGE, DRIVER, read the device's features, accept
+VERSION_1, MAC and (when asked for) EVENT_IDX, FEATURES_OK and check it
+stuck, lay out the queues in L2 memory and hand their addresses to the
+device, DRIVER_OK; then it posts every RX buffer. Each register access goes
+through the ``transport`` (a PCI device model in reality; port I/O that
+exits), so its cost lands in the model's set-up figures.
+
+Queue 0 receives, queue 1 transmits; every buffer is one descriptor holding
+the 12-byte header and the frame. :meth:`send` writes frames, publishes the
+available index once per batch and kicks only if the device asked
+(``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag). TX
+interrupts are suppressed; used TX buffers are reclaimed on the next send.
+:meth:`receive` (the RX interrupt handler) takes used RX buffers, re-posts
+them, kicks if the device wants to hear about new buffers, and re-arms the
+interrupt (``used_event``). If the device reports DEVICE_NEEDS_RESET the
+driver stops using the queues and :meth:`probe` starts over.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from xlio.sim.memory import GuestMemory
+from xlio.virtio import (
+    DESC,
+    NET_HDR_SIZE,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FAILED,
+    STATUS_FEATURES_OK,
+    USED_ELEM,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MAC,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    desc_table_size,
+    need_event,
+    used_ring_size,
+    valid_queue_size,
+)
+
+RXQ = 0
+TXQ = 1
+TX_HDR = bytes(NET_HDR_SIZE)  # no offloads; num_buffers 0 on TX
+
+
+class Transport(Protocol):
+    """The device's register interface, as the driver sees it."""
+
+    def device_features(self) -> int: ...
+    def set_driver_features(self, features: int) -> None: ...
+    def get_status(self) -> int: ...
+    def set_status(self, status: int) -> None: ...
+    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None: ...
+    def notify(self, index: int) -> None: ...
+
+
+class DriverError(Exception):
+    """The device refused the driver (features not accepted, reset needed)."""
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+class DriverQueue:
+    """The driver side of one split virtqueue."""
+
+    def __init__(self, mem: GuestMemory, size: int, base: int, event_idx: bool) -> None:
+        if not valid_queue_size(size):
+            raise ValueError(f"queue size {size} is not a power of two up to 32768")
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.desc = base
+        self.avail = base + desc_table_size(size)
+        self.used = _align(self.avail + avail_ring_size(size), 4)
+        self.end = _align(self.used + used_ring_size(size), 4096)
+        mem.write(base, bytes(self.end - base))
+        self.free = list(range(size - 1, -1, -1))
+        self.avail_idx = 0
+        self.published = 0
+        self.last_used = 0
+
+    def add(self, gpa: int, length: int, write: bool) -> int:
+        """One single-descriptor buffer into the next available slot (not yet published)."""
+        i = self.free.pop()
+        self.mem.write(
+            self.desc + 16 * i, DESC.pack(gpa, length, VIRTQ_DESC_F_WRITE if write else 0, 0)
+        )
+        self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), i)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return i
+
+    def publish(self) -> bool:
+        """Expose the new available index; True if the device wants a kick."""
+        new = self.avail_idx
+        old = self.published
+        if new == old:
+            return False
+        self.mem.write_u16(self.avail + 2, new)
+        self.published = new
+        if self.event_idx:
+            event = self.mem.read_u16(self.used + 4 + 8 * self.size)
+            return need_event(event, new, old)
+        return not self.mem.read_u16(self.used) & VIRTQ_USED_F_NO_NOTIFY
+
+    def take_used(self) -> list[tuple[int, int]]:
+        """(descriptor id, length) of every buffer the device returned since last time."""
+        out = []
+        idx = self.mem.read_u16(self.used + 2)
+        while self.last_used != idx:
+            slot = self.used + 4 + 8 * (self.last_used % self.size)
+            i, n = USED_ELEM.unpack(self.mem.read(slot, 8))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            if i < self.size and i not in self.free:
+                self.free.append(i)
+                out.append((i, n))
+        return out
+
+    def interrupts(self, enabled: bool) -> None:
+        if self.event_idx:
+            # interrupt when the device passes last_used; "disabled" puts the
+            # event half the index space away
+            ev = self.last_used if enabled else (self.last_used + 0x8000) & 0xFFFF
+            self.mem.write_u16(self.avail + 4 + 2 * self.size, ev)
+        else:
+            self.mem.write_u16(self.avail, 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+
+class VirtioNetDriver:
+    """L2's virtio-net driver (see the module docstring)."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        transport: Transport,
+        *,
+        queue_size: int = 256,
+        event_idx: bool = True,
+        buf_size: int = 2048,
+        base: int = 1 << 20,
+    ) -> None:
+        self.mem = mem
+        self.t = transport
+        self.queue_size = queue_size
+        self.want_event_idx = event_idx
+        self.buf_size = buf_size
+        self.base = base
+        self.features = 0
+        self.rx: DriverQueue | None = None
+        self.tx: DriverQueue | None = None
+        self.tx_busy = 0  # frames refused for want of a free TX descriptor
+        self.resets = 0
+
+    # ------------------------------------------------------------- control
+    def probe(self) -> None:
+        t = self.t
+        t.set_status(0)
+        t.set_status(STATUS_ACKNOWLEDGE)
+        t.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        offered = t.device_features()
+        want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC)
+        if self.want_event_idx:
+            want |= 1 << VIRTIO_F_EVENT_IDX
+        self.features = offered & want
+        if not self.features >> VIRTIO_F_VERSION_1 & 1:
+            t.set_status(STATUS_FAILED)
+            raise DriverError("device does not offer VIRTIO_F_VERSION_1")
+        t.set_driver_features(self.features)
+        status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        t.set_status(status)
+        if not t.get_status() & STATUS_FEATURES_OK:
+            t.set_status(STATUS_FAILED)
+            raise DriverError("device did not accept our features")
+        event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        size = self.queue_size
+        rx = DriverQueue(self.mem, size, self.base, event_idx)
+        tx = DriverQueue(self.mem, size, rx.end, event_idx)
+        self.rx_bufs = tx.end
+        self.tx_bufs = self.rx_bufs + size * self.buf_size
+        self.mem_end = self.tx_bufs + size * self.buf_size
+        for q, index in ((rx, RXQ), (tx, TXQ)):
+            t.setup_queue(index, size, q.desc, q.avail, q.used)
+        self.rx, self.tx = rx, tx
+        tx.interrupts(False)
+        rx.interrupts(True)
+        t.set_status(status | STATUS_DRIVER_OK)
+        for _ in range(size):
+            i = rx.free[-1]
+            rx.add(self.rx_bufs + i * self.buf_size, self.buf_size, write=True)
+        if rx.publish():
+            t.notify(RXQ)
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+
+    def needs_reset(self) -> bool:
+        return bool(self.t.get_status() & STATUS_DEVICE_NEEDS_RESET)
+
+    def reset(self) -> None:
+        """Start over after DEVICE_NEEDS_RESET (virtio 1.x, 2.1.2)."""
+        self.resets += 1
+        self.probe()
+
+    # ------------------------------------------------------------- data
+    def send(self, frames: list[bytes]) -> int:
+        """Queue frames for transmission, one kick per batch if needed; returns frames queued."""
+        tx = self.tx
+        assert tx is not None, "probe() first"
+        tx.take_used()
+        queued = 0
+        limit = self.buf_size - NET_HDR_SIZE
+        for frame in frames:
+            if not tx.free:
+                self.tx_busy += len(frames) - queued
+                break
+            if len(frame) > limit:
+                raise ValueError(f"frame of {len(frame)} bytes exceeds the TX buffer")
+            i = tx.free[-1]
+            gpa = self.tx_bufs + i * self.buf_size
+            self.mem.write(gpa, TX_HDR + frame)
+            tx.add(gpa, NET_HDR_SIZE + len(frame), write=False)
+            queued += 1
+        if tx.publish():
+            self.t.notify(TXQ)
+        return queued
+
+    def receive(self) -> list[bytes]:
+        """The RX interrupt handler: frames received, buffers re-posted."""
+        rx = self.rx
+        assert rx is not None, "probe() first"
+        out = []
+        for i, n in rx.take_used():
+            gpa = self.rx_bufs + i * self.buf_size
+            if NET_HDR_SIZE <= n <= self.buf_size:
+                out.append(self.mem.read(gpa + NET_HDR_SIZE, n - NET_HDR_SIZE))
+            rx.add(gpa, self.buf_size, write=True)
+        rx.interrupts(True)
+        if rx.publish():
+            self.t.notify(RXQ)
+        return out

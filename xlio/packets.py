@@ -1,0 +1,151 @@
+"""Ethernet/ARP/IPv4/ICMP/UDP on bytes: what an echo endpoint needs, nothing more.
+
+Plain ``struct`` on ``bytes`` so that it can run per frame (scapy builds one
+ICMP echo in about 790 µs on these machines; this does it in a few µs).
+Tests cross-check these frames against scapy's parser.
+"""
+
+from __future__ import annotations
+
+import struct
+
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+IPPROTO_ICMP = 1
+IPPROTO_UDP = 17
+UDP_ECHO_PORT = 7  # RFC 862
+UDP_DISCARD_PORT = 9  # RFC 863
+BROADCAST = b"\xff" * 6
+
+_ETH = struct.Struct("!6s6sH")
+_IP = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_ICMP = struct.Struct("!BBHHH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def ip4(text: str) -> bytes:
+    return bytes(int(x) for x in text.split("."))
+
+
+def ipv4_packet(src: bytes, dst: bytes, proto: int, payload: bytes, ident: int = 0) -> bytes:
+    hdr = _IP.pack(0x45, 0, 20 + len(payload), ident & 0xFFFF, 0x4000, 64, proto, 0, src, dst)
+    csum = checksum(hdr)
+    return hdr[:10] + csum.to_bytes(2, "big") + hdr[12:] + payload
+
+
+def udp_datagram(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    length = 8 + len(payload)
+    pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_UDP, length)
+    hdr = _UDP.pack(sport, dport, length, 0)
+    csum = checksum(pseudo + hdr + payload) or 0xFFFF
+    return _UDP.pack(sport, dport, length, csum) + payload
+
+
+def ether(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    return _ETH.pack(dst, src, ethertype) + payload
+
+
+def udp_frame(
+    smac: bytes, dmac: bytes, sip: bytes, dip: bytes, sport: int, dport: int, payload: bytes,
+    ident: int = 0,
+) -> bytes:  # fmt: skip
+    udp = udp_datagram(sip, dip, sport, dport, payload)
+    return ether(dmac, smac, ETH_P_IP, ipv4_packet(sip, dip, IPPROTO_UDP, udp, ident))
+
+
+def icmp_echo_frame(
+    smac: bytes, dmac: bytes, sip: bytes, dip: bytes, ident: int, seq: int, payload: bytes,
+    reply: bool = False,
+) -> bytes:  # fmt: skip
+    body = _ICMP.pack(0 if reply else 8, 0, 0, ident, seq) + payload
+    body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+    return ether(dmac, smac, ETH_P_IP, ipv4_packet(sip, dip, IPPROTO_ICMP, body))
+
+
+def arp_frame(op: int, smac: bytes, sip: bytes, tmac: bytes, tip: bytes, dst: bytes) -> bytes:
+    return ether(dst, smac, ETH_P_ARP, _ARP.pack(1, ETH_P_IP, 6, 4, op, smac, sip, tmac, tip))
+
+
+def udp_frame_of_size(
+    smac: bytes, dmac: bytes, sip: bytes, dip: bytes, dport: int, size: int, seq: int
+) -> bytes:
+    """A UDP frame of exactly ``size`` bytes (at least 14+20+8+4), payload tagged with ``seq``."""
+    n = size - 14 - 20 - 8
+    if n < 4:
+        raise ValueError("frame too small for a tagged UDP datagram")
+    tag = seq.to_bytes(4, "big")
+    payload = (tag * (n // 4 + 1))[:n]
+    return udp_frame(smac, dmac, sip, dip, 40000 + seq % 20000, dport, payload, ident=seq)
+
+
+class Endpoint:
+    """An IPv4 host that answers ARP, ICMP echo and UDP echo (port 7), pure.
+
+    :meth:`handle` takes one received frame and returns the frames to send
+    back (possibly none). Frames to port 9 (discard) and anything else are
+    counted and dropped.
+    """
+
+    def __init__(self, mac_addr: bytes, ip_addr: bytes) -> None:
+        self.mac = mac_addr
+        self.ip = ip_addr
+        self.received = 0
+        self.answered = 0
+        self.discarded = 0
+        self.received_udp: list[bytes] = []  # payloads to port 9, when recording
+        self.record = False
+
+    def handle(self, frame: bytes) -> list[bytes]:
+        self.received += 1
+        if len(frame) < 14:
+            self.discarded += 1
+            return []
+        dst, src, etype = _ETH.unpack_from(frame)
+        if dst not in (self.mac, BROADCAST):
+            self.discarded += 1
+            return []
+        if etype == ETH_P_ARP and len(frame) >= 42:
+            _, _, _, _, op, smac, sip, _, tip = _ARP.unpack_from(frame, 14)
+            if op == 1 and tip == self.ip:
+                self.answered += 1
+                return [arp_frame(2, self.mac, self.ip, smac, sip, smac)]
+            self.discarded += 1
+            return []
+        if etype != ETH_P_IP or len(frame) < 34:
+            self.discarded += 1
+            return []
+        vihl, _, total, ident, _, _, proto, _, sip, dip = _IP.unpack_from(frame, 14)
+        ihl = (vihl & 15) * 4
+        if dip != self.ip or ihl < 20 or 14 + total > len(frame):
+            self.discarded += 1
+            return []
+        l4 = frame[14 + ihl : 14 + total]
+        if proto == IPPROTO_ICMP and len(l4) >= 8 and l4[0] == 8:
+            _, _, _, icmp_id, seq = _ICMP.unpack_from(l4)
+            self.answered += 1
+            return [icmp_echo_frame(self.mac, src, self.ip, sip, icmp_id, seq, l4[8:], reply=True)]
+        if proto == IPPROTO_UDP and len(l4) >= 8:
+            sport, dport, ulen, _ = _UDP.unpack_from(l4)
+            payload = l4[8:ulen]
+            if dport == UDP_ECHO_PORT:
+                self.answered += 1
+                return [udp_frame(self.mac, src, self.ip, sip, dport, sport, payload, ident)]
+            if self.record:
+                self.received_udp.append(payload)
+        self.discarded += 1
+        return []

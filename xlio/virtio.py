@@ -1,0 +1,75 @@
+"""Virtio 1.x facts shared by drivers and devices: split-ring layout, flags, features.
+
+From the virtio 1.x specification (2.7 "Split Virtqueues", 5.1 "Network
+Device"): a queue of ``size`` entries (a power of two, at most 32768) is a
+descriptor table (16 bytes per entry: ``addr u64, len u32, flags u16, next
+u16``, 16-byte aligned), an available ring (``flags u16, idx u16,
+ring[size] u16, used_event u16``, 2-byte aligned) and a used ring (``flags
+u16, idx u16, ring[size] {id u32, len u32}, avail_event u16``, 4-byte
+aligned), all little endian, with free-running 16-bit indices.
+"""
+
+from __future__ import annotations
+
+import struct
+
+MAX_QUEUE_SIZE = 32768
+
+# descriptor flags
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# ring flags (without VIRTIO_F_EVENT_IDX)
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+# feature bits
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+# device status bits
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")  # id, len
+
+#: virtio-net header with VERSION_1: flags u8, gso_type u8, hdr_len u16,
+#: gso_size u16, csum_start u16, csum_offset u16, num_buffers u16.
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = NET_HDR.size  # 12
+#: Largest frame a device accepts on TX: 64 KiB of GSO payload plus headers
+#: (Firecracker's limit, 65,562 bytes including the 12-byte header).
+MAX_TX_CHAIN_BYTES = 65562
+ETH_MIN = 14  # a frame shorter than an Ethernet header is malformed
+
+
+def desc_table_size(size: int) -> int:
+    return 16 * size
+
+
+def avail_ring_size(size: int) -> int:
+    return 6 + 2 * size
+
+
+def used_ring_size(size: int) -> int:
+    return 6 + 8 * size
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """VIRTIO_F_EVENT_IDX: notify iff ``event`` lies in ``[old, new)``, 16-bit wrapping."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def valid_queue_size(size: int) -> bool:
+    return 0 < size <= MAX_QUEUE_SIZE and size & (size - 1) == 0
