@@ -71,28 +71,6 @@ L1_NIC_BASE = 64 << 20
 RX_BATCH = 256  # frames L0's RX thread moves per pass
 
 
-class _Translator:
-    """A page-granular translation cache that forgets everything when ``epoch()`` moves."""
-
-    def __init__(self, fn: Callable[[int], int], epoch: Callable[[], int]) -> None:
-        self.fn = fn
-        self.epoch = epoch
-        self.seen = -1
-        self.cache: dict[int, int] = {}
-
-    def __call__(self, gpa: int) -> int:
-        e = self.epoch()
-        if e != self.seen:
-            self.cache.clear()
-            self.seen = e
-        page = gpa >> PAGE_SHIFT
-        base = self.cache.get(page)
-        if base is None:
-            base = self.fn(page << PAGE_SHIFT)
-            self.cache[page] = base
-        return base | (gpa & (PAGE_SIZE - 1))
-
-
 class _DeviceModel:
     """A virtio-net device's register interface and the backend it starts.
 
@@ -188,11 +166,14 @@ class Datapath:
         self.vept, self.mmu = vept, mmu
         host = vept.host
         l2_size = mmu.l2_pages << PAGE_SHIFT
-        epoch = lambda: vept.epoch + mmu.epoch  # noqa: E731
-        self.l2_view = GuestMemory(host, l2_size, _Translator(self._l2_hw, epoch), "L2")
-        self.l1_view_of_l2 = GuestMemory(host, l2_size, _Translator(self._l1_vhost, epoch), "L1")
-        self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0")
-        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory")
+        # what each view's cached translations depend on: L0's mappings
+        # (EPT02, EPT01), and for L1's backend also L1's own EPT12
+        l0_epoch = lambda: vept.epoch  # noqa: E731
+        l1_epoch = lambda: vept.epoch + mmu.epoch  # noqa: E731
+        self.l2_view = GuestMemory(host, l2_size, self._l2_hw, "L2", l0_epoch)
+        self.l1_view_of_l2 = GuestMemory(host, l2_size, self._l1_vhost, "L1", l1_epoch)
+        self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0", l0_epoch)
+        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory", l0_epoch)
         self.wire = LoopbackWire(capture=capture)
         self.endpoint = Endpoint(GUEST_MAC, GUEST_IP)
         self.received: list[bytes] | None = [] if capture else None

@@ -88,6 +88,7 @@ class DriverQueue:
         self.end = _align(self.used + used_ring_size(size), 4096)
         mem.write(base, bytes(self.end - base))
         self.free = list(range(size - 1, -1, -1))
+        self.in_flight: set[int] = set()
         self.avail_idx = 0
         self.published = 0
         self.last_used = 0
@@ -95,6 +96,7 @@ class DriverQueue:
     def add(self, gpa: int, length: int, write: bool) -> int:
         """One single-descriptor buffer into the next available slot (not yet published)."""
         i = self.free.pop()
+        self.in_flight.add(i)
         self.mem.write(
             self.desc + 16 * i, DESC.pack(gpa, length, VIRTQ_DESC_F_WRITE if write else 0, 0)
         )
@@ -123,7 +125,8 @@ class DriverQueue:
             slot = self.used + 4 + 8 * (self.last_used % self.size)
             i, n = USED_ELEM.unpack(self.mem.read(slot, 8))
             self.last_used = (self.last_used + 1) & 0xFFFF
-            if i < self.size and i not in self.free:
+            if i in self.in_flight:  # a device returning a buffer twice is ignored
+                self.in_flight.discard(i)
                 self.free.append(i)
                 out.append((i, n))
         return out

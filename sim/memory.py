@@ -164,17 +164,30 @@ class GuestMemory:
     whichever level is looking), and only then touches a host frame; an
     address that is out of range or not mapped raises :class:`MemoryFault`,
     which devices count and contain. ``faults`` counts them here too.
+
+    With ``epoch`` (a function whose value moves whenever a mapping this view
+    relies on is removed or changed), translated pages are cached until it
+    moves. ``touched``, when set, collects every host frame accessed, so a
+    test can check that a device never strays outside L2's frames.
     """
 
     def __init__(
-        self, host: HostMemory, size: int, translate: Callable[[int], int], name: str
+        self,
+        host: HostMemory,
+        size: int,
+        translate: Callable[[int], int],
+        name: str,
+        epoch: Callable[[], int] | None = None,
     ) -> None:
         self.host = host
         self.size = size
         self.translate = translate
         self.name = name
+        self.epoch = epoch
         self.faults = 0
-        self.touched: set[int] | None = None  # host frames accessed, when auditing
+        self.touched: set[int] | None = None
+        self._seen = -1
+        self._cache: dict[int, tuple[bytearray, int]] = {}
 
     def _span(self, gpa: int, n: int) -> None:
         if gpa < 0 or n < 0 or gpa + n > self.size:
@@ -182,17 +195,34 @@ class GuestMemory:
             raise MemoryFault(f"{self.name}: [{gpa:#x}, +{n}) outside guest memory")
 
     def _page(self, gpa: int) -> tuple[bytearray, int]:
+        page_no = gpa >> PAGE_SHIFT
+        off = gpa & (PAGE_SIZE - 1)
+        if self.epoch is not None:
+            e = self.epoch()
+            if e != self._seen:
+                self._cache.clear()
+                self._seen = e
+            hit = self._cache.get(page_no)
+            if hit is not None:
+                if self.touched is not None:
+                    self.touched.add(hit[1])
+                return hit[0], off
         try:
             hpa = self.translate(gpa)
         except MemoryFault:
             self.faults += 1
             raise
+        frame = hpa >> PAGE_SHIFT
+        buf = self.host.page(frame)
+        if self.epoch is not None:
+            self._cache[page_no] = (buf, frame)
         if self.touched is not None:
-            self.touched.add(hpa >> PAGE_SHIFT)
-        return self.host.page(hpa >> PAGE_SHIFT), hpa & (PAGE_SIZE - 1)
+            self.touched.add(frame)
+        return buf, off
 
     def read(self, gpa: int, n: int) -> bytes:
-        self._span(gpa, n)
+        if gpa < 0 or n < 0 or gpa + n > self.size:
+            self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
             page, o = self._page(gpa)
@@ -208,7 +238,8 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
-        self._span(gpa, n)
+        if gpa < 0 or gpa + n > self.size:
+            self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
             page, o = self._page(gpa)

@@ -71,9 +71,34 @@ def test_memory_workload_options_reach_the_model() -> None:
     assert p.returncode == 0 and "ept12_writes_trapped" in p.stdout
 
 
+def test_demo_side_by_side() -> None:
+    p = xlio("demo", "--count", "20")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert any(line.startswith("l1 ") for line in lines) and "L1 path / L0 direct path" in p.stdout
+    d = json.loads(xlio("demo", "--count", "20", "--json").stdout)
+    assert set(d["paths"]) == {"single", "l1", "l0"}
+    assert d["paths"]["l0"]["reflected"] == 0 and d["paths"]["l1"]["reflected"] == 2
+    assert d["l1_over_l0"] > 5
+
+
+def test_network_workload_options() -> None:
+    p = xlio("measure", "--workload", "tx", "--path", "l0", "--count", "64", "--batch", "8",
+             "--frame-size", "1514", "--no-event-idx", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["per"] == "frame" and r["count"] == 64
+    assert r["per_op"]["l0_exits"] == 1 / 8
+    assert r["devices"]["l0-direct"]["tx_bytes_count"] == 64 * 1514
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ("measure", "--workload", "tx", "--batch", "512"),
+        ("measure", "--workload", "echo", "--frame-size", "20"),
+        ("measure", "--workload", "rx", "--queue-size", "100"),
+        ("demo", "--count", "0"),
         ("measure", "--workload", "ept-touch", "--virtual-ept", "magic"),
         ("measure", "--workload", "ept-churn", "--seconds", "-1"),
         ("measure", "--workload", "ept-touch", "--page-size", "1g"),
