@@ -145,6 +145,7 @@ class Datapath:
         capture: bool = False,
         l2_mem_mib: int = 64,
         l1_mem_mib: int = 256,
+        wire: Any = None,
     ) -> None:
         self.m = m
         self.path = path
@@ -174,7 +175,7 @@ class Datapath:
         self.l1_view_of_l2 = GuestMemory(host, l2_size, self._l1_vhost, "L1", l1_epoch)
         self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0", l0_epoch)
         self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory", l0_epoch)
-        self.wire = LoopbackWire(capture=capture)
+        self.wire = wire if wire is not None else LoopbackWire(capture=capture)
         self.endpoint = Endpoint(GUEST_MAC, GUEST_IP)
         self.received: list[bytes] | None = [] if capture else None
         self.direct = DirectBackend(self.l0_view_of_l2)
@@ -488,10 +489,12 @@ def _buf_size(frame_size: int) -> int:
     return max(2048, (frame_size + NET_HDR_SIZE + 2047) & ~2047)
 
 
-def make_datapath(m: NestedVmx, path: str, o: dict[str, Any], capture: bool = False) -> Datapath:
+def make_datapath(
+    m: NestedVmx, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None
+) -> Datapath:
     dp = Datapath(
         m, path, queue_size=o["queue_size"], event_idx=o["event_idx"],
-        buf_size=_buf_size(o["frame_size"]), capture=capture,
+        buf_size=_buf_size(o["frame_size"]), capture=capture, wire=wire,
     )  # fmt: skip
     m.datapath = dp
     return dp

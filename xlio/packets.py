@@ -109,6 +109,21 @@ class Endpoint:
         self.discarded = 0
         self.received_udp: list[bytes] = []  # payloads to port 9, when recording
         self.record = False
+        self.neighbors: dict[bytes, bytes] = {}  # IPv4 -> MAC, learned from ARP
+        self.icmp_replies: list[tuple[int, int, bytes]] = []  # (id, seq, payload)
+        self.udp_replies: list[tuple[int, bytes]] = []  # (our port, payload) from echo servers
+
+    # ------------------------------------------------------------- originating
+    def arp_request(self, ip_addr: bytes) -> bytes:
+        return arp_frame(1, self.mac, self.ip, bytes(6), ip_addr, BROADCAST)
+
+    def ping(self, ip_addr: bytes, ident: int, seq: int, payload: bytes) -> bytes:
+        dmac = self.neighbors[ip_addr]
+        return icmp_echo_frame(self.mac, dmac, self.ip, ip_addr, ident, seq, payload)
+
+    def udp(self, ip_addr: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+        dmac = self.neighbors[ip_addr]
+        return udp_frame(self.mac, dmac, self.ip, ip_addr, sport, dport, payload)
 
     def handle(self, frame: bytes) -> list[bytes]:
         self.received += 1
@@ -121,9 +136,12 @@ class Endpoint:
             return []
         if etype == ETH_P_ARP and len(frame) >= 42:
             _, _, _, _, op, smac, sip, _, tip = _ARP.unpack_from(frame, 14)
-            if op == 1 and tip == self.ip:
-                self.answered += 1
-                return [arp_frame(2, self.mac, self.ip, smac, sip, smac)]
+            if tip == self.ip:
+                self.neighbors[sip] = smac
+                if op == 1:
+                    self.answered += 1
+                    return [arp_frame(2, self.mac, self.ip, smac, sip, smac)]
+                return []
             self.discarded += 1
             return []
         if etype != ETH_P_IP or len(frame) < 34:
@@ -135,8 +153,11 @@ class Endpoint:
             self.discarded += 1
             return []
         l4 = frame[14 + ihl : 14 + total]
-        if proto == IPPROTO_ICMP and len(l4) >= 8 and l4[0] == 8:
+        if proto == IPPROTO_ICMP and len(l4) >= 8 and l4[0] in (0, 8):
             _, _, _, icmp_id, seq = _ICMP.unpack_from(l4)
+            if l4[0] == 0:
+                self.icmp_replies.append((icmp_id, seq, l4[8:]))
+                return []
             self.answered += 1
             return [icmp_echo_frame(self.mac, src, self.ip, sip, icmp_id, seq, l4[8:], reply=True)]
         if proto == IPPROTO_UDP and len(l4) >= 8:
@@ -145,6 +166,9 @@ class Endpoint:
             if dport == UDP_ECHO_PORT:
                 self.answered += 1
                 return [udp_frame(self.mac, src, self.ip, sip, dport, sport, payload, ident)]
+            if sport == UDP_ECHO_PORT:
+                self.udp_replies.append((dport, payload))
+                return []
             if self.record:
                 self.received_udp.append(payload)
         self.discarded += 1

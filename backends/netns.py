@@ -1,0 +1,186 @@
+"""Test hosts: a network namespace holding the kernel side of our tap.
+
+:class:`NamespacedTap` creates a namespace with a unique ``xlio-`` name,
+opens a tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, a 12-byte virtio-net header
+so the header crosses unchanged) in the root namespace, moves its link into
+the namespace, gives it the host address and brings it up, with IPv6 off so
+the kernel's own chatter (MLD, router solicitations) stays off the wire.
+The process keeps the tap's file descriptor: frames written on it arrive in
+the namespace's kernel stack, frames that stack sends come out of it.
+
+Cleanup is unconditional: :meth:`NamespacedTap.close` (also on ``__exit__``,
+on any exception, on KeyboardInterrupt) closes the tap, which deletes it, and
+removes the namespace; it is idempotent. pyroute2's calls block, so all of
+this runs outside the trio loop.
+
+Default addressing (RFC 2544's benchmarking range, never routed): host side
+198.18.0.1/24 in the namespace, L2 guest 198.18.0.2.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from types import TracebackType
+
+TUNSETIFF = 0x400454CA
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+VNET_HDR_SIZE = 12
+
+HOST_IP = "198.18.0.1"
+GUEST_IP = "198.18.0.2"
+PREFIX = 24
+
+
+class HostSetupError(Exception):
+    """What is missing to build a test host (root, /dev/net/tun, a valid name)."""
+
+
+def check_privileges() -> None:
+    """Raise :class:`HostSetupError` naming what is missing for real taps."""
+    if os.geteuid() != 0:
+        raise HostSetupError("real taps need root (network namespaces and /dev/net/tun)")
+    if not os.path.exists("/dev/net/tun"):
+        raise HostSetupError("/dev/net/tun is missing (no TUN/TAP support on this machine)")
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise HostSetupError("/dev/net/tun is not readable and writable")
+
+
+def unique_netns() -> str:
+    return f"xlio-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def open_tap(ifname: str) -> int:
+    """A non-blocking tap fd with a 12-byte virtio-net header on every frame."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _disable_ipv6(name: str) -> None:
+    from pyroute2 import netns
+
+    netns.pushns(name)
+    try:
+        for knob in ("all", "default"):
+            with open(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6", "w") as f:
+                f.write("1")
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # a kernel without IPv6 has nothing to disable
+            raise
+    finally:
+        netns.popns()
+
+
+@dataclass
+class HostInfo:
+    netns: str
+    ifname: str
+    host_ip: str
+    guest_ip: str
+    prefix: int
+    host_mac: bytes
+
+
+class NamespacedTap:
+    """A namespace with our tap's kernel side in it (see the module docstring)."""
+
+    def __init__(
+        self,
+        netns_name: str | None = None,
+        *,
+        host_ip: str = HOST_IP,
+        guest_ip: str = GUEST_IP,
+        prefix: int = PREFIX,
+    ) -> None:
+        name = netns_name or unique_netns()
+        if not name.startswith("xlio-"):
+            raise HostSetupError(f"namespace name {name!r} must start with 'xlio-'")
+        self.name = name
+        self.ifname = f"xlio{secrets.token_hex(3)}"
+        self.host_ip = host_ip
+        self.guest_ip = guest_ip
+        self.prefix = prefix
+        self.fd = -1
+        self._created_ns = False
+        self.info: HostInfo | None = None
+
+    def open(self) -> HostInfo:
+        from pyroute2 import IPRoute, NetNS, netns
+
+        check_privileges()
+        if self.name in netns.listnetns():
+            raise HostSetupError(f"namespace {self.name} already exists")
+        try:
+            netns.create(self.name)
+            self._created_ns = True
+            _disable_ipv6(self.name)
+            self.fd = open_tap(self.ifname)
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=self.ifname)[0]
+                ipr.link("set", index=idx, net_ns_fd=self.name)
+            with NetNS(self.name) as ns:
+                idx = ns.link_lookup(ifname=self.ifname)[0]
+                ns.addr("add", index=idx, address=self.host_ip, prefixlen=self.prefix)
+                ns.link("set", index=idx, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                mac = ns.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        except BaseException:
+            self.close()
+            raise
+        self.info = HostInfo(
+            self.name, self.ifname, self.host_ip, self.guest_ip, self.prefix,
+            bytes(int(x, 16) for x in mac.split(":")),
+        )  # fmt: skip
+        return self.info
+
+    def close(self) -> None:
+        """Delete the tap and the namespace; safe to call more than once."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1
+        if self._created_ns:
+            from pyroute2 import netns
+
+            self._created_ns = False
+            if self.name in netns.listnetns():
+                netns.remove(self.name)
+
+    def __enter__(self) -> HostInfo:
+        return self.open()
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def leftovers() -> tuple[list[str], list[str]]:
+    """``xlio-`` namespaces and ``xlio`` links that exist now (for tests and checks)."""
+    from pyroute2 import IPRoute, netns
+
+    spaces = [n for n in netns.listnetns() if n.startswith("xlio-")]
+    with IPRoute() as ipr:
+        links = [
+            link.get_attr("IFLA_IFNAME")
+            for link in ipr.get_links()
+            if str(link.get_attr("IFLA_IFNAME")).startswith("xlio")
+        ]
+    return spaces, links

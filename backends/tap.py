@@ -1,0 +1,222 @@
+"""The tap edge: L0's wire on a real Linux tap, driven by trio.
+
+Theory of operation
+-------------------
+:class:`TapWire` has the loopback wire's interface (``transmit``, ``take``,
+``put_back``, ``to_guest``), so a :class:`~xlio.backends.datapath.Datapath`
+runs on it unchanged and the model charges the same exits; only time
+differs. Frames cross with their 12-byte virtio-net header (IFF_VNET_HDR).
+
+* Transmit: ``os.write`` per frame on the non-blocking fd. If the tap's
+  queue is full (EAGAIN) the frame waits in ``backlog`` and the writer task
+  flushes it when the fd is writable; past ``BACKLOG_MAX`` frames a frame is
+  dropped and counted in ``tap_write_fails``.
+* Receive: the reader task waits with ``trio.lowlevel.wait_readable``,
+  drains with ``os.read`` until EAGAIN (a batch), and lets the datapath pump
+  the batch toward L2. A guest with no RX buffers is counted by the device
+  (``no_rx_avail_buffer``) and the frames wait here, up to ``INBOX_MAX``,
+  beyond which they are dropped and counted in ``rx_dropped``.
+* A tap that disappears (its link deleted) makes reads and writes fail with
+  EBADFD or EIO: :class:`TapGone`, a clean error, never a hang.
+* ``--pcap``: every frame crossing the tap, both directions, is kept as
+  bytes and written to the file in batches with scapy's ``RawPcapWriter``,
+  outside the per-frame path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+
+import trio
+
+from xlio.virtio import NET_HDR_SIZE
+
+BACKLOG_MAX = 4096
+INBOX_MAX = 4096
+READ_SIZE = 65536 + NET_HDR_SIZE
+PCAP_BATCH = 256
+_GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF)
+
+
+class TapGone(Exception):
+    """The tap went away under us."""
+
+
+class PcapBatcher:
+    """Collects frames and writes them to a pcap file in batches."""
+
+    def __init__(self, path: str) -> None:
+        from scapy.utils import RawPcapWriter
+
+        self._w = RawPcapWriter(path, linktype=1, sync=False)
+        self._pending: list[tuple[float, bytes]] = []
+        self.written = 0
+
+    def add(self, frame: bytes) -> None:
+        self._pending.append((time.time(), frame))
+        if len(self._pending) >= PCAP_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        for ts, frame in self._pending:
+            sec = int(ts)
+            self._w.write_packet(frame, sec=sec, usec=int((ts - sec) * 1e6))
+        self.written += len(self._pending)
+        self._pending.clear()
+        self._w.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._w.close()
+
+
+class TapWire:
+    """L0's wire on a tap fd (see the module docstring)."""
+
+    def __init__(self, fd: int, pcap: PcapBatcher | None = None, record_batches: bool = False):
+        self.fd = fd
+        self.pcap = pcap
+        self.to_guest: deque[bytes] = deque()
+        self.backlog: deque[bytes] = deque()
+        self.frames_to_peer = 0
+        self.frames_from_peer = 0
+        self.tap_write_fails = 0
+        self.tap_read_fails = 0
+        self.rx_dropped = 0
+        self.seen_by_peer: list[bytes] | None = None
+        self.read_batches: list[list[bytes]] | None = [] if record_batches else None
+        self.want_write = trio.Event()
+
+    # ------------------------------------------------------------- transmit
+    def transmit(self, hdr_frames: list[bytes]) -> None:
+        for hf in hdr_frames:
+            if self.pcap is not None:
+                self.pcap.add(hf[NET_HDR_SIZE:])
+            if self.backlog:
+                self._queue(hf)
+                continue
+            try:
+                os.write(self.fd, hf)
+                self.frames_to_peer += 1
+            except BlockingIOError:
+                self._queue(hf)
+            except OSError as e:
+                self.tap_write_fails += 1
+                if e.errno in _GONE:
+                    raise TapGone(f"tap write failed: {os.strerror(e.errno)}") from None
+
+    def _queue(self, hf: bytes) -> None:
+        if len(self.backlog) >= BACKLOG_MAX:
+            self.tap_write_fails += 1
+            return
+        self.backlog.append(hf)
+        self.want_write.set()
+
+    def flush_backlog(self) -> bool:
+        """Write what waits; True when the backlog is empty."""
+        while self.backlog:
+            try:
+                os.write(self.fd, self.backlog[0])
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                self.tap_write_fails += 1
+                self.backlog.popleft()
+                if e.errno in _GONE:
+                    raise TapGone(f"tap write failed: {os.strerror(e.errno)}") from None
+                continue
+            self.backlog.popleft()
+            self.frames_to_peer += 1
+        return True
+
+    # ------------------------------------------------------------- receive
+    def read_available(self) -> int:
+        """Drain the tap until EAGAIN; returns frames read."""
+        batch = []
+        while True:
+            try:
+                hf = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.tap_read_fails += 1
+                if e.errno in _GONE:
+                    raise TapGone(f"tap read failed: {os.strerror(e.errno)}") from None
+                break
+            if len(hf) <= NET_HDR_SIZE:
+                self.tap_read_fails += 1
+                continue
+            # RX without mergeable buffers: num_buffers is 1
+            batch.append(hf[:10] + b"\x01\x00" + hf[NET_HDR_SIZE:])
+        if not batch:
+            return 0
+        self.frames_from_peer += len(batch)
+        if self.pcap is not None:
+            for hf in batch:
+                self.pcap.add(hf[NET_HDR_SIZE:])
+        if self.read_batches is not None:
+            self.read_batches.append([hf[NET_HDR_SIZE:] for hf in batch])
+        room = INBOX_MAX - len(self.to_guest)
+        if room < len(batch):
+            self.rx_dropped += len(batch) - max(room, 0)
+            batch = batch[: max(room, 0)]
+        self.to_guest.extend(batch)
+        return len(batch)
+
+    def take(self, limit: int) -> list[bytes]:
+        q = self.to_guest
+        n = min(limit, len(q))
+        return [q.popleft() for _ in range(n)]
+
+    def put_back(self, frames: list[bytes]) -> None:
+        self.to_guest.extendleft(reversed(frames))
+
+    def metrics(self) -> dict[str, int]:
+        return {
+            "frames_to_peer": self.frames_to_peer,
+            "frames_from_peer": self.frames_from_peer,
+            "tap_write_fails": self.tap_write_fails,
+            "tap_read_fails": self.tap_read_fails,
+            "rx_dropped": self.rx_dropped,
+            "backlog": len(self.backlog),
+        }
+
+
+async def _writer(wire: TapWire) -> None:
+    while True:
+        await wire.want_write.wait()
+        wire.want_write = trio.Event()
+        while not wire.flush_backlog():
+            await trio.lowlevel.wait_writable(wire.fd)
+
+
+async def serve_tap(
+    dp: object, wire: TapWire, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Move frames between the tap and the datapath until cancelled.
+
+    ``dp`` is a :class:`~xlio.backends.datapath.Datapath` whose wire is
+    ``wire``. Raises :class:`TapGone` if the tap disappears.
+    """
+    from .datapath import Datapath
+
+    assert isinstance(dp, Datapath) and dp.wire is wire
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_writer, wire)
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_readable(wire.fd)
+            wire.read_available()
+            dp.pump()
+            await trio.sleep(0)  # let the writer and the guest's tasks run
+
+
+def close_tap(wire: TapWire) -> None:
+    """Tell trio the fd is going away, then close it (call inside the trio run)."""
+    if wire.fd >= 0:
+        trio.lowlevel.notify_closing(wire.fd)
+        os.close(wire.fd)
+        wire.fd = -1

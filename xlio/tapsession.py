@@ -1,0 +1,288 @@
+"""Real taps: a datapath on a tap in a namespace, traffic both ways, ``serve`` and ``demo --tap``.
+
+The thin edge around the sans-IO core: :class:`TapSession` builds the model,
+the datapath and its :class:`~xlio.backends.tap.TapWire` on a namespaced
+tap; the coroutines here drive traffic from the L2 side (guest-originated
+ping and UDP) and from the namespace's side (a UDP echo server on a socket
+created inside the namespace, the real ``ping``). Exits are charged by the
+same model as on the loopback wire.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from xlio.backends.datapath import Datapath, datapath_options, make_datapath
+from xlio.backends.netns import HostInfo, NamespacedTap
+from xlio.backends.tap import PcapBatcher, TapWire, serve_tap
+from xlio.measure import make_config, result_of
+from xlio.packets import UDP_ECHO_PORT, ip4
+from xlio.sim.nested import NestedVmx
+
+
+class TapSession:
+    """One path's datapath on the tap of ``host`` (already open)."""
+
+    def __init__(
+        self,
+        path: str,
+        host: NamespacedTap,
+        *,
+        preset: str = "turtles-2010",
+        pcap: str | None = None,
+        record_batches: bool = False,
+        **opts: Any,
+    ) -> None:
+        assert host.info is not None, "open the host first"
+        self.path = path
+        self.info: HostInfo = host.info
+        self.m = NestedVmx(make_config(preset, path))
+        self.pcap = PcapBatcher(pcap) if pcap else None
+        self.wire = TapWire(host.fd, self.pcap, record_batches=record_batches)
+        o = datapath_options(opts)
+        self.dp: Datapath = make_datapath(self.m, path, o, wire=self.wire)
+        self.dp.endpoint.ip = ip4(self.info.guest_ip)
+        self.host_ip = ip4(self.info.host_ip)
+        self.setup = self.m.stats.summary()
+        self.m.reset_stats()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve_tap(self.dp, self.wire, task_status=task_status)
+
+    def frames(self) -> int:
+        """Frames L2's NIC moved since counting began (both directions)."""
+        dev = self.dp.active_device()
+        if dev is None:
+            return 0
+        return int(dev.metrics["rx_packets_count"] + dev.metrics["tx_packets_count"])
+
+    def result(self, units: float | None = None, per: str = "frame") -> dict[str, Any]:
+        n = units if units is not None else max(self.frames(), 1)
+        r = result_of(self.m, "tap", self.path, n, per, setup=self.setup)
+        r["tap"] = self.wire.metrics()
+        r["netns"] = self.info.netns
+        if self.pcap is not None:
+            self.pcap.close()
+            r["pcap_frames"] = self.pcap.written
+        return r
+
+    # ------------------------------------------------------------- L2's traffic
+    async def _until(self, cond: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not cond():
+                await trio.sleep(0.0005)
+            return True
+        return False
+
+    async def resolve(self, timeout: float = 2.0) -> bool:
+        ep = self.dp.endpoint
+        if self.host_ip not in ep.neighbors:
+            self.dp.send([ep.arp_request(self.host_ip)])
+        return await self._until(lambda: self.host_ip in ep.neighbors, timeout)
+
+    async def guest_ping(self, count: int, timeout: float = 1.0) -> list[float | None]:
+        """L2 pings the namespace's host address; RTTs in seconds (None: lost)."""
+        if not await self.resolve():
+            return [None] * count
+        ep = self.dp.endpoint
+        ident = secrets.randbelow(0xFFFF)
+        rtts: list[float | None] = []
+        for seq in range(count):
+            payload = seq.to_bytes(4, "big") * 14
+            t0 = time.perf_counter()
+            self.dp.send([ep.ping(self.host_ip, ident, seq, payload)])
+            ok = await self._until(
+                lambda s=seq: any(r[0] == ident and r[1] == s for r in ep.icmp_replies), timeout
+            )
+            rtts.append(time.perf_counter() - t0 if ok else None)
+        return rtts
+
+    async def guest_udp_echo(self, payloads: list[bytes], timeout: float = 1.0) -> list[float | None]:
+        """L2 sends each payload to the host's UDP echo server, one at a time."""
+        if not await self.resolve():
+            return [None] * len(payloads)
+        ep = self.dp.endpoint
+        rtts: list[float | None] = []
+        for i, p in enumerate(payloads):
+            sport = 20000 + i % 20000
+            before = len(ep.udp_replies)
+            t0 = time.perf_counter()
+            self.dp.send([ep.udp(self.host_ip, sport, UDP_ECHO_PORT, p)])
+            ok = await self._until(lambda b=before: len(ep.udp_replies) > b, timeout)
+            rtts.append(
+                time.perf_counter() - t0 if ok and ep.udp_replies[-1] == (sport, p) else None
+            )
+        return rtts
+
+
+def socket_in_netns(name: str, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket that lives in namespace ``name`` (created while this thread is in it)."""
+    from pyroute2 import netns
+
+    netns.pushns(name)
+    try:
+        return socket.socket(socket.AF_INET, kind)
+    finally:
+        netns.popns()
+
+
+async def udp_echo_server(sock: trio.socket.SocketType) -> None:
+    """RFC 862 in the namespace: send every datagram back."""
+    while True:
+        data, addr = await sock.recvfrom(65535)
+        await sock.sendto(data, addr)
+
+
+async def host_ping(info: HostInfo, count: int, interval: float = 0.01) -> dict[str, Any]:
+    """The real ``ping`` from inside the namespace to the guest."""
+    proc = await trio.run_process(
+        ["ip", "netns", "exec", info.netns, "ping", "-n", "-q", "-c", str(count),
+         "-i", str(interval), "-W", "2", info.guest_ip],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    out = proc.stdout.decode()
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)", out)
+    return {
+        "transmitted": int(m.group(1)) if m else 0,
+        "received": int(m.group(2)) if m else 0,
+        "rtt_ms": [float(x) for x in rtt.groups()] if rtt else None,
+        "returncode": proc.returncode,
+        "output": out + proc.stderr.decode(),
+    }
+
+
+async def run_with(session: TapSession, body: Callable[[], Awaitable[Any]]) -> Any:
+    """Serve the tap while ``body`` runs; stop serving when it returns."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.run)
+        result = await body()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+# ---------------------------------------------------------------- xlio serve
+def serve(
+    path: str,
+    netns_name: str | None,
+    duration: float | None,
+    preset: str,
+    pcap: str | None,
+    announce: Callable[[str], None],
+) -> dict[str, Any]:
+    """Build the namespace, keep L2 reachable until the duration, SIGINT or SIGTERM."""
+    host = NamespacedTap(netns_name)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        info = host.open()
+        session = TapSession(path, host, preset=preset, pcap=pcap)
+        announce(
+            f"xlio serve: path {path}, namespace {info.netns}, host {info.host_ip}/{info.prefix} "
+            f"on {info.ifname}, L2 guest {info.guest_ip}\n"
+            f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
+        )
+        trio.run(_serve_main, session, duration)
+        return session.result()
+    finally:
+        host.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+async def _serve_main(session: TapSession, duration: float | None) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await nursery.start(session.run)
+            if duration is not None:
+                await trio.sleep(duration)
+                nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- xlio demo --tap
+async def _demo_path(session: TapSession, host: HostInfo, n: int) -> dict[str, Any]:
+    sock = trio.socket.from_stdlib_socket(socket_in_netns(host.netns))
+    await sock.bind((host.host_ip, UDP_ECHO_PORT))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(udp_echo_server, sock)
+        await nursery.start(session.run)
+        await session.resolve()
+        session.m.reset_stats()  # count the requests, not the neighbour lookup
+        pings = await session.guest_ping(n)
+        udp = await session.guest_udp_echo([os.urandom(16 + 37 * i) for i in range(n)])
+        hp = await host_ping(host, n)
+        nursery.cancel_scope.cancel()
+    sock.close()
+    requests = 2 * n + hp["transmitted"]
+    lost = sum(r is None for r in pings + udp) + hp["transmitted"] - hp["received"]
+    r = session.result(units=requests, per="request")
+    ok = [x for x in pings if x is not None]
+    uok = [x for x in udp if x is not None]
+    r["rtt"] = {
+        "guest_ping_ms": 1e3 * sum(ok) / len(ok) if ok else None,
+        "guest_udp_ms": 1e3 * sum(uok) / len(uok) if uok else None,
+        "host_ping_ms": hp["rtt_ms"][1] if hp["rtt_ms"] else None,
+    }
+    r["lost"] = lost
+    return r
+
+
+def demo_tap(preset: str, n: int) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for path in ("single", "l1", "l0"):
+        host = NamespacedTap()
+        try:
+            info = host.open()
+            session = TapSession(path, host, preset=preset)
+            rows[path] = trio.run(_demo_path, session, info, n)
+        finally:
+            host.close()
+    return rows
+
+
+def format_demo_tap(rows: dict[str, Any], preset: str, n: int) -> str:
+    cols = (("l2_exits", "L2 exits"), ("reflected", "reflected"), ("l1_exits", "L1 exits"),
+            ("l1_be_exits", "L1 BE exits"), ("l0_exits", "L0 exits"), ("crossings", "crossings"),
+            ("time_us", "model us"))  # fmt: skip
+    head = f"{'path':<8}" + "".join(f"{t:>12}" for _, t in cols)
+    head += f"{'g-ping ms':>11}{'g-udp ms':>10}{'h-ping ms':>11}{'lost':>6}"
+    lines = [
+        f"xlio demo --tap: {n} guest pings, {n} guest UDP echoes and {n} pings from the "
+        f"namespace per path, real tap, preset {preset}; exits per request",
+        "",
+        head,
+        "-" * len(head),
+    ]
+    for path, r in rows.items():
+        p = r["per_op"]
+        rtt = r["rtt"]
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        lines.append(
+            f"{path:<8}"
+            + "".join(f"{round(p[k], 2):>12g}" for k, _ in cols)
+            + f"{fmt(rtt['guest_ping_ms']):>11}{fmt(rtt['guest_udp_ms']):>10}"
+            + f"{fmt(rtt['host_ping_ms']):>11}{r['lost']:>6}"
+        )
+    l0 = rows["l0"]["per_op"]["cycles"] or 1
+    lines += ["", f"L1 path / L0 direct path, modeled time per request: "
+              f"{rows['l1']['per_op']['cycles'] / l0:.1f}x"]  # fmt: skip
+    lines.append("RTTs are wall-clock on this machine: the Python datapath, not the model.")
+    return "\n".join(lines)
