@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 from collections import deque
 
@@ -40,6 +41,9 @@ READ_SIZE = 65536 + NET_HDR_SIZE
 PCAP_BATCH = 256
 _GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF)
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 
 class TapGone(Exception):
     """The tap went away under us."""
@@ -52,6 +56,7 @@ class PcapBatcher:
         from scapy.utils import RawPcapWriter
 
         self._w = RawPcapWriter(path, linktype=1, sync=False)
+        self._w.write_header(None)  # write_packet() below does not add the file header
         self._pending: list[tuple[float, bytes]] = []
         self.written = 0
 
@@ -204,14 +209,27 @@ async def serve_tap(
     from .datapath import Datapath
 
     assert isinstance(dp, Datapath) and dp.wire is wire
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_writer, wire)
-        task_status.started()
-        while True:
-            await trio.lowlevel.wait_readable(wire.fd)
-            wire.read_available()
-            dp.pump()
-            await trio.sleep(0)  # let the writer and the guest's tasks run
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_writer, wire)
+            task_status.started()
+            while True:
+                await trio.lowlevel.wait_readable(wire.fd)
+                wire.read_available()
+                dp.pump()
+                await trio.sleep(0)  # let the writer and the guest's tasks run
+    except BaseExceptionGroup as group:
+        raise_first(group, TapGone)
+        raise
+
+
+def raise_first(group: BaseExceptionGroup, kind: type[BaseException]) -> None:
+    """Re-raise the first ``kind`` inside a (nested) exception group, unwrapped."""
+    match = group.subgroup(kind)
+    while isinstance(match, BaseExceptionGroup):
+        match = match.exceptions[0]
+    if match is not None:
+        raise match from None
 
 
 def close_tap(wire: TapWire) -> None:

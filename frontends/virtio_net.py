@@ -93,16 +93,18 @@ class DriverQueue:
         self.published = 0
         self.last_used = 0
 
-    def add(self, gpa: int, length: int, write: bool) -> int:
-        """One single-descriptor buffer into the next available slot (not yet published)."""
+    def add(self, base: int, stride: int, length: int, write: bool) -> tuple[int, int]:
+        """Post the buffer of a free descriptor (buffer ``i`` is at ``base + i * stride``)
+        into the next available slot, not yet published; returns (id, buffer GPA)."""
         i = self.free.pop()
         self.in_flight.add(i)
+        gpa = base + i * stride
         self.mem.write(
             self.desc + 16 * i, DESC.pack(gpa, length, VIRTQ_DESC_F_WRITE if write else 0, 0)
         )
         self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), i)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        return i
+        return i, gpa
 
     def publish(self) -> bool:
         """Expose the new available index; True if the device wants a kick."""
@@ -200,8 +202,7 @@ class VirtioNetDriver:
         rx.interrupts(True)
         t.set_status(status | STATUS_DRIVER_OK)
         for _ in range(size):
-            i = rx.free[-1]
-            rx.add(self.rx_bufs + i * self.buf_size, self.buf_size, write=True)
+            rx.add(self.rx_bufs, self.buf_size, self.buf_size, write=True)
         if rx.publish():
             t.notify(RXQ)
 
@@ -231,10 +232,8 @@ class VirtioNetDriver:
                 break
             if len(frame) > limit:
                 raise ValueError(f"frame of {len(frame)} bytes exceeds the TX buffer")
-            i = tx.free[-1]
-            gpa = self.tx_bufs + i * self.buf_size
-            self.mem.write(gpa, TX_HDR + frame)
-            tx.add(gpa, NET_HDR_SIZE + len(frame), write=False)
+            _, gpa = tx.add(self.tx_bufs, self.buf_size, NET_HDR_SIZE + len(frame), write=False)
+            self.mem.write(gpa, TX_HDR + frame)  # visible to the device only at publish()
             queued += 1
         if tx.publish():
             self.t.notify(TXQ)
@@ -249,7 +248,7 @@ class VirtioNetDriver:
             gpa = self.rx_bufs + i * self.buf_size
             if NET_HDR_SIZE <= n <= self.buf_size:
                 out.append(self.mem.read(gpa + NET_HDR_SIZE, n - NET_HDR_SIZE))
-            rx.add(gpa, self.buf_size, write=True)
+            rx.add(self.rx_bufs, self.buf_size, self.buf_size, write=True)
         rx.interrupts(True)
         if rx.publish():
             self.t.notify(RXQ)

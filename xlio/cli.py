@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--batch", type=_positive_int, default=None, help="requests per burst")
     dm.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
     dm.add_argument("--json", action="store_true")
+    dm.add_argument("--tap", action="store_true", help="over a real tap in a fresh namespace")
+
+    sv = sub.add_parser("serve", help="keep the L2 guest reachable on a real tap")
+    sv.add_argument("--path", default="l1", help="l1|l0 (or single)")
+    sv.add_argument("--netns", default=None, help="namespace name, must start with xlio-")
+    sv.add_argument("--duration", type=_positive_float, default=None, metavar="S")
+    sv.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
+    sv.add_argument("--pcap", default=None, metavar="FILE", help="capture every frame")
+    sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
     e.add_argument("--virtual-ept", default=None, help="shadow|vtlb (default vtlb)")
     e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
@@ -164,7 +173,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _tap_ready() -> None:
+    from xlio.backends.netns import HostSetupError, check_privileges
+
+    try:
+        check_privileges()
+    except HostSetupError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from xlio.backends.netns import HostSetupError
+    from xlio.backends.tap import TapGone
+    from xlio.sim.workloads import PATHS
+    from xlio.tapsession import serve
+
+    if a.path not in PATHS:
+        raise UsageError(f"unknown path {a.path!r} (choose from {', '.join(PATHS)})")
+    if a.preset not in PRESETS:
+        raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
+    if a.netns is not None and not a.netns.startswith("xlio-"):
+        raise UsageError(f"--netns {a.netns!r} must start with 'xlio-'")
+    _tap_ready()
+    out = sys.stderr if a.json else sys.stdout
+
+    def announce(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    try:
+        r = serve(a.path, a.netns, a.duration, a.preset, a.pcap, announce)
+    except HostSetupError as e:
+        raise UsageError(str(e)) from None
+    except TapGone as e:
+        print(f"xlio: error: {e}; namespace removed", file=sys.stderr)
+        return 1
+    if a.json:
+        json.dump(r, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(r))
+        print("tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()))
+        for name, metrics in r.get("devices", {}).items():
+            shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
+            print(f"device {name}: {shown or 'idle'}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
+    if a.tap:
+        from xlio.tapsession import demo_tap, format_demo_tap
+
+        if a.preset not in PRESETS:
+            raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
+        _tap_ready()
+        n = min(a.count, 200)
+        rows = demo_tap(a.preset, n)
+        if a.json:
+            json.dump(rows, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            print(format_demo_tap(rows, a.preset, n))
+        return 0
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
     d = demo(a.preset, a.count, **opts)
     if a.json:
@@ -175,7 +244,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo}
+COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo, "serve": _cmd_serve}
 
 
 if __name__ == "__main__":

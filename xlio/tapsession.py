@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,10 +24,13 @@ import trio
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
 from xlio.backends.netns import HostInfo, NamespacedTap
-from xlio.backends.tap import PcapBatcher, TapWire, serve_tap
+from xlio.backends.tap import PcapBatcher, TapGone, TapWire, raise_first, serve_tap
 from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.nested import NestedVmx
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class TapSession:
@@ -100,13 +104,17 @@ class TapSession:
             payload = seq.to_bytes(4, "big") * 14
             t0 = time.perf_counter()
             self.dp.send([ep.ping(self.host_ip, ident, seq, payload)])
-            ok = await self._until(
-                lambda s=seq: any(r[0] == ident and r[1] == s for r in ep.icmp_replies), timeout
-            )
+
+            def replied(s: int = seq) -> bool:
+                return any(r[0] == ident and r[1] == s for r in ep.icmp_replies)
+
+            ok = await self._until(replied, timeout)
             rtts.append(time.perf_counter() - t0 if ok else None)
         return rtts
 
-    async def guest_udp_echo(self, payloads: list[bytes], timeout: float = 1.0) -> list[float | None]:
+    async def guest_udp_echo(
+        self, payloads: list[bytes], timeout: float = 1.0
+    ) -> list[float | None]:
         """L2 sends each payload to the host's UDP echo server, one at a time."""
         if not await self.resolve():
             return [None] * len(payloads)
@@ -117,7 +125,11 @@ class TapSession:
             before = len(ep.udp_replies)
             t0 = time.perf_counter()
             self.dp.send([ep.udp(self.host_ip, sport, UDP_ECHO_PORT, p)])
-            ok = await self._until(lambda b=before: len(ep.udp_replies) > b, timeout)
+
+            def echoed(b: int = before) -> bool:
+                return len(ep.udp_replies) > b
+
+            ok = await self._until(echoed, timeout)
             rtts.append(
                 time.perf_counter() - t0 if ok and ep.udp_replies[-1] == (sport, p) else None
             )
@@ -190,7 +202,13 @@ def serve(
             f"on {info.ifname}, L2 guest {info.guest_ip}\n"
             f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
         )
-        trio.run(_serve_main, session, duration)
+        try:
+            trio.run(_serve_main, session, duration)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C (or SIGTERM) while stopping: we are stopping anyway
+        except BaseExceptionGroup as group:
+            raise_first(group, TapGone)
+            raise
         return session.result()
     finally:
         host.close()
@@ -227,7 +245,8 @@ async def _demo_path(session: TapSession, host: HostInfo, n: int) -> dict[str, A
         await session.resolve()
         session.m.reset_stats()  # count the requests, not the neighbour lookup
         pings = await session.guest_ping(n)
-        udp = await session.guest_udp_echo([os.urandom(16 + 37 * i) for i in range(n)])
+        # payload sizes from 16 to 1,416 bytes: every datagram fits the tap's 1,500-byte MTU
+        udp = await session.guest_udp_echo([os.urandom(16 + (37 * i) % 1401) for i in range(n)])
         hp = await host_ping(host, n)
         nursery.cancel_scope.cancel()
     sock.close()
