@@ -69,6 +69,7 @@ DEVICE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VI
 #: Where L1 keeps its own NIC's rings and buffers (L1 GPA), clear of L2's backing.
 L1_NIC_BASE = 64 << 20
 RX_BATCH = 256  # frames L0's RX thread moves per pass
+KICKS = ("pio", "mmio")
 
 
 class _DeviceModel:
@@ -146,9 +147,13 @@ class Datapath:
         l2_mem_mib: int = 64,
         l1_mem_mib: int = 256,
         wire: Any = None,
+        kick: str = "pio",
     ) -> None:
+        if kick not in KICKS:
+            raise ValueError(f"kick must be one of {', '.join(KICKS)}")
         self.m = m
         self.path = path
+        self.kick_mode = kick
         self.costs = m.costs
         vept, mmu = build_memory(
             m,
@@ -316,10 +321,29 @@ class Datapath:
         work = len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames))
         self.m.l1_work(work * c.l1_pollution)
 
-    def kick(self, queue: int) -> None:
-        """L2 writes the queue index to the notify port."""
+    def _l2_kick_exit(self) -> int:
+        """L2's notify write as the exit it is; returns the level that handles it.
+
+        ``pio``: port I/O, routed by vmcs12's I/O controls. ``mmio``: a write to
+        the notify page, an EPT misconfiguration that is L0's first; L0 serves
+        it when the page is its own (single-level, or delegated), else walks
+        EPT12, finds L1's MMIO marker and injects the misconfiguration into L1,
+        which must decode the instruction.
+        """
         m = self.m
-        level = m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT)
+        if self.kick_mode == "pio":
+            return m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT)
+        to_l1 = self.path == "l1" or (self.path == "l0" and not self.direct.active)
+        walk = 4 * self.costs.ept12_walk_level if to_l1 else 0.0
+        return m.l2_exit(
+            ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=to_l1, l0_handler="io_kick",
+            l0_extra=walk,
+        )  # fmt: skip
+
+    def kick(self, queue: int) -> None:
+        """L2 writes the queue index to the notify register."""
+        m = self.m
+        level = self._l2_kick_exit()
         if level == L0:
             dev = self.active_device()
             if dev is not None and queue == TXQ:
@@ -471,6 +495,7 @@ DATAPATH_DEFAULTS: dict[str, Any] = {
     "frame_size": 256,
     "queue_size": 256,
     "event_idx": True,
+    "kick": "pio",
 }
 
 
@@ -482,6 +507,8 @@ def datapath_options(opts: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("--batch must be between 1 and the queue size")
     if o["queue_size"] & (o["queue_size"] - 1) or not 2 <= o["queue_size"] <= 32768:
         raise ValueError("--queue-size must be a power of two from 2 to 32768")
+    if o["kick"] not in KICKS:
+        raise ValueError(f"--kick must be one of {', '.join(KICKS)}")
     return o
 
 
@@ -494,7 +521,7 @@ def make_datapath(
 ) -> Datapath:
     dp = Datapath(
         m, path, queue_size=o["queue_size"], event_idx=o["event_idx"],
-        buf_size=_buf_size(o["frame_size"]), capture=capture, wire=wire,
+        buf_size=_buf_size(o["frame_size"]), capture=capture, wire=wire, kick=o["kick"],
     )  # fmt: skip
     m.datapath = dp
     return dp

@@ -35,6 +35,8 @@ import trio
 
 from xlio.virtio import NET_HDR_SIZE
 
+from .wire import Inbox
+
 BACKLOG_MAX = 4096
 INBOX_MAX = 4096
 READ_SIZE = 65536 + NET_HDR_SIZE
@@ -78,13 +80,13 @@ class PcapBatcher:
         self._w.close()
 
 
-class TapWire:
+class TapWire(Inbox):
     """L0's wire on a tap fd (see the module docstring)."""
 
     def __init__(self, fd: int, pcap: PcapBatcher | None = None, record_batches: bool = False):
+        super().__init__()
         self.fd = fd
         self.pcap = pcap
-        self.to_guest: deque[bytes] = deque()
         self.backlog: deque[bytes] = deque()
         self.frames_to_peer = 0
         self.frames_from_peer = 0
@@ -170,14 +172,6 @@ class TapWire:
             batch = batch[: max(room, 0)]
         self.to_guest.extend(batch)
         return len(batch)
-
-    def take(self, limit: int) -> list[bytes]:
-        q = self.to_guest
-        n = min(limit, len(q))
-        return [q.popleft() for _ in range(n)]
-
-    def put_back(self, frames: list[bytes]) -> None:
-        self.to_guest.extendleft(reversed(frames))
 
     def metrics(self) -> dict[str, int]:
         return {

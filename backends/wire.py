@@ -22,12 +22,29 @@ GUEST_MAC = mac("02:00:00:00:00:02")
 GUEST_IP = ip4("198.18.0.2")
 
 
-class LoopbackWire:
+class Inbox:
+    """Frames (header + frame) waiting for L0's RX path, what every wire has."""
+
+    def __init__(self) -> None:
+        self.to_guest: deque[bytes] = deque()
+
+    def take(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` frames waiting for L0's RX path."""
+        q = self.to_guest
+        n = min(limit, len(q))
+        return [q.popleft() for _ in range(n)]
+
+    def put_back(self, frames: list[bytes]) -> None:
+        """Frames L0 could not place yet stay at the head of the line."""
+        self.to_guest.extendleft(reversed(frames))
+
+
+class LoopbackWire(Inbox):
     """L0's wire to a peer endpoint (see the module docstring)."""
 
     def __init__(self, peer: Endpoint | None = None, capture: bool = False) -> None:
+        super().__init__()
         self.peer = peer or Endpoint(PEER_MAC, PEER_IP)
-        self.to_guest: deque[bytes] = deque()  # header + frame, toward L0's RX
         self.seen_by_peer: list[bytes] | None = [] if capture else None
         self.frames_to_peer = 0
 
@@ -44,13 +61,3 @@ class LoopbackWire:
     def inject(self, frames: list[bytes]) -> None:
         """The peer originates frames toward the guest."""
         self.to_guest.extend(with_rx_header(f) for f in frames)
-
-    def take(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` frames (header + frame) waiting for L0's RX path."""
-        q = self.to_guest
-        n = min(limit, len(q))
-        return [q.popleft() for _ in range(n)]
-
-    def put_back(self, frames: list[bytes]) -> None:
-        """Frames L0 could not place yet stay at the head of the line."""
-        self.to_guest.extendleft(reversed(frames))

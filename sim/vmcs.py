@@ -120,22 +120,18 @@ class Vmcs:
 
     def charge_reads(self, fields: tuple[int, ...], times: int = 1) -> None:
         """Account ``times`` reads of every field in ``fields`` (values unchanged)."""
-        k = id(fields)
-        b = self._read_batches
-        if k in b:
-            b[k] += times
-        else:
-            b[k] = times
-            self._lists[k] = fields
+        self._charge(self._read_batches, fields, times)
 
     def charge_writes(self, fields: tuple[int, ...], times: int = 1) -> None:
         """Account ``times`` writes of every field in ``fields`` (values unchanged)."""
+        self._charge(self._write_batches, fields, times)
+
+    def _charge(self, batches: dict[int, int], fields: tuple[int, ...], times: int) -> None:
         k = id(fields)
-        b = self._write_batches
-        if k in b:
-            b[k] += times
+        if k in batches:
+            batches[k] += times
         else:
-            b[k] = times
+            batches[k] = times
             self._lists[k] = fields
 
     def _expand(self, write: bool) -> Counter[int]:

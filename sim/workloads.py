@@ -59,8 +59,9 @@ def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     # (classic path) or its own delegated notify page (direct path), where the
     # fast-MMIO bus needs no decode because L0's exit information is trusted.
     to_l1 = path == "l1"
+    walk = 4 * m.costs.ept12_walk_level if to_l1 else 0.0  # L0 walks EPT12 to find it
     return lambda: _reflectable(
-        m, ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=to_l1, l0_handler="io_kick"
+        m, ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=to_l1, l0_handler="io_kick", l0_extra=walk
     )
 
 

@@ -105,6 +105,19 @@ def test_l1_path_per_frame_counts() -> None:
     assert per_frame("echo", "l1")["l0_exits"] == 27
 
 
+def test_mmio_kicks() -> None:
+    # L0 serves its own (delegated) notify page; L1 must decode the MMIO write:
+    # 1 L2 exit + 18 trapped VMCS accesses (exit prologue, decode) + its NIC kick + VMRESUME
+    assert per_frame("tx", "l0", kick="mmio")["l0_exits"] == 1
+    assert per_frame("tx", "single", kick="mmio")["l0_exits"] == 1
+    l1 = per_frame("tx", "l1", kick="mmio")
+    assert (l1["reflected"], l1["vmcs_emulated"], l1["l0_exits"]) == (1, 18, 21)
+    assert per_frame("tx", "l1", kick="mmio")["cycles"] > per_frame("tx", "l1")["cycles"]
+    dp = new_dp("l0", kick="mmio")
+    dp.send(guest_frames(0, 4))
+    assert dp.wire.seen_by_peer == guest_frames(0, 4)
+
+
 @pytest.mark.parametrize("path", ["l1", "l0"])
 @pytest.mark.parametrize("workload", ["tx", "rx", "echo"])
 def test_batching_lowers_exits_per_frame(path: str, workload: str) -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
     d.add_argument("--queue-size", type=_positive_int, default=None, help="default 256")
     d.add_argument("--no-event-idx", action="store_true", help="flag-based notification")
+    d.add_argument("--kick", default=None, help="notify by pio (port I/O, default) or mmio")
     return parser
 
 
@@ -143,21 +144,27 @@ def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
             "frame_size": a.frame_size,
             "queue_size": a.queue_size,
             "event_idx": False if a.no_event_idx else None,
+            "kick": a.kick,
         }
     )
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _emit(as_json: bool, obj: Any, text: Callable[[], str]) -> int:
+    """One JSON document, or the text a person reads, on stdout."""
+    if as_json:
+        json.dump(obj, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(text())
+    return 0
 
 
 def _cmd_measure(a: argparse.Namespace) -> int:
     r = measure(
         a.workload, a.path, a.preset, count=a.count, options=_workload_options(a), **_switches(a)
     )
-    if a.json:
-        json.dump(r, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(format_report(r))
-    return 0
+    return _emit(a.json, r, lambda: format_report(r))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,16 +214,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     except TapGone as e:
         print(f"xlio: error: {e}; namespace removed", file=sys.stderr)
         return 1
-    if a.json:
-        json.dump(r, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(format_report(r))
-        print("tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()))
+
+    def text() -> str:
+        lines = [format_report(r), "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items())]
         for name, metrics in r.get("devices", {}).items():
             shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
-            print(f"device {name}: {shown or 'idle'}")
-    return 0
+            lines.append(f"device {name}: {shown or 'idle'}")
+        return "\n".join(lines)
+
+    return _emit(a.json, r, text)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -228,20 +234,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         _tap_ready()
         n = min(a.count, 200)
         rows = demo_tap(a.preset, n)
-        if a.json:
-            json.dump(rows, sys.stdout, indent=1)
-            sys.stdout.write("\n")
-        else:
-            print(format_demo_tap(rows, a.preset, n))
-        return 0
+        return _emit(a.json, rows, lambda: format_demo_tap(rows, a.preset, n))
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
     d = demo(a.preset, a.count, **opts)
-    if a.json:
-        json.dump(d, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(format_demo(d))
-    return 0
+    return _emit(a.json, d, lambda: format_demo(d))
 
 
 COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo, "serve": _cmd_serve}
