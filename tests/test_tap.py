@@ -65,12 +65,11 @@ async def test_real_ping_from_the_namespace_loses_nothing(host: NamespacedTap, p
     assert host.info is not None
     r = await run_with(s, lambda: host_ping(host.info, 30))
     assert r["transmitted"] == 30 and r["received"] == 30, r["output"]
-    res = s.result()
-    assert res["totals"]["reflected"] == (0 if path == "l0" else res["totals"]["reflected"])
+    t = s.result()["totals"]
     if path == "l0":
-        assert res["totals"]["l1_exits"] == 0
+        assert t["reflected"] == 0 and t["l1_exits"] == 0
     else:
-        assert res["totals"]["reflected"] >= 30
+        assert t["reflected"] >= 30  # at least each request's interrupt and each answer's kick
 
 
 @pytest.mark.parametrize("path", NESTED)

@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("measure", help="charge one workload on one path")
     m.add_argument("--workload", required=True, help=f"one of: {', '.join(WORKLOADS)}")
     m.add_argument("--path", default="l1", help=f"one of: {', '.join(PATHS)}")
-    m.add_argument("--count", type=_positive_int, default=1000)
+    m.add_argument(
+        "--count",
+        type=_positive_int,
+        default=1000,
+        help="operations (micro workloads), frames (tx, rx) or requests (echo); "
+        "ept-touch and ept-churn run once (see --working-set, --seconds)",
+    )
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_switches(m)
     dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
