@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .accounting import Stats
@@ -94,7 +94,6 @@ class Config:
     operand: str = "register"
     cache_reg: str = "base"
     trace: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_preset(cls, costs: CostModel, **overrides: Any) -> Config:

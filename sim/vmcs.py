@@ -154,9 +154,6 @@ class Vmcs:
         """Writes per field encoding."""
         return self._expand(True)
 
-    def total_accesses(self) -> int:
-        return sum(self.reads().values()) + sum(self.writes().values())
-
     def load(self, values: Iterable[tuple[int, int]]) -> None:
         """Set initial values without counting them as accesses."""
         self.values.update(values)
