@@ -242,7 +242,7 @@ def _serve(path: str, name: str, sig: int) -> dict:
     try:
         deadline = time.monotonic() + 20
         ping = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             ping = subprocess.run(
                 ["ip", "netns", "exec", name, "ping", "-c", "5", "-i", "0.05", "-W", "1",
                  "198.18.0.2"], capture_output=True, text=True,
@@ -250,7 +250,11 @@ def _serve(path: str, name: str, sig: int) -> dict:
             if ping.returncode == 0:
                 break
             time.sleep(0.2)
-        assert ping is not None and ping.returncode == 0, ping
+        if ping is None or ping.returncode != 0:
+            proc.kill()
+            out, err = proc.communicate(timeout=20)
+            raise AssertionError(f"no answer from the guest; serve exited {proc.returncode}: "
+                                 f"{err!r}; last ping: {ping!r}")  # fmt: skip
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
     finally:
