@@ -10,8 +10,11 @@ the namespace's kernel stack, frames that stack sends come out of it.
 
 Cleanup is unconditional: :meth:`NamespacedTap.close` (also on ``__exit__``,
 on any exception, on KeyboardInterrupt) closes the tap, which deletes it, and
-removes the namespace; it is idempotent. pyroute2's calls block, so all of
-this runs outside the trio loop.
+removes the namespace; it is idempotent. It acts only in the process that
+built the host: pyroute2 forks helper processes (to open sockets inside a
+namespace) that inherit our state, and a helper interrupted by a signal must
+not unwind into our cleanup and remove the namespace from under its parent.
+pyroute2's calls block, so all of this runs outside the trio loop.
 
 Default addressing (RFC 2544's benchmarking range, never routed): host side
 198.18.0.1/24 in the namespace, L2 guest 198.18.0.2.
@@ -116,6 +119,7 @@ class NamespacedTap:
         self.prefix = prefix
         self.fd = -1
         self._created_ns = False
+        self._owner = os.getpid()
         self.info: HostInfo | None = None
 
     def open(self) -> HostInfo:
@@ -148,7 +152,13 @@ class NamespacedTap:
         return self.info
 
     def close(self) -> None:
-        """Delete the tap and the namespace; safe to call more than once."""
+        """Delete the tap and the namespace; safe to call more than once.
+
+        In a forked child (pyroute2's helpers) this does nothing: the host
+        belongs to the process that built it.
+        """
+        if os.getpid() != self._owner:
+            return
         if self.fd >= 0:
             try:
                 os.close(self.fd)

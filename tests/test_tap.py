@@ -280,6 +280,18 @@ def test_serve_as_a_user_runs_it(path: str, sig: int) -> None:
     assert name not in spaces and not links
 
 
+def test_a_forked_child_never_tears_down_its_parents_host(host: NamespacedTap) -> None:
+    pid = os.fork()
+    if pid == 0:  # what a pyroute2 helper interrupted by a signal would do
+        try:
+            host.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    spaces, links = leftovers()
+    assert host.name in spaces and host.fd >= 0  # still ours, still there
+
+
 def test_without_root_one_line_and_status_2(monkeypatch, capsys) -> None:
     from xlio import cli
 

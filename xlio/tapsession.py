@@ -193,7 +193,7 @@ def serve(
 ) -> dict[str, Any]:
     """Build the namespace, keep L2 reachable until the duration, SIGINT or SIGTERM."""
     host = NamespacedTap(netns_name)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
     try:
         info = host.open()
         session = TapSession(path, host, preset=preset, pcap=pcap)
@@ -215,8 +215,22 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _interrupt_in(owner: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler that stops ``owner`` like Ctrl-C does (cleanup runs).
+
+    A forked child (pyroute2 forks helpers, and terminates them with SIGTERM)
+    inherits the handler; there the signal gets its default action back, so
+    the child just ends instead of unwinding into its parent's cleanup.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    return handler
 
 
 async def _serve_main(session: TapSession, duration: float | None) -> None:
