@@ -293,7 +293,7 @@ class Datapath:
         m = self.m
         with m.l1_background():
             m.l1_exit(ExitReason.VMCALL, "vmcall", cause="revoke")
-            hb = self.direct.revoke(pending_rx=[])
+            hb = self.direct.revoke()
             m.l1_set_io_passthrough(frozenset())
         event_idx = bool(self.model.features >> VIRTIO_F_EVENT_IDX & 1)
         self.l1_dev = NetDevice(
@@ -302,7 +302,6 @@ class Datapath:
             device_queue(self.l1_view_of_l2, hb.tx, event_idx),
             "l1-backend",
         )
-        self.l1_pending.extend(hb.pending_rx)
         self.model.device = self.l1_dev
         # a backend that takes over a queue looks for work it was never kicked
         # for (L2 may have published and notified L0 just before the REVOKE)

@@ -27,8 +27,9 @@ BE"), carried by hypercalls (VMCALL from L1, handled by L0):
    interrupts into L2 itself.
 5. ``REVOKE``: L1 asks for the device back (before a reset, a migration, a
    config change). L0 stops between chains and returns
-   :class:`Handback`: each queue's ``last_avail``/``used_idx``/``signalled``
-   and the frames it held for L2's RX. L1 restores unconditional I/O
+   :class:`Handback`: each queue's ``last_avail``/``used_idx``/``signalled``.
+   L0 holds no frames of its own: what waits for L2's RX waits on L0's wire,
+   which both paths share. L1 restores unconditional I/O
    exiting and its backend resumes exactly there, first draining anything L2
    published (and notified L0 about) before the hand-back: no frame is lost
    or delivered twice.
@@ -39,7 +40,7 @@ what L0 holds is handed back at step 5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import (
@@ -87,7 +88,6 @@ class Handback:
 
     rx: QueueState
     tx: QueueState
-    pending_rx: list[bytes] = field(default_factory=list)
 
 
 class DelegationRefused(Exception):
@@ -164,12 +164,12 @@ class DirectBackend:
         )
         self.delegation = d
 
-    def revoke(self, pending_rx: list[bytes]) -> Handback:
-        """Stop serving; the queue positions and held RX frames go back to L1."""
+    def revoke(self) -> Handback:
+        """Stop serving; the queue positions go back to L1."""
         dev = self.device
         if dev is None:
             raise RuntimeError("nothing delegated")
-        hb = Handback(queue_state(dev.rxq), queue_state(dev.txq), list(pending_rx))
+        hb = Handback(queue_state(dev.rxq), queue_state(dev.txq))
         self.device = None
         self.delegation = None
         return hb

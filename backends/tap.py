@@ -30,12 +30,16 @@ import os
 import sys
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import trio
 
 from xlio.virtio import NET_HDR_SIZE
 
 from .wire import Inbox
+
+if TYPE_CHECKING:
+    from .datapath import Datapath
 
 BACKLOG_MAX = 4096
 INBOX_MAX = 4096
@@ -193,16 +197,14 @@ async def _writer(wire: TapWire) -> None:
 
 
 async def serve_tap(
-    dp: object, wire: TapWire, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    dp: Datapath, wire: TapWire, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Move frames between the tap and the datapath until cancelled.
 
     ``dp`` is a :class:`~xlio.backends.datapath.Datapath` whose wire is
     ``wire``. Raises :class:`TapGone` if the tap disappears.
     """
-    from .datapath import Datapath
-
-    assert isinstance(dp, Datapath) and dp.wire is wire
+    assert dp.wire is wire
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_writer, wire)

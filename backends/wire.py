@@ -15,11 +15,13 @@ from xlio.packets import Endpoint, ip4, mac
 from xlio.virtio import NET_HDR_SIZE
 
 from .device import with_rx_header
+from .netns import GUEST_IP as GUEST_IP_TEXT
+from .netns import HOST_IP
 
 PEER_MAC = mac("02:00:00:00:00:01")
-PEER_IP = ip4("198.18.0.1")
+PEER_IP = ip4(HOST_IP)
 GUEST_MAC = mac("02:00:00:00:00:02")
-GUEST_IP = ip4("198.18.0.2")
+GUEST_IP = ip4(GUEST_IP_TEXT)
 
 
 class Inbox:

@@ -194,7 +194,6 @@ class VirtioNetDriver:
         tx = DriverQueue(self.mem, size, rx.end, event_idx)
         self.rx_bufs = tx.end
         self.tx_bufs = self.rx_bufs + size * self.buf_size
-        self.mem_end = self.tx_bufs + size * self.buf_size
         for q, index in ((rx, RXQ), (tx, TXQ)):
             t.setup_queue(index, size, q.desc, q.avail, q.used)
         self.rx, self.tx = rx, tx

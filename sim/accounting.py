@@ -49,11 +49,11 @@ class Stats:
     def __init__(self, trace: bool = False) -> None:
         for k in SUMMARY_KEYS:
             setattr(self, k, 0)
-        # cycles by where they are spent: switches (exit+entry round trips), each level
+        # cycles by where they are spent: switches (exit+entry round trips), L0, L1
+        # (L2's own instructions are the same on every path, so they are not modeled)
         self.cycles_switch = 0.0
         self.cycles_l0 = 0.0
         self.cycles_l1 = 0.0
-        self.cycles_l2 = 0.0
         self.by_reason: dict[tuple[int, int], list[float]] = {}
         self.by_cause: Counter[str] = Counter()
         self.trace: list[tuple[Any, ...]] | None = [] if trace else None
@@ -92,7 +92,7 @@ class Stats:
 
     @property
     def cycles(self) -> float:
-        return self.cycles_switch + self.cycles_l0 + self.cycles_l1 + self.cycles_l2
+        return self.cycles_switch + self.cycles_l0 + self.cycles_l1
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {k: getattr(self, k) for k in SUMMARY_KEYS}
@@ -104,7 +104,6 @@ class Stats:
             "switch": self.cycles_switch,
             "L0": self.cycles_l0,
             "L1": self.cycles_l1,
-            "L2": self.cycles_l2,
         }
 
     def reason_rows(self) -> list[dict[str, Any]]:
