@@ -45,9 +45,9 @@ from typing import Any
 from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, Endpoint, udp_frame_of_size
 from xlio.sim.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryFault
-from xlio.sim.nested import L0, L1, NestedVmx
+from xlio.sim.nested import L0, L1, L2, NestedVmx
 from xlio.sim.vmx import ExitReason
-from xlio.sim.workloads import VIRTIO_NOTIFY_PORT, build_memory
+from xlio.sim.workloads import VIRTIO_NOTIFY_PORT, build_memory, mmio_kick_exit
 from xlio.virtio import (
     NET_HDR_SIZE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -316,28 +316,23 @@ class Datapath:
         self.m.l0_work(len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames)))
 
     def _charge_l1(self, frames: list[bytes]) -> None:
+        """L1's backend data work: it runs on EPT01 at single-level speed, so the
+        cache-pollution factor of L1's exit path does not apply to it."""
         c = self.costs
-        work = len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames))
-        self.m.l1_work(work * c.l1_pollution)
+        self.m.l1_work(len(frames) * c.backend_frame + c.copy_byte * sum(map(len, frames)))
 
     def _l2_kick_exit(self) -> int:
         """L2's notify write as the exit it is; returns the level that handles it.
 
-        ``pio``: port I/O, routed by vmcs12's I/O controls. ``mmio``: a write to
-        the notify page, an EPT misconfiguration that is L0's first; L0 serves
-        it when the page is its own (single-level, or delegated), else walks
-        EPT12, finds L1's MMIO marker and injects the misconfiguration into L1,
-        which must decode the instruction.
+        ``pio``: port I/O, routed by vmcs12's I/O controls. ``mmio``: see
+        :func:`xlio.sim.workloads.mmio_kick_exit`.
         """
         m = self.m
         if self.kick_mode == "pio":
             return m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT)
-        to_l1 = self.path == "l1" or (self.path == "l0" and not self.direct.active)
-        walk = 4 * self.costs.ept12_walk_level if to_l1 else 0.0
-        return m.l2_exit(
-            ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=to_l1, l0_handler="io_kick",
-            l0_extra=walk,
-        )  # fmt: skip
+        return mmio_kick_exit(
+            m, self.path == "l1" or (self.path == "l0" and not self.direct.active)
+        )
 
     def kick(self, queue: int) -> None:
         """L2 writes the queue index to the notify register."""
@@ -383,7 +378,7 @@ class Datapath:
         for _ in range(consumed):
             self.l1_pending.popleft()
         if irq:
-            self.m.l1_inject_l2_irq()
+            self.m.l1_interrupt_l2()
         return irq
 
     def pump(self) -> int:
@@ -408,7 +403,7 @@ class Datapath:
         self._charge_l0(frames[:consumed])
         self.wire.put_back(frames[consumed:])
         if irq:
-            self.m.l0_inject_l2_irq(in_exit=False)
+            self.m.l0_interrupt_l2()
             self.l2_interrupt()
         self._config_interrupt_if_broken()
         return consumed
@@ -424,7 +419,7 @@ class Datapath:
         self.wire.put_back(frames[consumed:])
         if not irq:
             return consumed
-        m.l0_interrupt_l1()  # L2 was running: a reflected external interrupt
+        m.l0_interrupt_l1()  # L2 running: a reflected external interrupt; L1 halted: a wake-up
         got = self.l1_nic.receive()  # L1's NIC driver (its refill kick is L1's exit)
         self.l1_pending.extend(with_rx_header(f) for f in got)
         l2_irq = self._l1_to_l2()
@@ -435,7 +430,9 @@ class Datapath:
         return consumed
 
     def l2_interrupt(self) -> None:
-        """L2's RX interrupt handler and its endpoint's answers."""
+        """L2's RX interrupt handler (EOI on return from the hard interrupt), then
+        its NAPI poll and its endpoint's answers."""
+        self.m.l2_eoi()
         frames = self.driver.receive()
         replies: list[bytes] = []
         for f in frames:
@@ -444,6 +441,12 @@ class Datapath:
             replies.extend(self.endpoint.handle(f))
         if replies:
             self.send(replies)
+
+    def l2_idle(self) -> None:
+        """L2 has nothing left to do: it halts until the next interrupt."""
+        m = self.m
+        if m.state == L2 and not m.l2_halted:
+            m.l2_hlt()
 
     def send(self, frames: list[bytes]) -> int:
         """L2 transmits (its driver kicks when the device asks)."""
@@ -462,10 +465,11 @@ class Datapath:
             return  # delivered when L1 resumes L2
         if self.path == "l1" or (self.path == "l0" and not self.direct.active):
             self.m.l0_interrupt_l1()  # L1's device model raises it...
-            self.m.l1_inject_l2_irq()  # ...into L2
+            self.m.l1_interrupt_l2()  # ...into L2
             self.m.l1_vmresume()
         else:
-            self.m.l0_inject_l2_irq(in_exit=False)
+            self.m.l0_interrupt_l2()
+        self.m.l2_eoi()
         if self.driver.needs_reset():
             if self.path == "l0" and self.direct.active:
                 self.l1_revoke()  # the control plane is L1's: it takes the device back first
@@ -545,6 +549,9 @@ def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[],
         o = datapath_options(opts)
         dp = make_datapath(m, path, o, capture=bool(opts.get("capture")))
         n, b, size = int(o["count"]), int(o["batch"]), int(o["frame_size"])
+        request_response = kind == "echo"
+        if request_response:  # between requests L2 idles: the steady state starts halted
+            dp.l2_idle()
 
         def op() -> float:
             done = 0
@@ -557,6 +564,8 @@ def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[],
                 else:
                     dp.wire.inject(_peer_frames(done, k, size, UDP_ECHO_PORT))
                 dp.pump()
+                if request_response:
+                    dp.l2_idle()
                 done += k
             return n
 

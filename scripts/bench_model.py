@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from xlio.sim.costs import PRESETS
 from xlio.sim.nested import Config, NestedVmx
+from xlio.sim.presets import PRESETS
 from xlio.sim.workloads import WORKLOADS
 
 

@@ -1,7 +1,8 @@
 """xlio.sim: an in-process model of nested VMX and EPT that charges every exit."""
 
-from .costs import PRESETS, CostModel
+from .costs import CostModel
 from .nested import Config, ModelError, NestedVmx
+from .presets import PRESETS
 from .vmx import ExitReason, VmcsField
 
 __all__ = ["PRESETS", "Config", "CostModel", "ExitReason", "ModelError", "NestedVmx", "VmcsField"]

@@ -38,6 +38,8 @@ SUMMARY_KEYS = (
     "lock_acquisitions",
     "irqs_injected_l2",
     "irqs_injected_l1",
+    "posted_interrupts",
+    "wakeups",
     "nested_entries",
     "merges_full",
 )
@@ -78,6 +80,8 @@ class Stats:
     lock_acquisitions: int
     irqs_injected_l2: int
     irqs_injected_l1: int
+    posted_interrupts: int  # interrupts delivered by posting, with no exit of the target
+    wakeups: int  # halted vCPUs (L2's, or L1's) woken by an interrupt
     nested_entries: int  # emulated VMRESUMEs that entered L2
     merges_full: int  # of those, entries that ran prepare_vmcs02_rare
 

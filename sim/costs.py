@@ -1,57 +1,69 @@
-"""Cost model: named cycle parameters, grouped into presets with their sources.
+"""Cost model: named parameters, each with a value and a source, grouped into presets.
 
-The ``turtles-2010`` preset is calibrated on Turtles (Ben-Yehuda et al.,
-"The Turtles Project: Design and Implementation of Nested Virtualization",
-OSDI 2010, section 4.1; 2.9 GHz Nehalem-era Xeon, KVM at L0 and L1, no VMCS
-shadowing). Their CPUID breakdown: about 100 cycles on bare metal, 2,600 in a
-guest, 58,000 in L2, of which about 12k are mode switches, 38.5k are L0's work
-and 8k are L1's; one hardware exit plus entry costs about 1,000 cycles; the
-same CPUID handler costs about 1,500 cycles in L0 and 5,000 in L1.
+A preset names a machine and an era. Every parameter is a :class:`Param`
+whose ``kind`` says where its value comes from:
 
-With the profiles of :mod:`sim.profiles` a nested CPUID in ``base`` cache mode
-is 13 hardware exits, 11 of them emulated VMREAD/VMWRITE. The parameters
-marked "calibrated" are set so that the model's split lands on Turtles' split:
+``published``   a figure from a paper, a patch or KVM's source, named in ``source``;
+``calibrated``  solved so that the model lands on a published figure that the
+                preset is calibrated on (and only those: everything else the
+                model says is a prediction);
+``derived``     computed from other parameters by a rule stated in ``source``;
+``estimate``    no source exists; ``source`` states the basis of the guess.
+
+``turtles-2010`` is calibrated on Turtles (Ben-Yehuda et al., "The Turtles
+Project", OSDI 2010, section 4.1; 2.9 GHz Nehalem-era Xeon, KVM at L0 and L1,
+no VMCS shadowing): one L2 CPUID is 13 hardware exits, 11 of them emulated
+VMREAD/VMWRITE, and costs about 58,000 cycles: about 12k mode switches, 38.5k
+L0 and 8k L1. With the profiles of :mod:`sim.profiles`:
 
 * L0 = reflect 7,500 + 11 x emulate 2,200 + VMRESUME 3,300 + full merge 3,500
-  = 38,500 (Turtles: about 38.5k);
-* L1 = 1,500 x 3.33 (cache pollution) + exit framework 3,000 = 8,000
-  (Turtles: about 8k);
-* switches = 13 x 1,000 = 13,000 (Turtles: about 12k).
+  = 38,500;
+* L1 = 1,500 x 3.33 (cache pollution) + exit framework 3,000 = 8,000;
+* switches = 13 x 1,000 = 13,000.
 
-Parameters marked "estimate" have no published figure; each says what it is
-based on. ``shadow-vmcs`` keeps every cycle parameter of ``turtles-2010`` so
-that a comparison isolates what changed: VMCS shadowing in hardware (Haswell
-and later), the dirty-vmcs12 tracking that lets a nested entry skip
-prepare_vmcs02_rare, and a KVM L1 whose register cache covers every field.
+``shadow-vmcs`` is a what-if, not a machine: Turtles' Nehalem costs with the
+VMCS-shadowing hardware of Haswell, dirty-vmcs12 tracking and a full register
+cache, so that a comparison isolates what those three change.
+
+``kvm-2019`` (built and calibrated in :mod:`sim.presets`) is an Intel server
+of 2019 (Skylake-SP class) with VMCS shadowing, APICv and posted interrupts,
+running a KVM with the 2019 nested VMX optimizations at L0 and L1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+KINDS = ("published", "calibrated", "derived", "estimate")
 
 
 @dataclass(frozen=True)
 class Param:
-    value: float
+    value: Any
     source: str
+    kind: str = "estimate"
+    unit: str = "cycles"
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Cycle costs; all values in cycles of the preset's clock."""
+    """Cycle costs and era switches; all cycle values in cycles of the preset's clock."""
 
     name: str
     clock_ghz: float
-    hw_exit: int  # one hardware VM exit plus the matching entry
-    reflect: int  # nested_vmx_vmexit: sync vmcs02->vmcs12, load L1 host state
+    hw_exit: int  # one hardware VM exit plus the matching entry, with KVM's fixed path
+    reflect: float  # nested_vmx_vmexit fixed part (vmcs switch, MMU context, bookkeeping)
     vmcs_emulate_register: int  # L0 emulates one VMREAD/VMWRITE, register operand
     vmcs_memory_extra: int  # added for a memory operand: decode, L1 GVA walk, map/unmap
-    vmcs_exitless: int  # a VMREAD/VMWRITE that does not exit (shadowed, or native in L0)
-    vmresume: int  # nested_vmx_run: checks, prepare_vmcs02 hot part, entry
-    merge_rare: int  # prepare_vmcs02_rare: only when vmcs12 is dirty
-    l1_pollution: float  # L1 handler cycles = L0 handler cycles x this factor
+    vmcs_exitless: int  # a VMREAD/VMWRITE that does not exit (shadowed)
+    vmresume: float  # nested_vmx_run fixed part: checks, vmcs switch, entry
+    merge_rare: float  # prepare_vmcs02_rare: only when vmcs12 is dirty
+    l1_pollution: float  # L1 exit-path handler cycles = L0 handler cycles x this factor
     l1_exit_framework: int  # L1's vmx_handle_exit/vcpu_enter_guest around a handler
     handlers: dict[str, int] = field(default_factory=dict)  # handler cycles when run in L0
+    vmcs_native: float = 0.0  # one VMREAD/VMWRITE L0 itself does in a nested transition
+    msr_bitmap_merge: int = 0  # nested_vmx_prepare_msr_bitmap on every nested entry
     ept12_walk_level: int = 150  # L0 reads one EPT12 entry from L1 memory
     ept02_build: int = 400  # L0 installs one EPT02 entry (and its reverse map)
     ept02_zap: int = 60  # L0 drops one EPT02 entry
@@ -60,101 +72,160 @@ class CostModel:
     swap_in: int = 6_000  # bring one page back (fault path; the disk is not modeled)
     backend_frame: int = 1_200  # a virtio-net backend handling one frame, copy excluded
     copy_byte: float = 0.25  # copying one byte of a frame between guest buffers
+    vcpu_wakeup: int = 4_000  # waking a halted vCPU's thread until it runs again
+    posted_intr: int = 300  # sending one posted interrupt (PIR bit, ON, notification IPI)
     shadow_vmcs: bool = False
     dirty_tracking: bool = False  # vmcs12 dirty tracking: skip merge_rare when clean
     cache_reg: str = "base"
-    sources: dict[str, str] = field(default_factory=dict)
+    apicv: bool = False  # APICv: virtual-interrupt delivery, posted interrupts at L0 and L1
+    lazy_fpu: bool = True  # CR0.TS toggled around a return to userspace (pre-4.x KVM)
+    user_return_msrs: int = 5  # MSRs restored on a return to userspace, set again on entry
+    cr0_wp_guest_owned: bool = False  # CR0.WP passed through with EPT (Linux 6.4+)
+    virtual_ept: str = "vtlb"  # L0's nested-EPT scheme
+    avoid_invept: bool = False  # L1 skips INVEPT for not-present -> present
+    description: str = ""
+    params: dict[str, Param] = field(default_factory=dict)  # every value with its source
 
     def cycles_to_us(self, cycles: float) -> float:
         return cycles / (self.clock_ghz * 1000.0)
 
 
-#: Handler cycles when the handler runs in L0 (or in a single-level VM's host).
-HANDLER_CYCLES: dict[str, Param] = {
-    "cpuid": Param(1_500, "Turtles 4.1: the CPUID handler costs about 1,500 cycles in L0"),
-    "vmcall": Param(1_500, "estimate: a no-op hypercall, same order as CPUID's handler"),
-    "io_kick": Param(1_500, "estimate: kvm_fast_pio -> ioeventfd signal, same order as CPUID"),
-    "mmio_kick": Param(4_500, "estimate: instruction fetch + decode + emulate, 3x io_kick"),
-    "io_user": Param(
-        12_000,
-        "estimate: KVM_EXIT_IO round trip to the VMM's userspace (2 ring crossings, dispatch)",
+_FIELD_NAMES = {f.name for f in fields(CostModel)} - {"name", "handlers", "params", "description"}
+
+
+def build(name: str, description: str, params: dict[str, Param]) -> CostModel:
+    """A preset from its parameter table (``handler.X`` keys fill ``handlers``)."""
+    unknown = {k for k in params if not k.startswith("handler.") and k not in _FIELD_NAMES}
+    if unknown:
+        raise KeyError(f"unknown parameters {sorted(unknown)}")
+    for k, p in params.items():
+        if p.kind not in KINDS:
+            raise ValueError(f"{k}: kind {p.kind!r}")
+    handlers = {k[8:]: int(p.value) for k, p in params.items() if k.startswith("handler.")}
+    values = {k: p.value for k, p in params.items() if not k.startswith("handler.")}
+    return CostModel(
+        name=name, description=description, handlers=handlers, params=dict(params), **values
+    )
+
+
+def with_params(model: CostModel, name: str, description: str, **changes: Param) -> CostModel:
+    """A new preset: ``model``'s table with ``changes`` applied."""
+    return build(name, description, {**model.params, **changes})
+
+
+def P(value: Any, source: str, kind: str = "estimate", unit: str = "cycles") -> Param:
+    return Param(value, source, kind, unit)
+
+
+T = "Turtles (OSDI 2010) 4.1"
+
+TURTLES_PARAMS: dict[str, Param] = {
+    "clock_ghz": P(2.9, f"{T}: 2.9 GHz Xeon", "published", "GHz"),
+    "hw_exit": P(1_000, f"{T}: one exit plus entry about 1,000 cycles", "published"),
+    "reflect": P(7_500, f"{T}: L0 share of nested CPUID = 38.5k", "calibrated"),
+    "vmcs_emulate_register": P(2_200, f"{T}: L0 share of nested CPUID = 38.5k", "calibrated"),
+    "vmcs_memory_extra": P(
+        1_800,
+        "handle_vmread/handle_vmwrite with a memory operand add get_vmx_mem_address, "
+        "an L1 page walk and a map/unmap of L1 memory",
     ),
-    "ept_violation": Param(2_000, "estimate: kvm_mmu_page_fault installing one EPT entry"),
-    "external_interrupt": Param(1_000, "estimate: ack + dispatch of one interrupt"),
-    "msr_write": Param(800, "estimate: kvm_set_msr_common for a user-return MSR"),
-    "cr_access": Param(600, "estimate: CR0.TS toggle, handle_cr/clts"),
-    "inject": Param(300, "estimate: L0 writes VM-entry interruption info before entry"),
-    "ept_fault": Param(
-        1_500, "estimate: kvm_mmu_page_fault entry for an L2 EPT violation, before walk and build"
+    "vmcs_exitless": P(30, "tens of cycles for a VMREAD/VMWRITE that does not exit"),
+    "vmresume": P(3_300, f"{T}: L0 share of nested CPUID = 38.5k", "calibrated"),
+    "merge_rare": P(3_500, f"{T}: L0 share of nested CPUID = 38.5k", "calibrated"),
+    "l1_pollution": P(
+        5_000 / 1_500, f"{T}: the CPUID handler costs 5,000 in L1, 1,500 in L0", "published", "x"
     ),
-    "ept12_write": Param(
-        3_000, "estimate: emulate L1's write to a write-protected EPT12 page (decode, write)"
+    "l1_exit_framework": P(3_000, f"{T}: L1 share of nested CPUID = 8k", "calibrated"),
+    "vmcs_native": P(
+        0, "folded into reflect and vmresume, which Turtles calibrates whole", "derived"
     ),
-    "invept": Param(
-        1_500, "estimate: handle_invept: memory-operand descriptor, checks, free the roots"
+    "msr_bitmap_merge": P(0, "folded into vmresume, which Turtles calibrates whole", "derived"),
+    "ept12_walk_level": P(150, "kvm_vcpu_read_guest of 8 bytes of L1 memory (gfn->hva, copy)"),
+    "ept02_build": P(400, "mmu_set_spte plus rmap_add"),
+    "ept02_zap": P(60, "drop one SPTE while freeing a shadow root"),
+    "lock": P(40, "an uncontended spin lock; contention is counted, not costed"),
+    "swap_evict": P(6_000, "try_to_unmap + add_to_swap for one 4 KiB page, same at L0 or L1"),
+    "swap_in": P(6_000, "do_swap_page without the disk, same at L0 or L1"),
+    "backend_frame": P(1_200, "vhost-net handle_tx/handle_rx per packet, without the copy"),
+    "copy_byte": P(0.25, "4 bytes per cycle for a guest-to-guest copy with translation"),
+    "vcpu_wakeup": P(
+        4_000,
+        "a halted vCPU's thread woken (try_to_wake_up, schedule, vcpu_load): a few "
+        "microseconds; no halt polling before Linux 4.0",
     ),
+    "posted_intr": P(300, "unused without APICv: setting a PIR bit and sending one IPI"),
+    "shadow_vmcs": P(False, "Nehalem has no VMCS shadowing (Haswell added it)", "published", ""),
+    "dirty_tracking": P(False, "2.6.3x KVM rebuilt vmcs02 on every entry", "published", ""),
+    "cache_reg": P("base", "2.6.3x KVM cached only RIP and RSP (regs_avail)", "published", ""),
+    "apicv": P(False, "APICv arrived with Ivy Bridge-EP servers (2013)", "published", ""),
+    "lazy_fpu": P(True, "2.6.3x KVM switched the FPU lazily (CR0.TS)", "published", ""),
+    "user_return_msrs": P(
+        5, "STAR, LSTAR, CSTAR, SYSCALL_MASK, plus KERNEL_GS_BASE switched by hand", "published", ""
+    ),
+    "cr0_wp_guest_owned": P(
+        False, "CR0.WP became guest-owned with EPT in Linux 6.4", "published", ""
+    ),
+    "virtual_ept": P("vtlb", "the slides' description of KVM's scheme", "published", ""),
+    "avoid_invept": P(False, "2.6.3x KVM invalidated after every EPT12 change", "estimate", ""),
+    # handler cycles when the handler runs in L0 (or in a single-level VM's host)
+    "handler.cpuid": P(
+        1_500, f"{T}: the CPUID handler costs about 1,500 cycles in L0", "published"
+    ),
+    "handler.vmcall": P(1_500, "a no-op hypercall, same order as CPUID's handler"),
+    "handler.io_kick": P(1_500, "kvm_fast_pio -> ioeventfd signal, same order as CPUID"),
+    "handler.io_kernel": P(1_500, "an in-kernel PIO device (the PIC's ELCR), same order as CPUID"),
+    "handler.mmio_fast": P(1_500, "handle_ept_misconfig fast-MMIO bus -> ioeventfd, as io_kick"),
+    "handler.mmio_kick": P(4_500, "instruction fetch + decode + emulate, 3x io_kick"),
+    "handler.io_user": P(
+        12_000, "KVM_EXIT_IO round trip to the VMM's userspace (2 ring crossings, dispatch)"
+    ),
+    "handler.ept_violation": P(2_000, "kvm_mmu_page_fault installing one EPT entry"),
+    "handler.external_interrupt": P(1_000, "ack + dispatch of one interrupt"),
+    "handler.msr_write": P(800, "kvm_set_msr_common for a user-return MSR"),
+    "handler.msr_read": P(800, "kvm_get_msr_common, same as a write"),
+    "handler.cr_access": P(600, "CR0.TS toggle, handle_cr/clts"),
+    "handler.cr0_write": P(3_000, "kvm_set_cr0 changing WP: kvm_mmu_reset_context, 2x cpuid"),
+    "handler.inject": P(300, "L0 writes VM-entry interruption info before entry"),
+    "handler.hlt": P(1_500, "kvm_emulate_halt up to blocking (wake-up apart), as CPUID"),
+    "handler.eoi": P(1_500, "x2APIC EOI write emulated: apic_set_eoi, as CPUID"),
+    "handler.apic_access": P(4_500, "an xAPIC MMIO access decoded and emulated, as mmio_kick"),
+    "handler.apic_write": P(1_500, "an APIC-write trap (no decode), as CPUID"),
+    "handler.intr_window": P(1_000, "interrupt-window exit: inject the pending interrupt"),
+    "handler.tpr_below_threshold": P(1_000, "TPR-below-threshold exit: inject, as intr_window"),
+    "handler.ept_fault": P(
+        1_500, "kvm_mmu_page_fault entry for an L2 EPT violation, before walk and build"
+    ),
+    "handler.ept12_write": P(
+        3_000, "emulate L1's write to a write-protected EPT12 page (decode, write)"
+    ),
+    "handler.unsync": P(1_000, "mark an EPT12 leaf unsync and make it writable (no emulation)"),
+    "handler.invept": P(1_500, "handle_invept: memory-operand descriptor, checks, free the roots"),
 }
 
-_TURTLES_SOURCES = {
-    "clock_ghz": "Turtles 4.1: 2.9 GHz Xeon",
-    "hw_exit": "Turtles 4.1: one exit plus entry about 1,000 cycles",
-    "reflect": "calibrated: L0 share of nested CPUID = 38.5k (Turtles 4.1)",
-    "vmcs_emulate_register": "calibrated: L0 share of nested CPUID = 38.5k (Turtles 4.1)",
-    "vmcs_memory_extra": (
-        "estimate: handle_vmread/handle_vmwrite with a memory operand add "
-        "get_vmx_mem_address, an L1 page walk and a map/unmap of L1 memory"
-    ),
-    "vmcs_exitless": "estimate: tens of cycles for a VMREAD/VMWRITE that does not exit",
-    "vmresume": "calibrated: L0 share of nested CPUID = 38.5k (Turtles 4.1)",
-    "merge_rare": "calibrated: L0 share of nested CPUID = 38.5k (Turtles 4.1)",
-    "l1_pollution": "Turtles 4.1: the CPUID handler costs 5,000 in L1 vs 1,500 in L0",
-    "l1_exit_framework": "calibrated: L1 share of nested CPUID = 8k (Turtles 4.1)",
-    "ept12_walk_level": "estimate: kvm_vcpu_read_guest of 8 bytes of L1 memory (gfn->hva, copy)",
-    "ept02_build": "estimate: mmu_set_spte plus rmap_add",
-    "ept02_zap": "estimate: drop one SPTE while freeing a shadow root",
-    "lock": "estimate: an uncontended spin lock; contention is counted, not costed",
-    "swap_evict": "estimate: try_to_unmap + add_to_swap for one 4 KiB page, same at L0 or L1",
-    "swap_in": "estimate: do_swap_page without the disk, same at L0 or L1",
-    "backend_frame": "estimate: vhost-net handle_tx/handle_rx per packet, without the copy",
-    "copy_byte": "estimate: 4 bytes per cycle for a guest-to-guest copy with translation",
-}
-
-
-def _handlers() -> dict[str, int]:
-    return {k: int(p.value) for k, p in HANDLER_CYCLES.items()}
-
-
-TURTLES_2010 = CostModel(
-    name="turtles-2010",
-    clock_ghz=2.9,
-    hw_exit=1_000,
-    reflect=7_500,
-    vmcs_emulate_register=2_200,
-    vmcs_memory_extra=1_800,
-    vmcs_exitless=30,
-    vmresume=3_300,
-    merge_rare=3_500,
-    l1_pollution=5_000 / 1_500,
-    l1_exit_framework=3_000,
-    handlers=_handlers(),
-    shadow_vmcs=False,
-    dirty_tracking=False,
-    cache_reg="base",
-    sources=_TURTLES_SOURCES,
+TURTLES_2010 = build(
+    "turtles-2010",
+    "Nehalem-era 2.9 GHz Xeon, no VMCS shadowing, no APICv, KVM of 2010 at L0 and L1 "
+    "(calibrated on Turtles, OSDI 2010)",
+    TURTLES_PARAMS,
 )
 
-SHADOW_VMCS = replace(
+SHADOW_VMCS = with_params(
     TURTLES_2010,
-    name="shadow-vmcs",
-    shadow_vmcs=True,
-    dirty_tracking=True,
-    cache_reg="extended",
-    sources={
-        **_TURTLES_SOURCES,
-        "shadow_vmcs": "Intel VMCS shadowing (Haswell+); KVM shadow lists, vmcs_shadow_fields.h",
-        "dirty_tracking": "nested.c: dirty_vmcs12, prepare_vmcs02_rare only when dirty",
-        "cache_reg": "modern KVM caches every hot field (kvm_register_is_available)",
-    },
+    "shadow-vmcs",
+    "what-if, not a machine: Turtles-era cycle costs with VMCS-shadowing hardware, "
+    "dirty-vmcs12 tracking and a full register cache",
+    shadow_vmcs=P(
+        True, "what-if: VMCS shadowing (Haswell+); KVM's vmcs_shadow_fields.h", "published", ""
+    ),
+    dirty_tracking=P(
+        True, "what-if: nested.c dirty_vmcs12, prepare_vmcs02_rare when dirty", "published", ""
+    ),
+    cache_reg=P("extended", "what-if: modern KVM caches every hot field", "published", ""),
 )
 
-PRESETS: dict[str, CostModel] = {p.name: p for p in (TURTLES_2010, SHADOW_VMCS)}
+BASE_PRESETS: dict[str, CostModel] = {p.name: p for p in (TURTLES_2010, SHADOW_VMCS)}
+
+__all__ = [
+    "BASE_PRESETS", "KINDS", "CostModel", "P", "Param", "SHADOW_VMCS", "TURTLES_2010",
+    "TURTLES_PARAMS", "build", "replace", "with_params",
+]  # fmt: skip

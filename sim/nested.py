@@ -17,7 +17,7 @@ hypervisor) and L2 (L1's guest). A :class:`NestedVmx` is in one of two states:
     VMCS shadowing does not cover is a hardware exit to L0, emulated against
     the cached vmcs12 (register or memory operand). L1 may take exits of its
     own (:meth:`l1_exit`: its backend kicking its own device, MSR writes) and
-    inject an interrupt into L2 (:meth:`l1_inject_l2_irq`). It leaves with
+    inject an interrupt into L2 (:meth:`l1_interrupt_l2`). It leaves with
     :meth:`l1_vmresume`: the entry epilogue, the deferred writes, and the
     VMRESUME that always traps and that L0 emulates by merging vmcs12 into
     vmcs02 (the rare part only when vmcs12 is dirty, or always on a KVM
@@ -52,31 +52,81 @@ from .profiles import (
     compile_fragment,
     flush_on_entry,
 )
-from .routing import L1Controls, route_l2_exit
+from .routing import CR0_TS, CR0_WP, L1Controls, route_l2_exit
 from .vmcs import (
+    ENTRY_NATIVE_ACCESSES,
     L1_HOST_STATE,
     MERGE_HOT,
     MERGE_RARE,
     REFLECT_EXIT_INFO,
     REFLECT_HOT_SYNC,
+    REFLECT_NATIVE_ACCESSES,
     SHADOW_COPY_BACK,
     SHADOW_REFRESH,
     Vmcs,
 )
 from .vmx import (
     KVM_L1_CPU_BASED,
+    KVM_L1_PIN_APICV,
     KVM_L1_PIN_BASED,
     KVM_L1_SECONDARY,
+    KVM_L1_SECONDARY_APICV,
+    L1_INTERCEPTED_MSRS,
+    L1_INTERCEPTED_MSRS_NO_APICV,
     SHADOW_FIELDS_RO,
     SHADOW_FIELDS_RW,
     CpuBased,
     ExitReason,
+    Msr,
     VmcsField,
 )
 
 L0, L1, L2 = 0, 1, 2
 R = ExitReason
 OPERANDS = ("register", "memory")
+
+
+#: The vector of L2's virtio-net interrupt (any device vector would do).
+NIC_VECTOR = 0x31
+
+
+class PostedInterruptDescriptor:
+    """A posted-interrupt descriptor (SDM 29.6): the PIR bitmap and ON."""
+
+    __slots__ = ("pir", "on")
+
+    def __init__(self) -> None:
+        self.pir = 0
+        self.on = False
+
+    def post(self, vector: int) -> None:
+        self.pir |= 1 << vector
+        self.on = True
+
+
+class VirtualApicPage:
+    """The IRR and ISR of a virtual-APIC page (what L1 sees of L2's APIC)."""
+
+    __slots__ = ("irr", "isr", "delivered")
+
+    def __init__(self) -> None:
+        self.irr = 0
+        self.isr = 0
+        self.delivered = 0
+
+    def accept(self, pid: PostedInterruptDescriptor) -> None:
+        """Posted-interrupt processing: PIR moves into IRR and ON clears."""
+        if pid.on:
+            self.irr |= pid.pir
+            pid.pir = 0
+            pid.on = False
+
+    def eoi(self) -> None:
+        """The guest handled its highest pending vector and ends it."""
+        if self.irr:
+            v = self.irr.bit_length() - 1
+            self.irr &= ~(1 << v)
+            self.delivered += 1
 
 
 class ModelError(RuntimeError):
@@ -93,12 +143,18 @@ class Config:
     vmcs_exits: bool = True  # False: Turtles' hypothetical exitless VMREAD/VMWRITE
     operand: str = "register"
     cache_reg: str = "base"
+    apicv: bool = False  # APICv at L0 and, nested, exposed to L1 for L2
+    virtual_idle: bool = False  # DVH's virtual idle: L0 keeps L2's HLT
     trace: bool = False
 
     @classmethod
     def from_preset(cls, costs: CostModel, **overrides: Any) -> Config:
-        """Defaults from the preset (shadowing, cache mode), then the overrides."""
-        base: dict[str, Any] = {"shadow_vmcs": costs.shadow_vmcs, "cache_reg": costs.cache_reg}
+        """Defaults from the preset (shadowing, cache mode, APICv), then the overrides."""
+        base: dict[str, Any] = {
+            "shadow_vmcs": costs.shadow_vmcs,
+            "cache_reg": costs.cache_reg,
+            "apicv": costs.apicv,
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(costs=costs, **base)
         if cfg.operand not in OPERANDS:
@@ -117,6 +173,8 @@ class Config:
             "operand": self.operand,
             "cache_reg": self.cache_reg,
             "dirty_tracking": self.costs.dirty_tracking,
+            "apicv": self.apicv,
+            "virtual_idle": self.virtual_idle,
         }
 
 
@@ -140,14 +198,28 @@ class NestedVmx:
         self.costs = c
         self.stats = Stats(trace=config.trace)
         self._new_vmcs()
-        self.l1_controls = L1Controls(cpu_based=KVM_L1_CPU_BASED, pin_based=KVM_L1_PIN_BASED)
+        apicv = config.apicv
+        pin = KVM_L1_PIN_BASED | (KVM_L1_PIN_APICV if apicv else 0)
+        secondary = KVM_L1_SECONDARY | (KVM_L1_SECONDARY_APICV if apicv else 0)
+        self.l1_controls = L1Controls(
+            cpu_based=KVM_L1_CPU_BASED,
+            pin_based=pin,
+            msr_bitmap=L1_INTERCEPTED_MSRS if apicv else L1_INTERCEPTED_MSRS_NO_APICV,
+            cr0_mask=~(CR0_TS | (CR0_WP if c.cr0_wp_guest_owned else 0)),
+        )
         self.vmcs12.load(
             [
                 (VmcsField.CPU_BASED_VM_EXEC_CONTROL, KVM_L1_CPU_BASED),
-                (VmcsField.PIN_BASED_VM_EXEC_CONTROL, KVM_L1_PIN_BASED),
-                (VmcsField.SECONDARY_VM_EXEC_CONTROL, KVM_L1_SECONDARY),
+                (VmcsField.PIN_BASED_VM_EXEC_CONTROL, pin),
+                (VmcsField.SECONDARY_VM_EXEC_CONTROL, secondary),
             ]
         )
+        # L2's local APIC as L1 sees it (L1 owns it): the posted-interrupt
+        # descriptor L1 set up for L2 and the virtual-APIC page's IRR and ISR
+        self.l2_pid = PostedInterruptDescriptor()
+        self.l2_apic = VirtualApicPage()
+        self.l2_halted = False  # L2 executed HLT and waits for an interrupt
+        self.l1_halted = False  # nested: L1 blocked L2's vCPU and halted its own
         self.memory: Any = None  # (VirtualEpt, L1Mmu) when a workload models memory
         self.datapath: Any = None  # the Datapath, for the network workloads
         self.state = L2
@@ -167,6 +239,11 @@ class NestedVmx:
         self._l1_handler = {k: v * c.l1_pollution for k, v in c.handlers.items()}
         self._shadow_refresh = len(SHADOW_REFRESH) * c.vmcs_exitless
         self._shadow_copy_back = len(SHADOW_COPY_BACK) * c.vmcs_exitless
+        # L0's own work per reflection and per nested entry: the fixed part plus
+        # its native VMREAD/VMWRITEs of the field lists (sim.vmcs) and, on
+        # entry, the MSR-bitmap merge
+        self._reflect_l0 = c.reflect + c.vmcs_native * REFLECT_NATIVE_ACCESSES
+        self._entry_l0 = c.vmresume + c.vmcs_native * ENTRY_NATIVE_ACCESSES + c.msr_bitmap_merge
 
     # ------------------------------------------------------------------ helpers
     def reset_stats(self) -> None:
@@ -228,30 +305,43 @@ class NestedVmx:
         *,
         port: int = -1,
         msr: int = -1,
+        vector: int = -1,
+        cr: int = -1,
+        bits: int = 0,
         to_l1: bool | None = None,
         l0_handler: str | None = None,
         l0_extra: float = 0.0,
+        reflect_as: ExitReason | None = None,
+        hardware: bool = True,
     ) -> int:
         """A hardware exit of L2 into L0; returns the level that handles it.
 
         ``handler`` names the L1 profile when reflected and, unless
         ``l0_handler`` is given, the L0 handler cost otherwise. ``to_l1``
         overrides routing for exits L0 sees first and then hands to L1 (an
-        EPT violation that EPT12 does not map). ``l0_extra`` is L0 work done
-        before the decision (a walk of EPT12). After a return of 1 the
-        caller drives L1 and ends with :meth:`l1_vmresume`.
+        EPT violation that EPT12 does not map), ``reflect_as`` the reason L1
+        sees (an EPT violation that L0 turns into an EPT misconfiguration for
+        L1, nested_ept_inject_page_fault). ``l0_extra`` is L0 work done before
+        the decision (a walk of EPT12). ``hardware=False``: L2 was not running
+        (halted in L0) and L0 synthesizes the exit for L1 without a hardware
+        exit. After a return of 1 the caller drives L1 and ends with
+        :meth:`l1_vmresume`.
         """
         self._require(L2, "an L2 exit")
         s = self.stats
         c = self.costs
-        s.l2_exits += 1
-        s.l0_exits += 1
-        s.crossings += 1
-        s.cycles_switch += c.hw_exit
+        hw = c.hw_exit if hardware else 0
+        if hardware:
+            s.l2_exits += 1
+            s.l0_exits += 1
+            s.crossings += 1
+        s.cycles_switch += hw
         s.cycles_l0 += l0_extra
         if to_l1 is None:
             level = (
-                route_l2_exit(reason, self.l1_controls, port=port, msr=msr)
+                route_l2_exit(
+                    reason, self.l1_controls, port=port, msr=msr, vector=vector, cr=cr, bits=bits
+                )
                 if self.cfg.nested
                 else L0
             )
@@ -261,25 +351,34 @@ class NestedVmx:
             h = c.handlers[l0_handler or handler]
             s.cycles_l0 += h
             s.crossings += 1
-            s.exit(L2, reason, c.hw_exit + h + l0_extra)
+            s.exit(L2, reason, hw + h + l0_extra)
             self._trace("L2", "exit", reason.name, "L0 handles", handler)
             return L0
-        self._reflect(reason, handler, l0_extra)
+        self._reflect(reflect_as or reason, handler, l0_extra, hw, reason)
         return L1
 
-    def _reflect(self, reason: ExitReason, profile_name: str, l0_extra: float) -> None:
+    def _reflect(
+        self,
+        reason: ExitReason,
+        profile_name: str,
+        l0_extra: float,
+        hw: float,
+        hw_reason: ExitReason,
+    ) -> None:
         """nested_vmx_vmexit, then L1's handler up to (not including) its entry epilogue."""
         profile = PROFILES[profile_name]
         s = self.stats
         c = self.costs
         s.reflected += 1
-        l0 = c.reflect + (self._shadow_refresh if self.cfg.shadow_vmcs else 0)
+        l0 = self._reflect_l0 + (self._shadow_refresh if self.cfg.shadow_vmcs else 0)
         s.cycles_l0 += l0
-        s.exit(L2, reason, c.hw_exit + l0 + l0_extra)
+        s.exit(L2, hw_reason, hw + l0 + l0_extra)
         s.crossings += 1  # L0 -> L1 at L1's host RIP
         self.state = L1
         self._cache = EMPTY_CACHE
-        self._trace("L2", "exit", reason.name, "reflected to L1", profile_name)
+        how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
+        self._trace("L2", "exit", hw_reason.name, how, profile_name)
+        # the pollution factor applies here only: handler work in L1's exit path
         s.cycles_l1 += c.l1_exit_framework + self._l1_handler[profile.handler]
         # a reflection always starts from an empty register cache, so the
         # handler's fragments compile once per profile into one plan
@@ -290,7 +389,7 @@ class NestedVmx:
         instrs, self._cache = plan
         if instrs:
             self._execute(instrs, profile_name)
-        for own in profile.own_exits:
+        for own in profile.own_exits(c):
             self.l1_exit(own.reason, own.handler, cause="l1-host-switch", count=own.count)
 
     # ------------------------------------------------------------- L1 side
@@ -399,10 +498,25 @@ class NestedVmx:
         """Cycles L1 spends without exiting (its backend copying a frame)."""
         self.stats.cycles_l1 += cycles
 
-    def l1_inject_l2_irq(self) -> None:
-        """L1 queues an interrupt for L2 in vmcs12's VM-entry interruption info."""
+    def l1_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
+        """L1 (running on L2's vCPU, L2 out) raises an interrupt for L2.
+
+        With APICv L1 posts it into L2's posted-interrupt descriptor and, at
+        its next entry, syncs PIR into RVI (GUEST_INTR_STATUS, a shadowed
+        field); without, it queues it in vmcs12's VM-entry interruption info.
+        If L2 was halted, L1 also wakes the vCPU thread it had blocked.
+        """
         self._require(L1, "L1 injecting into L2")
-        self._run_fragment("inject_irq")
+        if self.cfg.apicv:
+            self.l2_pid.post(vector)
+            self._run_fragment("inject_posted")
+        else:
+            self._run_fragment("inject_irq")
+            self.l2_apic.irr |= 1 << vector
+        if self.l2_halted:
+            self.l2_halted = False
+            self.stats.wakeups += 1
+            self.stats.cycles_l1 += self.costs.vcpu_wakeup
         self.stats.irqs_injected_l2 += 1
         self._trace("L1", "inject", "L2")
 
@@ -419,7 +533,7 @@ class NestedVmx:
         s = self.stats
         c = self.costs
         full = self.vmcs12_dirty or not c.dirty_tracking
-        l0 = c.vmresume + (c.merge_rare if full else 0)
+        l0 = self._entry_l0 + (c.merge_rare if full else 0)
         if self.cfg.shadow_vmcs:
             l0 += self._shadow_copy_back
         s.l0_exits += 1
@@ -434,6 +548,7 @@ class NestedVmx:
             s.merges_full += 1
         self.vmcs12_dirty = False
         self.state = L2
+        self.l2_apic.accept(self.l2_pid)  # vmcs02's PI descriptor is processed on entry
         self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
 
     # ------------------------------------------------------------- L0 side
@@ -441,35 +556,159 @@ class NestedVmx:
         """Cycles L0 spends outside any exit handler (its backend thread)."""
         self.stats.cycles_l0 += cycles
 
-    def l0_inject_l2_irq(self, *, in_exit: bool) -> None:
-        """L0 injects an interrupt into L2 (vmcs02's entry interruption info).
+    def l0_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
+        """L0's backend thread raises an interrupt for L2 (single level, or the direct path).
 
-        Inside an exit L0 is handling, the write rides on the next entry. From
-        outside (a backend thread), L0 first kicks L2's vCPU, which costs an
-        external-interrupt exit of L2 that L0 handles itself.
+        The one place that decides how an interrupt from L0 reaches L2:
+
+        * single level: a posted interrupt with APICv (no exit while the guest
+          runs), else a kick (an external-interrupt exit) and an injection;
+          a halted guest is woken and takes it on entry;
+        * nested, APICv: L0 posts into the posted-interrupt descriptor *L1*
+          set up for L2, so L1's view of L2's APIC stays right; a running L2
+          takes it without an exit (vmx_deliver_nested_posted_interrupt). If
+          L2 is halted in L1, the notification is an interrupt for L1, which
+          wakes, unblocks L2's vCPU and VMRESUMEs; with virtual idle L0 holds
+          L2's HLT and re-enters it itself;
+        * nested, no APICv: L1 gave L2 no descriptor, so L0 cannot deliver
+          behind L1's emulated APIC: it interrupts L1 (a reflected
+          external-interrupt exit, or a wake-up of a halted L1) and L1
+          injects through vmcs12.
         """
-        self._require(L2, "L0 injecting into L2")
-        if not in_exit:
-            self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt")
-        self.stats.cycles_l0 += self.costs.handlers["inject"]
-        self.stats.irqs_injected_l2 += 1
-        self._trace("L0", "inject", "L2")
+        s = self.stats
+        c = self.costs
+        apicv = self.cfg.apicv
+        if not self.cfg.nested:
+            self._require(L2, "L0 interrupting the guest")
+            if self.l2_halted:
+                self._wake_l2_in_l0()
+                s.cycles_l0 += c.posted_intr if apicv else c.handlers["inject"]
+            elif apicv:
+                s.cycles_l0 += c.posted_intr
+                s.posted_interrupts += 1
+            else:
+                self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt")
+                s.cycles_l0 += c.handlers["inject"]
+            self.l2_apic.irr |= 1 << vector
+            s.irqs_injected_l2 += 1
+            self._trace("L0", "inject", "L2")
+            return
+        if apicv:
+            self.l2_pid.post(vector)
+            s.cycles_l0 += c.posted_intr
+            s.posted_interrupts += 1
+            s.irqs_injected_l2 += 1
+            if self.state == L2 and not self.l2_halted:
+                self.l2_apic.accept(self.l2_pid)  # nested posted interrupt, no exit
+                self._trace("L0", "post", "L2 running")
+            elif self.state == L2:  # virtual idle: L0 holds L2's HLT
+                self._wake_l2_in_l0()
+                self.l2_apic.accept(self.l2_pid)
+                self._trace("L0", "post", "L2 halted in L0")
+            elif not self.l1_halted:  # L1 runs on L2's vCPU: taken at its VMRESUME
+                self._trace("L0", "post", "L1 running")
+            else:  # L2 halted in L1: the notification vector wakes L1
+                self._wake_l1(notify=True)
+                self.l2_halted = False
+                s.wakeups += 1
+                s.cycles_l1 += c.vcpu_wakeup  # L1 unblocks L2's vCPU thread
+                self._trace("L0", "post", "L2 halted in L1: notify L1")
+                self.l1_vmresume()
+            return
+        # no APICv: through L1's emulated APIC for L2
+        self.l0_interrupt_l1()
+        self.l1_interrupt_l2(vector)
+        self.l1_vmresume()
+
+    def _wake_l2_in_l0(self) -> None:
+        self.l2_halted = False
+        self.stats.wakeups += 1
+        self.stats.cycles_l0 += self.costs.vcpu_wakeup
+
+    def _wake_l1(self, *, notify: bool) -> None:
+        """L0 wakes L1's halted vCPU and delivers L1's interrupt on entry."""
+        s = self.stats
+        c = self.costs
+        self.l1_halted = False
+        s.wakeups += 1
+        s.cycles_l0 += c.vcpu_wakeup + (c.posted_intr if self.cfg.apicv else c.handlers["inject"])
+        s.irqs_injected_l1 += 1
+        # L1's interrupt handler (the PI wake-up vector, or its NIC's), in L1's
+        # own kernel: not exit-path work, so no pollution factor
+        s.cycles_l1 += c.handlers["external_interrupt"]
+        self._trace("L0", "wake", "L1", "notification" if notify else "interrupt")
 
     def l0_interrupt_l1(self) -> None:
-        """L0 raises an interrupt for L1 (L1's own device).
+        """L0 raises an interrupt for L1 (L1's own device, or a doorbell for L2's).
 
         With L2 running, L0 must first leave L2 and deliver the interrupt to L1
         as a reflected EXTERNAL_INTERRUPT exit (L1 asked for external-interrupt
-        exiting in vmcs12): the machine ends in ``L1`` and the caller ends with
-        :meth:`l1_vmresume`. With L1 running, L1 takes the interrupt's exit.
+        exiting in vmcs12; with APICv the notification vector for L1 arriving
+        in L2 causes that exit): the machine ends in ``L1`` and the caller
+        ends with :meth:`l1_vmresume`. A halted L1 is woken; with L2 halted
+        in L0 (virtual idle) L0 synthesizes the reflection. With L1 running,
+        a posted interrupt (APICv) costs no exit, else L1 takes one.
         """
         s = self.stats
-        s.irqs_injected_l1 += 1
-        s.cycles_l0 += self.costs.handlers["inject"]
+        c = self.costs
         if self.state == L2:
-            self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", to_l1=True)
+            if self.l2_halted:  # virtual idle
+                self._wake_l2_in_l0()
+                self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", to_l1=True, hardware=False)
+            else:
+                self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", to_l1=True)
+            s.irqs_injected_l1 += 1
+            s.cycles_l0 += c.handlers["inject"]
+        elif self.l1_halted:
+            self._wake_l1(notify=False)
+        elif self.cfg.apicv:
+            s.irqs_injected_l1 += 1
+            s.posted_interrupts += 1
+            s.cycles_l0 += c.posted_intr
         else:
+            s.irqs_injected_l1 += 1
+            s.cycles_l0 += c.handlers["inject"]
             self.l1_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq")
+
+    # ------------------------------------------------------------- L2 side, again
+    def l2_eoi(self) -> None:
+        """L2's interrupt handler ends with an EOI (x2APIC EOI register).
+
+        With virtual-interrupt delivery the EOI of an edge interrupt is
+        virtualized (no exit); without, the WRMSR exits: L0's at a single
+        level, and nested it is routed by L1's MSR bitmap for L2, which
+        intercepts the EOI when L2 has no APICv (then L1 emulates it).
+        """
+        self.l2_apic.eoi()
+        if self.cfg.apicv:
+            return
+        if self.l2_exit(R.MSR_WRITE, "eoi", msr=Msr.X2APIC_EOI) == L1:
+            self.l1_vmresume()
+
+    def l2_hlt(self) -> None:
+        """L2 has nothing to do and executes HLT.
+
+        Single level: L0 blocks the vCPU. Nested: L0 keeps it with virtual
+        idle (DVH); otherwise the HLT is reflected (a KVM L1 sets HLT
+        exiting), L1 emulates it, finds nothing pending, blocks L2's vCPU
+        thread and, with nothing else to run, halts its own vCPU: an L1 HLT
+        exit that L0 handles by blocking L1's vCPU thread.
+        """
+        self._require(L2, "L2 halting")
+        if self.l2_halted:
+            raise ModelError("L2 is already halted")
+        if not self.cfg.nested or self.cfg.virtual_idle:
+            self.l2_exit(R.HLT, "hlt", to_l1=False)
+            self.l2_halted = True
+            return
+        self.l2_exit(R.HLT, "hlt")
+        pending = self.l2_pid.on or self.l2_apic.irr
+        if pending:
+            self.l1_vmresume()
+            return
+        self.l2_halted = True
+        self.l1_exit(R.HLT, "hlt", cause="l1-idle")
+        self.l1_halted = True
 
     # ------------------------------------------------------------- control
     def l1_set_io_passthrough(self, ports: frozenset[int]) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .costs import CostModel
 from .vmx import ExitReason, VmcsField
 
 F = VmcsField
@@ -83,21 +84,40 @@ FRAGMENTS: dict[str, tuple[Access, ...]] = {
     "ept_fault_info": (_r(F.GUEST_PHYSICAL_ADDRESS, "handle_ept_violation: faulting L2 GPA"),),
     "ext_intr_info": (_r(F.VM_EXIT_INTR_INFO, "handle_external_interrupt: vector (ack on exit)"),),
     "decode_instruction": (
-        # handle_ept_misconfig under a hypervisor cannot trust the exit's
-        # instruction length and emulates: x86_decode_insn needs CS and paging.
-        _r(F.GUEST_PHYSICAL_ADDRESS, "handle_ept_misconfig: MMIO GPA"),
+        # L1 runs under a hypervisor (X86_FEATURE_HYPERVISOR), so for an EPT
+        # misconfiguration it does not trust the exit's instruction length and
+        # decodes the instruction to skip it (skip_emulated_instruction ->
+        # kvm_emulate_instruction(EMULTYPE_SKIP)). In 64-bit mode the decode
+        # needs CS.L/CS.D and the CPL (CS access rights), RFLAGS, RIP and the
+        # paging mode (CR0, CR4, CR3 for the fetch walk); CS's selector, base
+        # and limit are not read (the base is 0 in long mode).
         _r(F.GUEST_CR0, "init_emulate_ctxt: CR0 (paging, protection)"),
         _r(F.GUEST_CR4, "init_emulate_ctxt: CR4"),
         _r(F.GUEST_CS_AR_BYTES, "init_emulate_ctxt: CS.L, CS.D, CPL"),
-        _r(F.GUEST_CS_SELECTOR, "vmx_get_segment(CS)"),
-        _r(F.GUEST_CS_BASE, "vmx_get_segment(CS): linear RIP"),
-        _r(F.GUEST_CS_LIMIT, "vmx_get_segment(CS)"),
         _r(F.GUEST_RIP, "x86_decode_insn: fetch at RIP"),
         _r(F.GUEST_CR3, "emulator fetch: walk L2's page table"),
         _r(F.GUEST_RFLAGS, "init_emulate_ctxt: eflags"),
         _r(F.GUEST_INTERRUPTIBILITY_INFO, "x86_emulate_instruction: shadow state"),
         _w(F.GUEST_RIP, "x86_emulate_instruction: writeback RIP"),
     ),
+    "mmio_gpa": (_r(F.GUEST_PHYSICAL_ADDRESS, "handle_ept_misconfig: MMIO GPA"),),
+    "inject_posted": (
+        # with APICv, L1 posts into L2's descriptor and syncs PIR into RVI
+        # before entry (vmx_sync_pir_to_irr -> vmx_set_rvi)
+        _r(F.GUEST_INTR_STATUS, "vmx_set_rvi: read the guest interrupt status"),
+        _w(F.GUEST_INTR_STATUS, "vmx_set_rvi: RVI = highest pending vector"),
+    ),
+    "intr_window_off": (
+        _w(F.CPU_BASED_VM_EXEC_CONTROL, "handle_interrupt_window: clear window exiting"),
+    ),
+    "intr_window_on": (
+        _w(F.CPU_BASED_VM_EXEC_CONTROL, "enable_irq_window: set window exiting (IF=0)"),
+    ),
+    "cr0_write": (
+        _w(F.CR0_READ_SHADOW, "vmx_set_cr0: read shadow"),
+        _w(F.GUEST_CR0, "vmx_set_cr0: guest CR0"),
+    ),
+    "tsc_adjust": (_w(F.TSC_OFFSET, "kvm_set_msr_common(TSC_ADJUST) -> adjust_tsc_offset_guest"),),
     "inject_irq": (
         _r(F.GUEST_RFLAGS, "vmx_interrupt_allowed: RFLAGS.IF"),
         _r(F.GUEST_INTERRUPTIBILITY_INFO, "vmx_interrupt_allowed: STI/MOV-SS blocking"),
@@ -133,25 +153,36 @@ class Profile:
     name: str
     reason: ExitReason
     fragments: tuple[str, ...]  # run at reflection, in order; the epilogue runs at VMRESUME
-    handler: str  # key of the handler's cycle cost (costs.HANDLER_CYCLES)
-    own_exits: tuple[L1OwnExit, ...] = ()
+    handler: str  # key of the handler's cycle cost (CostModel.handlers)
+    returns_to_user: bool = False  # the exit goes to L1's VMM userspace and back
     source: str = ""
 
+    def own_exits(self, costs: CostModel) -> tuple[L1OwnExit, ...]:
+        """The exits L1 itself takes to L0 while handling, by the preset's era.
 
-#: The user-return MSRs KVM switches between host and guest values
-#: (kvm_set_user_return_msr / kvm_on_user_return): STAR, LSTAR, CSTAR,
-#: SYSCALL_MASK, plus KERNEL_GS_BASE, which 2.6.3x KVM switched by hand.
-#: L0 intercepts writes to all five for its L1.
-_USER_RETURN = (
-    L1OwnExit(
-        ExitReason.MSR_WRITE, 10, "msr_write",
-        "5 user-return MSRs restored for QEMU, then set again before VM entry",
-    ),
-    L1OwnExit(
-        ExitReason.CR_ACCESS, 2, "cr_access",
-        "lazy FPU switch around the return to userspace: CR0.TS set, then cleared",
-    ),
-)  # fmt: skip
+        A return to L1's userspace restores the user-return MSRs and sets them
+        again before the next entry (kvm_on_user_return,
+        kvm_set_user_return_msr): L0 does not pass these through to L1, so
+        each write is an MSR exit of L1. A KVM with lazy FPU switching (before
+        Linux 4.x) also toggled CR0.TS around it.
+        """
+        if not self.returns_to_user:
+            return ()
+        out = [
+            L1OwnExit(
+                ExitReason.MSR_WRITE, 2 * costs.user_return_msrs, "msr_write",
+                "user-return MSRs restored for the VMM, then set again before VM entry",
+            )
+        ]  # fmt: skip
+        if costs.lazy_fpu:
+            out.append(
+                L1OwnExit(
+                    ExitReason.CR_ACCESS, 2, "cr_access",
+                    "lazy FPU switch around the return to userspace: CR0.TS set, then cleared",
+                )
+            )  # fmt: skip
+        return tuple(out)
+
 
 PROFILES: dict[str, Profile] = {
     p.name: p
@@ -172,18 +203,23 @@ PROFILES: dict[str, Profile] = {
             source="handle_io -> kvm_fast_pio -> ioeventfd (in-kernel backend)",
         ),
         Profile(
+            "io_kernel", ExitReason.IO_INSTRUCTION,
+            ("exit_prologue", "exit_qualification", "skip_instruction"), "io_kernel",
+            source="handle_io -> kernel_pio: an in-kernel device (the PIC's ELCR)",
+        ),
+        Profile(
             "io_user", ExitReason.IO_INSTRUCTION,
             (
                 "exit_prologue", "exit_qualification", "skip_instruction",
                 "return_to_user", "reload_host_state",
             ),
-            "io_user", own_exits=_USER_RETURN,
+            "io_user", returns_to_user=True,
             source="handle_io -> KVM_EXIT_IO to QEMU; Turtles: 31 exits, 14 without VMCS traps",
         ),
         Profile(
             "mmio_kick", ExitReason.EPT_MISCONFIG,
-            ("exit_prologue", "decode_instruction"), "mmio_kick",
-            source="handle_ept_misconfig -> emulate (length untrusted under a hypervisor)",
+            ("exit_prologue", "mmio_gpa", "decode_instruction"), "mmio_kick",
+            source="handle_ept_misconfig -> fast MMIO bus, skip by decode (EMULTYPE_SKIP)",
         ),
         Profile(
             "ept_violation", ExitReason.EPT_VIOLATION,
@@ -194,6 +230,88 @@ PROFILES: dict[str, Profile] = {
             "external_interrupt", ExitReason.EXTERNAL_INTERRUPT,
             ("exit_prologue", "ext_intr_info"), "external_interrupt",
             source="handle_external_interrupt: an interrupt for L1 arrived while L2 ran",
+        ),
+        Profile(
+            "hlt", ExitReason.HLT,
+            ("exit_prologue", "skip_instruction"), "hlt",
+            source="handle_halt -> kvm_emulate_halt (blocking and wake-up apart)",
+        ),
+        Profile(
+            "eoi", ExitReason.MSR_WRITE,
+            ("exit_prologue", "skip_instruction"), "eoi",
+            source="handle_wrmsr -> kvm_x2apic_msr_write(EOI) -> apic_set_eoi",
+        ),
+        Profile(
+            "tsc_adjust_write", ExitReason.MSR_WRITE,
+            ("exit_prologue", "skip_instruction", "tsc_adjust"), "msr_write",
+            source="handle_wrmsr -> kvm_set_msr_common(MSR_IA32_TSC_ADJUST)",
+        ),
+        Profile(
+            "msr_read", ExitReason.MSR_READ,
+            ("exit_prologue", "skip_instruction"), "msr_read",
+            source="handle_rdmsr -> kvm_get_msr_common",
+        ),
+        Profile(
+            "apic_write", ExitReason.APIC_WRITE,
+            ("exit_prologue", "exit_qualification"), "apic_write",
+            source="handle_apic_write -> kvm_apic_write_nodecode (trap-like, RIP already past)",
+        ),
+        Profile(
+            "apic_access", ExitReason.APIC_ACCESS,
+            ("exit_prologue", "exit_qualification", "decode_instruction"), "apic_access",
+            source="handle_apic_access -> kvm_emulate_instruction (an xAPIC MMIO access)",
+        ),
+        Profile(
+            "intr_window", ExitReason.INTERRUPT_WINDOW,
+            ("exit_prologue", "intr_window_off"), "intr_window",
+            source="handle_interrupt_window: the window opened, inject at entry",
+        ),
+        Profile(
+            "tpr_below_threshold", ExitReason.TPR_BELOW_THRESHOLD,
+            ("exit_prologue",), "tpr_below_threshold",
+            source="handle_tpr_below_threshold: re-evaluate pending interrupts",
+        ),
+        Profile(
+            "apic_icr_cli", ExitReason.APIC_ACCESS,
+            ("exit_prologue", "exit_qualification", "decode_instruction", "intr_window_on"),
+            "apic_access",
+            source="handle_apic_access: ICR write, the self-IPI is pending with IF=0: "
+            "enable_irq_window",
+        ),
+        Profile(
+            "x2apic_self_ipi", ExitReason.MSR_WRITE,
+            ("exit_prologue", "skip_instruction", "inject_irq"), "apic_write",
+            source="handle_wrmsr -> kvm_x2apic_msr_write(SELF_IPI), injected at entry",
+        ),
+        Profile(
+            "x2apic_self_ipi_cli", ExitReason.MSR_WRITE,
+            ("exit_prologue", "skip_instruction", "intr_window_on"), "apic_write",
+            source="handle_wrmsr -> kvm_x2apic_msr_write(SELF_IPI) with IF=0: enable_irq_window",
+        ),
+        Profile(
+            "hlt_inject", ExitReason.HLT,
+            ("exit_prologue", "skip_instruction", "intr_window_off", "inject_irq"), "hlt",
+            source="handle_halt with an interrupt pending: no block, inject at entry",
+        ),
+        Profile(
+            "intr_window_inject", ExitReason.INTERRUPT_WINDOW,
+            ("exit_prologue", "intr_window_off", "inject_irq"), "intr_window",
+            source="handle_interrupt_window, then vmx_inject_irq at entry",
+        ),
+        Profile(
+            "tpr_below_inject", ExitReason.TPR_BELOW_THRESHOLD,
+            ("exit_prologue", "inject_irq"), "tpr_below_threshold",
+            source="handle_tpr_below_threshold: the pending interrupt is injected at entry",
+        ),
+        Profile(
+            "tpr_below_cli", ExitReason.TPR_BELOW_THRESHOLD,
+            ("exit_prologue", "intr_window_on"), "tpr_below_threshold",
+            source="handle_tpr_below_threshold with IF=0: enable_irq_window",
+        ),
+        Profile(
+            "cr0_write", ExitReason.CR_ACCESS,
+            ("exit_prologue", "exit_qualification", "skip_instruction", "cr0_write"), "cr0_write",
+            source="handle_cr -> kvm_set_cr0 (a WP change resets the MMU context)",
         ),
     )
 }  # fmt: skip

@@ -33,6 +33,8 @@ class Rule(Enum):
     L1_IF_PIN_CONTROL = "reflected when L1 set the pin-based control bit"
     L1_IF_IO_EXITING = "reflected on unconditional I/O exiting or the port's I/O-bitmap bit"
     L1_IF_MSR_EXITING = "reflected without MSR bitmaps, or on the MSR's bitmap bit"
+    L1_IF_EXCEPTION = "NMIs stay with L0; other exceptions by vmcs12's exception bitmap"
+    L1_IF_CR = "CR0/CR4 writes by vmcs12's guest/host masks, CR3/CR8 by exec controls"
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,11 @@ ROUTES: dict[ExitReason, Route] = {
     R.EXTERNAL_INTERRUPT: Route(
         Rule.L0, source="nested_vmx_l0_wants_exit: host interrupt, L0 first"
     ),
-    R.EXCEPTION_NMI: Route(Rule.L0, source="nested_vmx_l0_wants_exit: NMIs and L0's #PF/#MC"),
+    R.EXCEPTION_NMI: Route(
+        Rule.L1_IF_EXCEPTION,
+        source="nested_vmx_l0_wants_exit (NMI; #PF only without EPT) then "
+        "nested_vmx_l1_wants_exit: vmcs12->exception_bitmap",
+    ),
     R.EPT_VIOLATION: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0 walks EPT12 first"),
     R.EPT_MISCONFIG: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0 walks EPT12 first"),
     R.PREEMPTION_TIMER: Route(Rule.L0, source="nested_vmx_l0_wants_exit: L0's timer"),
@@ -61,9 +67,24 @@ ROUTES: dict[ExitReason, Route] = {
     R.RDTSC: Route(Rule.L1_IF_CPU_CONTROL, CpuBased.RDTSC_EXITING, "nested_vmx_l1_wants_exit"),
     R.INVLPG: Route(Rule.L1_IF_CPU_CONTROL, CpuBased.INVLPG_EXITING, "nested_vmx_l1_wants_exit"),
     R.CR_ACCESS: Route(
-        Rule.L1_IF_CPU_CONTROL,
+        Rule.L1_IF_CR,
         CpuBased.CR3_LOAD_EXITING | CpuBased.CR8_LOAD_EXITING,
-        "nested_vmx_exit_handled_cr (CR3/CR8 part; CR0/CR4 by guest/host masks)",
+        "nested_vmx_exit_handled_cr: CR0/CR4 by cr0/cr4_guest_host_mask, CR3/CR8 by controls",
+    ),
+    R.DR_ACCESS: Route(
+        Rule.L1_IF_CPU_CONTROL, CpuBased.MOV_DR_EXITING, "nested_vmx_l1_wants_exit: MOV_DR_EXITING"
+    ),
+    R.TPR_BELOW_THRESHOLD: Route(
+        Rule.L1_IF_CPU_CONTROL, CpuBased.TPR_SHADOW, "nested_vmx_l1_wants_exit: TPR shadow"
+    ),
+    R.APIC_ACCESS: Route(
+        Rule.L1, source="nested_vmx_l1_wants_exit: APIC virtualization controls come from vmcs12"
+    ),
+    R.APIC_WRITE: Route(
+        Rule.L1, source="nested_vmx_l1_wants_exit: APIC virtualization controls come from vmcs12"
+    ),
+    R.EOI_INDUCED: Route(
+        Rule.L1, source="nested_vmx_l1_wants_exit: APIC virtualization controls come from vmcs12"
     ),
     R.INTERRUPT_WINDOW: Route(
         Rule.L1_IF_CPU_CONTROL, CpuBased.INTR_WINDOW_EXITING, "nested_vmx_l1_wants_exit"
@@ -82,6 +103,16 @@ for _vmx_insn in (
 DEFAULT_ROUTE = Route(Rule.L1, source="nested_vmx_l1_wants_exit: default")
 
 
+NMI_VECTOR = 2
+#: The exception bitmap a KVM L1 with EPT sets for its L2 (vmx.c,
+#: vmx_update_exception_bitmap): #UD, #AC and #MC; #PF only without EPT,
+#: #DB and #BP only while debugging the guest.
+KVM_L1_EXCEPTION_BITMAP = (1 << 6) | (1 << 17) | (1 << 18)
+CR0_WP = 1 << 16
+CR0_TS = 1 << 3
+CR4_PGE = 1 << 7
+
+
 @dataclass
 class L1Controls:
     """The parts of vmcs12 that routing reads: L1's wishes for L2's exits."""
@@ -90,14 +121,41 @@ class L1Controls:
     pin_based: int
     io_passthrough: frozenset[int] = frozenset()  # ports whose I/O-bitmap bit is clear
     msr_bitmap: frozenset[int] = frozenset()  # MSRs whose access exits
+    exception_bitmap: int = KVM_L1_EXCEPTION_BITMAP
+    # CR0/CR4 bits L1 owns (set in the guest/host mask): a write changing one
+    # of them exits to L1. KVM owns every CR0 bit but TS (and WP with EPT since
+    # Linux 6.4) and the CR4 bits outside KVM_POSSIBLE_CR4_GUEST_BITS.
+    cr0_mask: int = ~CR0_TS
+    cr4_mask: int = ~CR4_PGE
 
 
-def l1_wants(reason: ExitReason, ctl: L1Controls, *, port: int = -1, msr: int = -1) -> bool:
-    """Whether L1 asked for this exit (KVM: nested_vmx_l1_wants_exit)."""
+def l1_wants(
+    reason: ExitReason,
+    ctl: L1Controls,
+    *,
+    port: int = -1,
+    msr: int = -1,
+    vector: int = -1,
+    cr: int = -1,
+    bits: int = 0,
+) -> bool:
+    """Whether L1 asked for this exit (KVM: nested_vmx_l1_wants_exit).
+
+    ``port`` for I/O, ``msr`` for MSR accesses, ``vector`` for exceptions,
+    ``cr`` and the changed ``bits`` for a control-register write.
+    """
     route = ROUTES.get(reason, DEFAULT_ROUTE)
     rule = route.rule
     if rule is Rule.L1:
         return True
+    if rule is Rule.L1_IF_EXCEPTION:
+        return bool(ctl.exception_bitmap >> vector & 1) if vector >= 0 else True
+    if rule is Rule.L1_IF_CR:
+        if cr == 0:
+            return bool(bits & ctl.cr0_mask)
+        if cr == 4:
+            return bool(bits & ctl.cr4_mask)
+        return bool(ctl.cpu_based & route.control)
     if rule is Rule.L1_IF_CPU_CONTROL:
         return bool(ctl.cpu_based & route.control)
     if rule is Rule.L1_IF_PIN_CONTROL:
@@ -119,8 +177,12 @@ def route_l2_exit(
     *,
     port: int = -1,
     msr: int = -1,
+    vector: int = -1,
+    cr: int = -1,
+    bits: int = 0,
 ) -> int:
     """The level (0 or 1) that handles an L2 exit."""
-    if ROUTES.get(reason, DEFAULT_ROUTE).rule is Rule.L0:
-        return 0
-    return 1 if l1_wants(reason, ctl, port=port, msr=msr) else 0
+    rule = ROUTES.get(reason, DEFAULT_ROUTE).rule
+    if rule is Rule.L0 or (rule is Rule.L1_IF_EXCEPTION and vector == NMI_VECTOR):
+        return 0  # nested_vmx_l0_wants_exit
+    return 1 if l1_wants(reason, ctl, port=port, msr=msr, vector=vector, cr=cr, bits=bits) else 0

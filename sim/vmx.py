@@ -44,6 +44,7 @@ class ExitReason(IntEnum):
     MSR_WRITE = 32
     INVALID_STATE = 33
     PAUSE_INSTRUCTION = 40
+    TPR_BELOW_THRESHOLD = 43
     APIC_ACCESS = 44
     EOI_INDUCED = 45
     EPT_VIOLATION = 48
@@ -86,6 +87,7 @@ class VmcsField(IntEnum):
 
     # 16-bit
     VIRTUAL_PROCESSOR_ID = 0x0000
+    POSTED_INTR_NV = 0x0002
     GUEST_ES_SELECTOR = 0x0800
     GUEST_CS_SELECTOR = 0x0802
     GUEST_SS_SELECTOR = 0x0804
@@ -113,7 +115,14 @@ class VmcsField(IntEnum):
     TSC_OFFSET = 0x2010
     VIRTUAL_APIC_PAGE_ADDR = 0x2012
     APIC_ACCESS_ADDR = 0x2014
+    POSTED_INTR_DESC_ADDR = 0x2016
     EPT_POINTER = 0x201A
+    EOI_EXIT_BITMAP0 = 0x201C
+    EOI_EXIT_BITMAP1 = 0x201E
+    EOI_EXIT_BITMAP2 = 0x2020
+    EOI_EXIT_BITMAP3 = 0x2022
+    XSS_EXIT_BITMAP = 0x202C
+    TSC_MULTIPLIER = 0x2032
     # 64-bit read-only
     GUEST_PHYSICAL_ADDRESS = 0x2400
     # 64-bit guest state
@@ -125,6 +134,7 @@ class VmcsField(IntEnum):
     GUEST_PDPTR1 = 0x280C
     GUEST_PDPTR2 = 0x280E
     GUEST_PDPTR3 = 0x2810
+    GUEST_BNDCFGS = 0x2812
     # 64-bit host state
     HOST_IA32_PAT = 0x2C00
     HOST_IA32_EFER = 0x2C02
@@ -297,6 +307,7 @@ class CpuBased:
     CR3_LOAD_EXITING = 1 << 15
     CR8_LOAD_EXITING = 1 << 19
     TPR_SHADOW = 1 << 21
+    MOV_DR_EXITING = 1 << 23
     UNCOND_IO_EXITING = 1 << 24
     USE_IO_BITMAPS = 1 << 25
     USE_MSR_BITMAPS = 1 << 28
@@ -309,13 +320,18 @@ class PinBased:
     EXT_INTR_EXITING = 1 << 0
     NMI_EXITING = 1 << 3
     PREEMPTION_TIMER = 1 << 6
+    POSTED_INTR = 1 << 7
 
 
 class SecondaryExec:
     """Secondary processor-based VM-execution control bits (SDM 24.6.2)."""
 
+    VIRTUALIZE_APIC_ACCESSES = 1 << 0
     ENABLE_EPT = 1 << 1
+    VIRTUALIZE_X2APIC_MODE = 1 << 4
     ENABLE_VPID = 1 << 5
+    APIC_REGISTER_VIRT = 1 << 8
+    VIRTUAL_INTR_DELIVERY = 1 << 9
     SHADOW_VMCS = 1 << 14
 
 
@@ -330,4 +346,42 @@ KVM_L1_CPU_BASED = (
     | CpuBased.ACTIVATE_SECONDARY_CONTROLS
 )
 KVM_L1_PIN_BASED = PinBased.EXT_INTR_EXITING | PinBased.NMI_EXITING
-KVM_L1_SECONDARY = SecondaryExec.ENABLE_EPT | SecondaryExec.ENABLE_VPID
+KVM_L1_SECONDARY = (
+    SecondaryExec.ENABLE_EPT | SecondaryExec.ENABLE_VPID | SecondaryExec.VIRTUALIZE_APIC_ACCESSES
+)
+#: What a KVM L1 adds for its L2 when L0 exposes APICv to it (vmx.c,
+#: pin_controls / secondary_exec_controls with enable_apicv): posted
+#: interrupts, APIC-register virtualization, virtual-interrupt delivery,
+#: x2APIC virtualization.
+KVM_L1_PIN_APICV = PinBased.POSTED_INTR
+KVM_L1_SECONDARY_APICV = (
+    SecondaryExec.APIC_REGISTER_VIRT
+    | SecondaryExec.VIRTUAL_INTR_DELIVERY
+    | SecondaryExec.VIRTUALIZE_X2APIC_MODE
+)
+
+
+class Msr:
+    """MSR indices used by the model (SDM Vol. 4; Linux ``msr-index.h``)."""
+
+    IA32_TSC_ADJUST = 0x3B
+    STAR = 0xC0000081
+    LSTAR = 0xC0000082
+    SYSCALL_MASK = 0xC0000084
+    KERNEL_GS_BASE = 0xC0000102
+    TSC_AUX = 0xC0000103
+    X2APIC_TPR = 0x808
+    X2APIC_EOI = 0x80B
+    X2APIC_ICR = 0x830
+    X2APIC_SELF_IPI = 0x83F
+
+
+#: MSRs a KVM L1 intercepts for its L2 (vmx.c, vmx_disable_intercept_for_msr
+#: and vmx_update_msr_bitmap_x2apic): TSC_ADJUST always; the x2APIC ICR
+#: always (no IPI virtualization before Sapphire Rapids); TPR, EOI and
+#: SELF_IPI only without virtual-interrupt delivery. KERNEL_GS_BASE is
+#: passed through for a 64-bit guest.
+L1_INTERCEPTED_MSRS: frozenset[int] = frozenset({Msr.IA32_TSC_ADJUST, Msr.X2APIC_ICR})
+L1_INTERCEPTED_MSRS_NO_APICV: frozenset[int] = L1_INTERCEPTED_MSRS | frozenset(
+    {Msr.X2APIC_TPR, Msr.X2APIC_EOI, Msr.X2APIC_SELF_IPI}
+)

@@ -54,15 +54,47 @@ def _port_io(handler: str) -> Builder:
     return build
 
 
+def mmio_kick_exit(m: NestedVmx, to_l1: bool) -> int:
+    """L2 writes an MMIO notify register; returns the level that handles it.
+
+    Classic path (``to_l1``): L1 marked the page misconfigured in EPT12; L0
+    never installs that marker in EPT02, so the write is an EPT violation;
+    L0's nested walk of EPT12 finds the reserved bits and injects an EPT
+    misconfiguration into L1 (nested_ept_inject_page_fault), which decodes the
+    instruction to skip it. Otherwise the page is L0's own: a single level
+    VM's MMIO (an EPT misconfiguration on L0's fast-MMIO bus), or the direct
+    path's delegated notify page, which needs an L0 change
+    (``L0_CHANGES["fast-mmio-in-guest-mode"]``): Linux 6.1 refuses fast MMIO
+    while the vCPU is in guest mode (handle_ept_misconfig).
+    """
+    if to_l1:
+        c = m.costs
+        return m.l2_exit(
+            ExitReason.EPT_VIOLATION, "mmio_kick", to_l1=True,
+            l0_extra=c.handlers["ept_fault"] + 4 * c.ept12_walk_level,
+            reflect_as=ExitReason.EPT_MISCONFIG,
+        )  # fmt: skip
+    return m.l2_exit(ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=False, l0_handler="mmio_fast")
+
+
 def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
-    # EPT misconfigurations are L0's first; L0 finds L1's MMIO marker in EPT12
-    # (classic path) or its own delegated notify page (direct path), where the
-    # fast-MMIO bus needs no decode because L0's exit information is trusted.
-    to_l1 = path == "l1"
-    walk = 4 * m.costs.ept12_walk_level if to_l1 else 0.0  # L0 walks EPT12 to find it
-    return lambda: _reflectable(
-        m, ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=to_l1, l0_handler="io_kick", l0_extra=walk
-    )
+    def op() -> None:
+        if mmio_kick_exit(m, path == "l1") == L1:
+            m.l1_vmresume()
+
+    return op
+
+
+#: Changes to today's KVM (Linux 6.1) that a modeled path assumes in L0.
+L0_CHANGES: dict[str, str] = {
+    "delegation": "L0 accepts DELEGATE/REVOKE hypercalls from L1 and serves L2's virtqueues "
+    "through EPT12 (no such interface exists in KVM)",
+    "fast-mmio-in-guest-mode": "L0 serves an MMIO kick of L2 on its fast-MMIO bus while the "
+    "vCPU is in guest mode; handle_ept_misconfig refuses that in Linux 6.1 ('a nested guest "
+    "cannot optimize MMIO vmexits')",
+    "nested-posting": "L0's backend posts into the posted-interrupt descriptor L1 set up for "
+    "L2 (vmcs12 POSTED_INTR_DESC_ADDR) and sends the nested notification vector",
+}
 
 
 # ---------------------------------------------------------------- memory (EPT)

@@ -17,8 +17,12 @@ PATHS = ("single", "l1", "l0")
 BACKENDS = ("single", "l1", "l0")
 
 
-def per_frame(workload: str, path: str, **opts) -> dict:
-    return measure(workload, path, "turtles-2010", count=opts.pop("count", 64), options=opts)[
+SWITCHES = ("apicv", "virtual_idle")
+
+
+def per_frame(workload: str, path: str, preset: str = "turtles-2010", **opts) -> dict:
+    sw = {k: opts.pop(k) for k in SWITCHES if k in opts}
+    return measure(workload, path, preset, count=opts.pop("count", 64), options=opts, **sw)[
         "per_op"
     ]
 
@@ -81,10 +85,41 @@ def test_many_ring_wraps_with_mixed_sizes_keep_every_byte(path: str) -> None:
 # ---------------------------------------------------------------- exits per frame
 @pytest.mark.parametrize("workload", ["tx", "rx", "echo"])
 def test_direct_path_steady_state_never_involves_l1(workload: str) -> None:
+    # with APICv L0 posts L2's interrupts through L1's descriptor; an idle L2's
+    # HLT stays in L0 only with virtual idle
     for batch in (1, 16):
-        p = per_frame(workload, "l0", batch=batch)
+        p = per_frame(workload, "l0", batch=batch, apicv=True, virtual_idle=True)
         assert p["reflected"] == 0 and p["l1_exits"] == 0 and p["l1_be_exits"] == 0
-        assert p["l0_exits"] == p["l2_exits"] > 0
+        assert p["l0_exits"] == p["l2_exits"]
+
+
+@pytest.mark.parametrize("path", ["single", "l0"])
+def test_apicv_delivers_rx_interrupts_to_a_running_l2_without_an_exit(path: str) -> None:
+    def delivery_exits(apicv: bool) -> tuple[float, float]:
+        r = measure("rx", path, "kvm-2019", count=64, apicv=apicv)
+        ext = sum(
+            row["count"]
+            for row in r["by_reason"]
+            if row["level"] == "L2" and row["reason"] == "EXTERNAL_INTERRUPT"
+        )
+        return ext, r["totals"]["irqs_injected_l2"]
+
+    ext, irqs = delivery_exits(True)
+    assert irqs == 64 and ext == 0
+    ext, irqs = delivery_exits(False)
+    assert irqs == 64 and ext == 64  # one kick of the running vCPU per interrupt
+
+
+def test_without_apicv_or_virtual_idle_the_direct_path_goes_through_l1_for_interrupts() -> None:
+    # no posted-interrupt descriptor: L0 must interrupt L1, which injects
+    # (a reflected external interrupt) and emulates L2's EOI (a reflected WRMSR)
+    rx = per_frame("rx", "l0", apicv=False)
+    assert rx["reflected"] == 2 and rx["l1_be_exits"] == 0
+    # APICv, no virtual idle: L2's HLT is reflected, L1 halts, the next
+    # interrupt wakes L1, which VMRESUMEs L2
+    echo = per_frame("echo", "l0", apicv=True)
+    assert echo["reflected"] == 1 and echo["wakeups"] == 2  # L0 wakes L1, L1 wakes L2
+    assert per_frame("echo", "l0", apicv=True, virtual_idle=True)["reflected"] == 0
 
 
 def test_l1_path_per_frame_counts() -> None:
@@ -99,19 +134,23 @@ def test_l1_path_per_frame_counts() -> None:
     )
     assert tx["l0_exits"] == 15
     # RX, batch 1: L1's interrupt forces a reflected exit of L2; L1's handler
-    # (external interrupt, then injecting into L2) traps 10 times; VMRESUME
+    # (external interrupt, then injecting into L2) traps 10 times; VMRESUME;
+    # then L2's EOI (no APICv): a WRMSR reflected to L1, 11 traps, VMRESUME
     rx = per_frame("rx", "l1")
-    assert (rx["l2_exits"], rx["reflected"], rx["vmcs_emulated"], rx["l0_exits"]) == (1, 1, 10, 12)
-    assert per_frame("echo", "l1")["l0_exits"] == 27
+    assert (rx["l2_exits"], rx["reflected"], rx["vmcs_emulated"], rx["l0_exits"]) == (2, 2, 21, 25)
+    # echo: TX + RX, except that the request finds L2 halted (no forced exit:
+    # L0 wakes L1), plus L2's HLT reflected to L1, and L1's own HLT
+    echo = per_frame("echo", "l1")
+    assert (echo["l2_exits"], echo["reflected"], echo["wakeups"]) == (3, 3, 2)
 
 
 def test_mmio_kicks() -> None:
     # L0 serves its own (delegated) notify page; L1 must decode the MMIO write:
-    # 1 L2 exit + 18 trapped VMCS accesses (exit prologue, decode) + its NIC kick + VMRESUME
+    # 1 L2 exit + 15 trapped VMCS accesses (exit prologue, GPA, decode) + its NIC kick + VMRESUME
     assert per_frame("tx", "l0", kick="mmio")["l0_exits"] == 1
     assert per_frame("tx", "single", kick="mmio")["l0_exits"] == 1
     l1 = per_frame("tx", "l1", kick="mmio")
-    assert (l1["reflected"], l1["vmcs_emulated"], l1["l0_exits"]) == (1, 18, 21)
+    assert (l1["reflected"], l1["vmcs_emulated"], l1["l0_exits"]) == (1, 15, 18)
     assert per_frame("tx", "l1", kick="mmio")["cycles"] > per_frame("tx", "l1")["cycles"]
     dp = new_dp("l0", kick="mmio")
     dp.send(guest_frames(0, 4))

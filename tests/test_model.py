@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from xlio.measure import measure
-from xlio.sim.costs import PRESETS, TURTLES_2010
+from xlio.sim.costs import TURTLES_2010
 from xlio.sim.nested import Config, ModelError, NestedVmx
+from xlio.sim.presets import PRESETS
 from xlio.sim.profiles import EMPTY_CACHE, FRAGMENTS, PROFILES, READ, WRITE, compile_fragment
 from xlio.sim.routing import L1Controls, route_l2_exit
 from xlio.sim.vmcs import MERGE_RARE, REFLECT_HOT_SYNC
@@ -160,14 +161,25 @@ def test_shadow_vmcs_cpuid_and_io_kick_trap_only_vmresume() -> None:
         assert _trapped_from_trace(w, "shadow-vmcs") == set()
 
 
-def test_shadow_vmcs_mmio_kick_traps_the_unshadowed_cs_fields() -> None:
-    # decoding the instruction reads CS selector, base and limit: not in KVM's lists
-    assert _trapped_from_trace("mmio-kick", "shadow-vmcs") == {
-        "GUEST_CS_SELECTOR",
-        "GUEST_CS_BASE",
-        "GUEST_CS_LIMIT",
+def test_mmio_kick_is_an_ept_violation_reflected_as_a_misconfig_decoded_with_shadowed_fields() -> (
+    None
+):
+    # L2's write exits to L0 as an EPT violation (L0 does not install L1's MMIO
+    # marker in EPT02); L0 finds the marker in EPT12 and injects EPT_MISCONFIG;
+    # L1's EMULTYPE_SKIP decode in 64-bit mode reads only shadowed fields
+    assert _trapped_from_trace("mmio-kick", "shadow-vmcs") == set()
+    r = measure("mmio-kick", "l1", "shadow-vmcs", count=3, trace=True)
+    assert {(row["level"], row["reason"]) for row in r["by_reason"]} == {
+        ("L2", "EPT_VIOLATION"),
+        ("L1", "VMRESUME"),
     }
-    assert per_op("mmio-kick", preset="shadow-vmcs")["l0_exits"] == 2 + 3
+    assert any(
+        tuple(e[:4]) == ("L2", "exit", "EPT_VIOLATION", "reflected to L1 as EPT_MISCONFIG")
+        for e in r["trace"]
+    )
+    assert per_op("mmio-kick", preset="shadow-vmcs")["l0_exits"] == 2
+    # Turtles-era KVM (no shadowing): every decode read traps
+    assert per_op("mmio-kick")["vmcs_emulated"] == 15
 
 
 def test_shadow_switch_on_turtles_preset() -> None:
@@ -308,7 +320,7 @@ def test_l1_interrupt_while_l2_runs_forces_a_reflected_exit() -> None:
     m = NestedVmx(Config.from_preset(TURTLES_2010))
     m.l0_interrupt_l1()
     assert m.state == 1 and m.stats.reflected == 1 and m.stats.irqs_injected_l1 == 1
-    m.l1_inject_l2_irq()
+    m.l1_interrupt_l2()
     m.l1_vmresume()
     assert m.stats.irqs_injected_l2 == 1
     assert m.vmcs12.reads()[F.VM_EXIT_INTR_INFO] >= 1

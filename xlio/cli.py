@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
-from xlio.sim.costs import PRESETS
+from xlio.sim.presets import PRESETS
 from xlio.sim.workloads import PATHS
 
 
@@ -49,7 +49,20 @@ def _add_model_switches(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--operand", default="register", help="VMREAD/VMWRITE operand: register|memory")
     p.add_argument("--cache-reg", default=None, help="L1 register cache: base|extended")
+    _add_apic_switches(p)
     p.add_argument("--trace", action="store_true", help="record every event (slower)")
+
+
+def _add_apic_switches(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--apicv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="APICv: posted interrupts, virtual-interrupt delivery (default: the preset's)",
+    )
+    p.add_argument(
+        "--virtual-idle", action="store_true", help="L0 keeps L2's HLT (DVH's virtual idle)"
+    )
 
 
 def _switches(a: argparse.Namespace) -> dict[str, Any]:
@@ -58,6 +71,8 @@ def _switches(a: argparse.Namespace) -> dict[str, Any]:
         "vmcs_exits": not a.no_vmcs_exits,
         "operand": a.operand,
         "cache_reg": a.cache_reg,
+        "apicv": a.apicv,
+        "virtual_idle": a.virtual_idle,
         "trace": a.trace,
     }
 
@@ -85,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
     dm.add_argument("--json", action="store_true")
     dm.add_argument("--tap", action="store_true", help="over a real tap in a fresh namespace")
+    _add_apic_switches(dm)
+
+    vx = sub.add_parser(
+        "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
+    )
+    vx.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
+    vx.add_argument("--preset", default="kvm-2019", help=f"one of: {', '.join(PRESETS)}")
+    vx.add_argument(
+        "--level", type=int, choices=(1, 2), default=2,
+        help="1: the test guest is a plain VM of L0; 2: it is L1's nested guest",
+    )  # fmt: skip
+    vx.add_argument(
+        "--apicv", action=argparse.BooleanOptionalAction, default=None,
+        help="APICv (default: the preset's)",
+    )  # fmt: skip
+    vx.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sv = sub.add_parser("serve", help="keep the L2 guest reachable on a real tap")
     sv.add_argument("--path", default="l1", help="l1|l0 (or single)")
@@ -94,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--pcap", default=None, metavar="FILE", help="capture every frame")
     sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
-    e.add_argument("--virtual-ept", default=None, help="shadow|vtlb (default vtlb)")
+    e.add_argument("--virtual-ept", default=None, help="kvm|vtlb|shadow (default: the preset's)")
     e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
     e.add_argument(
         "--static-ept02", action="store_true", help="L1 pre-builds EPT12 and L0 pre-builds EPT02"
     )
     e.add_argument("--swap", default=None, help="host swap in l1|l0 (default l1)")
-    e.add_argument("--avoid-invept", action="store_true", help="no INVEPT for new mappings")
+    e.add_argument(
+        "--avoid-invept", action=argparse.BooleanOptionalAction, default=None,
+        help="no INVEPT for new mappings (default: the preset's L1)",
+    )  # fmt: skip
     e.add_argument("--defer-rebuild", action="store_true", help="L0 defers the EPT02 rebuild")
     e.add_argument("--working-set", type=_positive_int, default=None, metavar="MiB")
     e.add_argument("--rate", type=_positive_int, default=None, help="EPT modifications/s")
@@ -134,7 +168,7 @@ def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
         "static_ept": a.static_ept or None,
         "static_ept02": a.static_ept02 or None,
         "swap": a.swap,
-        "avoid_invept": a.avoid_invept or None,
+        "avoid_invept": a.avoid_invept,
         "defer_rebuild": a.defer_rebuild or None,
         "working_set_mib": a.working_set,
         "rate": a.rate,
@@ -242,11 +276,31 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         rows = demo_tap(a.preset, n)
         return _emit(a.json, rows, lambda: format_demo_tap(rows, a.preset, n))
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
-    d = demo(a.preset, a.count, **opts)
+    switches = {"apicv": a.apicv, "virtual_idle": a.virtual_idle}
+    d = demo(a.preset, a.count, switches=switches, **opts)
     return _emit(a.json, d, lambda: format_demo(d))
 
 
-COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo, "serve": _cmd_serve}
+def _cmd_vmexit(a: argparse.Namespace) -> int:
+    from xlio.sim.vmexit import format_lines, run
+
+    if a.preset not in PRESETS:
+        raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
+    try:
+        res = run(PRESETS[a.preset], a.level, a.tests, apicv=a.apicv)
+    except KeyError as e:
+        raise UsageError(f"unknown test {e.args[0]}") from None
+    obj = {
+        "preset": a.preset,
+        "level": a.level,
+        "apicv": PRESETS[a.preset].apicv if a.apicv is None else a.apicv,
+        "tests": {k: v["cycles"] for k, v in res.items()},
+        "detail": res,
+    }
+    return _emit(a.json, obj, lambda: format_lines(res))
+
+
+COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo, "serve": _cmd_serve, "vmexit": _cmd_vmexit}
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from typing import Any
 
 from xlio.backends.datapath import BUILDERS
 from xlio.sim.accounting import SUMMARY_KEYS
-from xlio.sim.costs import PRESETS
 from xlio.sim.nested import Config, NestedVmx
+from xlio.sim.presets import PRESETS
 from xlio.sim.workloads import PATHS, Workload
 from xlio.sim.workloads import WORKLOADS as MODEL_WORKLOADS
 
@@ -40,6 +40,8 @@ def make_config(
     vmcs_exits: bool = True,
     operand: str = "register",
     cache_reg: str | None = None,
+    apicv: bool | None = None,
+    virtual_idle: bool = False,
     trace: bool = False,
 ) -> Config:
     if preset not in PRESETS:
@@ -54,6 +56,8 @@ def make_config(
             vmcs_exits=vmcs_exits,
             operand=operand,
             cache_reg=cache_reg,
+            apicv=apicv,
+            virtual_idle=virtual_idle,
             trace=trace,
         )
     except ValueError as e:
@@ -192,15 +196,22 @@ DEMO_COLUMNS = (
 )
 
 
-def demo(preset: str = "turtles-2010", count: int = 200, **opts: Any) -> dict[str, Any]:
+def demo(
+    preset: str = "turtles-2010",
+    count: int = 200,
+    switches: dict[str, Any] | None = None,
+    **opts: Any,
+) -> dict[str, Any]:
     """The loopback echo on single, l1 and l0, per request, side by side."""
-    rows = {p: measure("echo", p, preset, count=count, options=opts) for p in PATHS}
+    sw = {k: v for k, v in (switches or {}).items() if v is not None}
+    rows = {p: measure("echo", p, preset, count=count, options=opts, **sw) for p in PATHS}
     l0 = rows["l0"]["per_op"]["cycles"] or 1.0
     return {
         "workload": "echo",
         "preset": preset,
         "count": count,
         "options": opts,
+        "config": rows["l0"]["config"],
         "paths": {p: r["per_op"] for p, r in rows.items()},
         "devices": {p: r.get("devices", {}) for p, r in rows.items()},
         "l1_over_l0": rows["l1"]["per_op"]["cycles"] / l0,
@@ -211,7 +222,8 @@ def format_demo(d: dict[str, Any]) -> str:
     head = f"{'path':<8}" + "".join(f"{t:>13}" for _, t in DEMO_COLUMNS)
     lines = [
         f"xlio demo: UDP echo over the loopback wire, {d['count']} requests per path, "
-        f"preset {d['preset']}; figures per request",
+        f"preset {d['preset']}, APICv {'on' if d['config']['apicv'] else 'off'}, "
+        f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request",
         "",
         head,
         "-" * len(head),
