@@ -30,6 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--working-sets", default="16,256")
     ap.add_argument("--rate", type=int, default=4000)
+    ap.add_argument("--preset", default="turtles-2010")
+    ap.add_argument("--schemes", default="kvm,vtlb,shadow")
+    ap.add_argument("--variants", default=",".join(label for label, _ in VARIANTS))
     a = ap.parse_args()
     sizes = [int(x) for x in a.working_sets.split(",")]
     print(
@@ -37,13 +40,16 @@ def main() -> None:
         "| INVEPT/s | EPT02 built/s | EPT02 zapped/s | EPT12 writes trapped/s | lock/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for scheme in ("vtlb", "shadow"):
+    wanted = a.variants.split(",")
+    for scheme in a.schemes.split(","):
         for label, opts in VARIANTS:
-            if scheme == "shadow" and "defer_rebuild" in opts and len(opts) == 1:
-                continue  # nothing is zapped under shadow-like: nothing to defer
+            if label not in wanted:
+                continue
+            if scheme != "vtlb" and "defer_rebuild" in opts:
+                continue  # a deferred rebuild is the vTLB scheme's; kvm prefetches anyway
             for ws in sizes:
                 o = {"virtual_ept": scheme, "working_set_mib": ws, "rate": a.rate, **opts}
-                r = measure("ept-churn", "l1", "turtles-2010", options=o)
+                r = measure("ept-churn", "l1", a.preset, options=o)
                 t = r["per_op"]
                 share = r["totals"]["cycles_per_second"] / (r["config"]["clock_ghz"] * 1e9)
                 print(

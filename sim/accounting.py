@@ -35,6 +35,7 @@ SUMMARY_KEYS = (
     "ept02_entries_built",
     "ept02_entries_zapped",
     "ept12_writes_trapped",
+    "ept12_leaves_resynced",
     "lock_acquisitions",
     "irqs_injected_l2",
     "irqs_injected_l1",
@@ -77,6 +78,7 @@ class Stats:
     ept02_entries_built: int
     ept02_entries_zapped: int
     ept12_writes_trapped: int
+    ept12_leaves_resynced: int  # kvm scheme: unsync EPT12 leaves resynced after an INVEPT
     lock_acquisitions: int
     irqs_injected_l2: int
     irqs_injected_l1: int

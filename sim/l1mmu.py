@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
 from .memory import MemoryFault
-from .nested import L1, NestedVmx
+from .nested import L1, L2, NestedVmx
 from .vept import VirtualEpt
 from .vmx import ExitReason
 
@@ -119,7 +119,7 @@ class L1Mmu:
             if self.avoid_invept:
                 self.m.stats.invept_skipped += 1
             else:
-                self.vept.invept()
+                self.flush()
 
     def remap_page(self, l2_page: int) -> None:
         """L1 moves a mapped L2 page to another L1 page (compaction, say)."""
@@ -130,7 +130,7 @@ class L1Mmu:
             new = self._alloc_page()
             self.epoch += 1
             self.ept12.map(l2_page << self.page_shift, new << self.page_shift)
-            self.vept.invept()  # present -> other present: the old translation is stale
+            self.flush()  # present -> other present: the old translation is stale
         self._free_pages.append(old)
 
     def handle_ept_violation(self, l2_page: int) -> None:
@@ -146,6 +146,25 @@ class L1Mmu:
             self.m.stats.invept_skipped += 1  # not present -> present: nothing can be stale
         else:
             self.vept.invept()
+
+    def flush(self) -> None:
+        """L1's TLB flush after an EPT12 change (kvm_flush_remote_tlbs).
+
+        Run from another L1 vCPU (reclaim, compaction) under KVM's scheme, a
+        modern L1 executes a global INVEPT there and IPIs every vCPU running
+        L2 (an x2APIC ICR write, an L1 exit); the target leaves L2 (a
+        reflected external interrupt), executes its own global INVEPT and
+        re-enters. Otherwise one INVEPT.
+        """
+        m = self.m
+        if self.vept.scheme != "kvm" or m.state != L2 or m.l2_halted:
+            self.vept.invept()
+            return
+        self.vept.invept()
+        m.l1_exit(ExitReason.MSR_WRITE, "msr_write", cause="tlb-flush-ipi")
+        m.l0_interrupt_l1()
+        self.vept.invept()
+        m.l1_vmresume()
 
     def l2_fault(self, l2_page: int) -> None:
         """The whole reflected path of an L2 page EPT12 does not map."""
@@ -167,6 +186,6 @@ class L1Mmu:
             self.m.l1_work(self.costs.swap_evict)
             self.epoch += 1
             self.ept12.unmap(l2_page << self.page_shift)
-            self.vept.invept()  # present -> not present always needs one
+            self.flush()  # present -> not present always needs one
         self._free_pages.append(l1_page)
         self.swapped.add(l2_page)

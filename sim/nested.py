@@ -351,7 +351,8 @@ class NestedVmx:
             h = c.handlers[l0_handler or handler]
             s.cycles_l0 += h
             s.crossings += 1
-            s.exit(L2, reason, hw + h + l0_extra)
+            if hardware:
+                s.exit(L2, reason, hw + h + l0_extra)
             self._trace("L2", "exit", reason.name, "L0 handles", handler)
             return L0
         self._reflect(reflect_as or reason, handler, l0_extra, hw, reason)
@@ -372,7 +373,8 @@ class NestedVmx:
         s.reflected += 1
         l0 = self._reflect_l0 + (self._shadow_refresh if self.cfg.shadow_vmcs else 0)
         s.cycles_l0 += l0
-        s.exit(L2, hw_reason, hw + l0 + l0_extra)
+        if hw:  # a synthesized reflection (L2 was halted in L0) is no hardware exit
+            s.exit(L2, hw_reason, hw + l0 + l0_extra)
         s.crossings += 1  # L0 -> L1 at L1's host RIP
         self.state = L1
         self._cache = EMPTY_CACHE
@@ -391,6 +393,9 @@ class NestedVmx:
             self._execute(instrs, profile_name)
         for own in profile.own_exits(c):
             self.l1_exit(own.reason, own.handler, cause="l1-host-switch", count=own.count)
+        if profile.sets_controls or profile.clears_controls:
+            ctl = self.l1_controls
+            ctl.cpu_based = (ctl.cpu_based | profile.sets_controls) & ~profile.clears_controls
 
     # ------------------------------------------------------------- L1 side
     def _compile(

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .costs import CostModel
-from .vmx import ExitReason, VmcsField
+from .vmx import CpuBased, ExitReason, VmcsField
 
 F = VmcsField
 READ = 0
@@ -156,6 +156,8 @@ class Profile:
     handler: str  # key of the handler's cycle cost (CostModel.handlers)
     returns_to_user: bool = False  # the exit goes to L1's VMM userspace and back
     source: str = ""
+    sets_controls: int = 0  # primary exec-control bits L1 sets in vmcs12 while handling
+    clears_controls: int = 0  # and the ones it clears (enable_irq_window and back)
 
     def own_exits(self, costs: CostModel) -> tuple[L1OwnExit, ...]:
         """The exits L1 itself takes to L0 while handling, by the preset's era.
@@ -277,6 +279,7 @@ PROFILES: dict[str, Profile] = {
             "apic_access",
             source="handle_apic_access: ICR write, the self-IPI is pending with IF=0: "
             "enable_irq_window",
+            sets_controls=CpuBased.INTR_WINDOW_EXITING,
         ),
         Profile(
             "x2apic_self_ipi", ExitReason.MSR_WRITE,
@@ -287,16 +290,19 @@ PROFILES: dict[str, Profile] = {
             "x2apic_self_ipi_cli", ExitReason.MSR_WRITE,
             ("exit_prologue", "skip_instruction", "intr_window_on"), "apic_write",
             source="handle_wrmsr -> kvm_x2apic_msr_write(SELF_IPI) with IF=0: enable_irq_window",
+            sets_controls=CpuBased.INTR_WINDOW_EXITING,
         ),
         Profile(
             "hlt_inject", ExitReason.HLT,
             ("exit_prologue", "skip_instruction", "intr_window_off", "inject_irq"), "hlt",
             source="handle_halt with an interrupt pending: no block, inject at entry",
+            clears_controls=CpuBased.INTR_WINDOW_EXITING,
         ),
         Profile(
             "intr_window_inject", ExitReason.INTERRUPT_WINDOW,
             ("exit_prologue", "intr_window_off", "inject_irq"), "intr_window",
             source="handle_interrupt_window, then vmx_inject_irq at entry",
+            clears_controls=CpuBased.INTR_WINDOW_EXITING,
         ),
         Profile(
             "tpr_below_inject", ExitReason.TPR_BELOW_THRESHOLD,
@@ -307,6 +313,7 @@ PROFILES: dict[str, Profile] = {
             "tpr_below_cli", ExitReason.TPR_BELOW_THRESHOLD,
             ("exit_prologue", "intr_window_on"), "tpr_below_threshold",
             source="handle_tpr_below_threshold with IF=0: enable_irq_window",
+            sets_controls=CpuBased.INTR_WINDOW_EXITING,
         ),
         Profile(
             "cr0_write", ExitReason.CR_ACCESS,

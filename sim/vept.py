@@ -19,6 +19,18 @@ tells the hardware with INVEPT. The slides compare two ways for L0 to follow:
     of EPT02 for the context (``nested.c``: INVEPT frees the shadow roots;
     there is no per-address invalidation), to be rebuilt entry by entry.
 
+``kvm`` (KVM's own nested MMU, Linux 5.x/6.x ``mmu.c``, ``paging_tmpl.h``)
+    A hybrid. Upper-level EPT12 pages L0 has shadowed are write-tracked (an
+    L1 write exits and L0 updates its shadow at once). A shadowed leaf page
+    is write-protected until L1 first writes it; that write exits once, the
+    page goes *unsync* and becomes writable, and later writes do not exit.
+    On INVEPT L0 frees the roots (cheap) and, when the root is loaded again,
+    resyncs only the unsync leaves (``kvm_mmu_sync_roots``): it rereads the
+    EPT12 entry behind each present EPT02 entry of those pages and drops the
+    ones that changed, then protects the page again. An INVEPT costs in
+    proportion to what L1 changed, not to L2's working set. Every L2 fault
+    also prefetches up to 8 neighbouring entries (``pte_prefetch``).
+
 ``defer_rebuild`` is our reading of the slides' "L0 may defer part of the
 shadow EPT rebuild effort": the zapped entries are remembered as stale, and
 the fault that brings the first one back rebuilds up to 7 more stale entries
@@ -58,7 +70,7 @@ from .memory import PAGE_SHIFT, HostMemory, L1Memory, MemoryFault
 from .nested import NestedVmx
 from .vmx import ExitReason
 
-SCHEMES = ("vtlb", "shadow")
+SCHEMES = ("kvm", "vtlb", "shadow")
 PREFETCH = 8  # KVM: PTE_PREFETCH_NUM
 
 
@@ -90,6 +102,11 @@ class VirtualEpt:
         self._ept01_leaf: dict[int, int] = {}
         self._tcache: dict[int, int] = {}  # translation service: L2 page -> host frame
         self._wp: dict[int, int] = {}  # write-protected EPT12 table frame -> region base
+        self._unsync: dict[int, int] = {}  # kvm: unsync EPT12 leaf frame -> region base
+        # kvm: what EPT02 was built from, per unsync leaf (its entries when it
+        # went unsync, updated for entries built since)
+        self._synced: dict[int, list[int]] = {}
+        self._upper: set[int] = set()  # kvm: write-tracked upper-level EPT12 frames
         # deferred rebuild: an L2 page is stale when EPT02 built it before the
         # latest INVEPT zap (generation counter: an INVEPT is O(1))
         self._gen = 0
@@ -167,21 +184,38 @@ class VirtualEpt:
     # ------------------------------------------------------------- EPT12 hooks
     def attach_ept12(self, ept12: EptTable) -> None:
         self.ept12 = ept12
-        if self.scheme == "shadow":
+        if self.scheme in ("shadow", "kvm"):
             ept12.trap = self
 
     def protected(self, frame: int) -> bool:
         """Trap protocol: is this EPT12 table page write-protected by L0?"""
-        return frame in self._wp
+        return frame in self._wp or frame in self._upper
 
     def write(self, frame: int, index: int, old: int, new: int) -> None:
         """Trap protocol: L1 wrote an entry of a write-protected EPT12 page.
 
-        An EPT-violation exit of L1 (write to a read-only page), which L0
-        emulates: it performs the write and brings EPT02 in line at once.
+        An EPT-violation exit of L1 (write to a read-only page). ``shadow``:
+        L0 emulates the write and brings EPT02 in line at once. ``kvm``: an
+        upper-level page is emulated the same way; a leaf page goes unsync.
         """
         m = self.m
         c = self.costs
+        if self.scheme == "kvm":
+            s = m.stats
+            s.ept12_writes_trapped += 1
+            if frame in self._upper:
+                m.l1_exit(ExitReason.EPT_VIOLATION, "ept12_write", cause="ept12-write-track")
+                if is_present(old) and old != new:  # a table unlinked or replaced
+                    self._zap_all()
+                return
+            m.l1_exit(ExitReason.EPT_VIOLATION, "unsync", cause="ept12-unsync")
+            self._unsync[frame] = self._wp.pop(frame)
+            # what EPT02 was built from: the page as it was while protected
+            assert self.ept12 is not None
+            self._synced[frame] = list(self.ept12.store.read_page_qwords(frame))
+            s.lock_acquisitions += 1
+            s.cycles_l0 += c.lock
+            return
         m.l1_exit(ExitReason.EPT_VIOLATION, "ept12_write", cause="ept12-write-protect")
         s = m.stats
         s.ept12_writes_trapped += 1
@@ -208,9 +242,36 @@ class VirtualEpt:
         region = gpa & ~((1 << (self.page_shift + 9)) - 1)
         frame, reads = self.ept12.leaf_table(region)
         self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
-        if frame and self.scheme == "shadow" and frame not in self._wp:
+        if frame and self.scheme != "vtlb" and frame not in self._wp:
+            if self.scheme == "kvm":
+                if frame in self._unsync:
+                    return frame
+                self._upper.update(self._upper_frames(region))
             self._wp[frame] = region
         return frame
+
+    def _upper_frames(self, gpa: int) -> list[int]:
+        """The EPT12 table frames above the leaf table covering ``gpa``."""
+        assert self.ept12 is not None
+        t = self.ept12
+        frame = t.root
+        out = [frame]
+        for level in range(4, t.leaf_level + 1, -1):
+            e = t.store.read_u64(frame, t.index(gpa, level))
+            if not is_present(e):
+                break
+            frame = entry_pa(e) >> PAGE_SHIFT
+            out.append(frame)
+        return out
+
+    def _zap_all(self) -> None:
+        s = self.m.stats
+        zapped = self.ept02.drop_all()
+        s.ept02_entries_zapped += zapped
+        s.cycles_l0 += zapped * self.costs.ept02_zap
+        self._gen += 1
+        self.epoch += 1
+        self._tcache.clear()
 
     # ------------------------------------------------------------- INVEPT
     def invept(self) -> None:
@@ -224,11 +285,49 @@ class VirtualEpt:
             return  # EPT02 already follows every EPT12 write
         s.lock_acquisitions += 1
         s.cycles_l0 += c.lock
-        self._gen += 1
+        if self.scheme == "kvm":
+            self._resync()
+            return
+        self._zap_all()
+
+    def _resync(self) -> None:
+        """kvm: the roots are freed; on reload only the unsync leaves are resynced.
+
+        For each present EPT02 entry of an unsync leaf L0 rereads the EPT12
+        entry (FNAME(sync_page)) and drops the entry if L1 changed it; then
+        the page is write-protected again.
+        """
+        assert self.ept12 is not None
+        s = self.m.stats
+        c = self.costs
+        shift = self.page_shift
+        for frame, region in self._unsync.items():
+            e02 = self.ept02.read_leaves(region)
+            if e02 is None:
+                self._wp[frame] = region
+                continue
+            e12 = self.ept12.store.read_page_qwords(frame)
+            synced = self._synced.pop(frame)
+            new = list(e02)
+            first = region >> shift
+            present = 0
+            for i, e in enumerate(e02):
+                if not e & EPT_RWX:
+                    continue
+                present += 1  # each present entry's EPT12 entry is reread
+                if e12[i] != synced[i]:  # L1 changed it since the page went unsync
+                    new[i] = 0
+                    s.ept02_entries_zapped += 1
+                    s.cycles_l0 += c.ept02_zap
+                    self._tcache.pop(first + i, None)
+            s.cycles_l0 += present * c.ept12_walk_level
+            if new != list(e02):
+                self.ept02.write_leaves(region, new)
+            s.ept12_leaves_resynced += 1
+            self._wp[frame] = region
+        self._unsync.clear()
+        self._synced.clear()
         self.epoch += 1
-        zapped = self.ept02.drop_all()
-        s.ept02_entries_zapped += zapped
-        s.cycles_l0 += zapped * c.ept02_zap
         self._tcache.clear()
 
     # ------------------------------------------------------------- L2 faults
@@ -271,6 +370,9 @@ class VirtualEpt:
         missing: int | None = None
         i = page - region_first
         defer = self.defer_rebuild
+        prefetch = self.scheme == "kvm"
+        swapped = self.swapped_out
+        synced = self._synced.get(e12_frame) if prefetch else None
         gen = self._gen
         built_gen = self._built_gen
         while i < stop - region_first:
@@ -283,7 +385,19 @@ class VirtualEpt:
                 break
             faults += 1
             group = [i]
-            if defer and built_gen.get(region_first + i, gen) < gen:
+            if prefetch:  # kvm: pte_prefetch, the aligned block of 8 around the fault
+                # (an atomic lookup: a page L0 swapped out is not brought back)
+                for j in range(i & ~(PREFETCH - 1), (i & ~(PREFETCH - 1)) + PREFETCH):
+                    x = e12[j]
+                    if (
+                        j != i
+                        and not new[j] & EPT_RWX
+                        and is_present(x)
+                        and not is_misconfig(x)
+                        and entry_pa(x) >> shift not in swapped
+                    ):
+                        group.append(j)
+            elif defer and built_gen.get(region_first + i, gen) < gen:
                 j = i + 1
                 while len(group) < PREFETCH and j < QW:
                     if (
@@ -294,6 +408,9 @@ class VirtualEpt:
                     ):
                         group.append(j)
                     j += 1
+            if synced is not None:
+                for k in group:
+                    synced[k] = e12[k]
             for k in group:
                 xk = e12[k]
                 host = self.resolve_l1_frame(entry_pa(xk) >> PAGE_SHIFT)

@@ -26,7 +26,7 @@ _SEGMENTS = ("ES", "CS", "SS", "DS", "FS", "GS", "TR", "LDTR")
 
 
 def _seg_fields(parts: tuple[str, ...], segs: tuple[str, ...] = _SEGMENTS) -> tuple[int, ...]:
-    return tuple(F[f"GUEST_{s}_{p}"] for s in segs for p in parts)
+    return tuple(VmcsField[f"GUEST_{s}_{p}"] for s in segs for p in parts)
 
 
 #: sync_vmcs02_to_vmcs12 (Linux 6.1 nested.c): what L0 reads from vmcs02 on

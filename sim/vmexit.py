@@ -27,7 +27,7 @@ tests) are the cycles of the rows marked with that part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .costs import CostModel
@@ -51,15 +51,26 @@ class Step:
     reason: ExitReason
     profile: str  # L1 profile when reflected; L0 handler key too unless ``l0``
     l0: str | None = None  # L0 handler key when different from the profile
-    route: dict[str, int] = field(default_factory=dict)  # port=, msr=, cr=, bits=
     part: str = ""  # "ipi" or "eoi": counted in that sub-line
     mmio: bool = False  # an MMIO write (EPT misconfiguration / nested EPT violation)
+    port: int = -1  # routing keys (sim.routing.route_l2_exit)
+    msr: int = -1
+    cr: int = -1
+    bits: int = 0
 
 
 def _s(
-    reason: ExitReason, profile: str, part: str = "", l0: str | None = None, **route: int
+    reason: ExitReason,
+    profile: str,
+    part: str = "",
+    l0: str | None = None,
+    *,
+    port: int = -1,
+    msr: int = -1,
+    cr: int = -1,
+    bits: int = 0,
 ) -> Step:
-    return Step(reason, profile, l0, dict(route), part)
+    return Step(reason, profile, l0, part, port=port, msr=msr, cr=cr, bits=bits)
 
 
 # the recurring rows
@@ -204,7 +215,10 @@ def _play(m: NestedVmx, step: Step) -> None:
     if step.mmio:
         level = mmio_kick_exit(m, m.cfg.nested)
     else:
-        level = m.l2_exit(step.reason, step.profile, l0_handler=step.l0, **step.route)
+        level = m.l2_exit(
+            step.reason, step.profile, l0_handler=step.l0,
+            port=step.port, msr=step.msr, cr=step.cr, bits=step.bits,
+        )  # fmt: skip
     if level == L1:
         m.l1_vmresume()
 
@@ -256,8 +270,22 @@ def run_test(
         "ipi": parts["ipi"] / iterations or None,
         "eoi": parts["eoi"] / iterations or None,
         "exits": m.stats.l0_exits / iterations,
+        "path": exit_path(m, iterations),
         "why": t.why,
     }
+
+
+def exit_path(m: NestedVmx, iterations: int) -> str:
+    """The exits of one iteration by level and reason, e.g. ``L2 CPUID>L1, L1 VMRESUME``."""
+    s = m.stats
+    parts = []
+    for row in s.reason_rows():
+        n = row["count"] / iterations
+        count = f" x{n:g}" if n != 1 else ""
+        parts.append(f"{row['level']} {row['reason']}{count}")
+    if s.reflected:
+        parts.append(f"reflected x{s.reflected / iterations:g}")
+    return ", ".join(parts)
 
 
 def run(

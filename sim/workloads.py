@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .costs import CostModel
 from .ept import PAGE_SHIFTS
 from .l1mmu import L1Mmu
 from .memory import HostMemory
@@ -101,11 +102,9 @@ L0_CHANGES: dict[str, str] = {
 #: Defaults of the memory workloads: the issue's 16 GiB L2 inside a 32 GiB L1,
 #: and the slides' 4K EPT-table modifications per second.
 EPT_DEFAULTS: dict[str, Any] = {
-    "virtual_ept": "vtlb",
     "static_ept": False,
     "static_ept02": False,
     "swap": "l1",
-    "avoid_invept": False,
     "defer_rebuild": False,
     "working_set_mib": 64,
     "rate": 4000,
@@ -117,8 +116,14 @@ EPT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def ept_options(opts: dict[str, Any]) -> dict[str, Any]:
-    o = {**EPT_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+def ept_options(opts: dict[str, Any], costs: CostModel) -> dict[str, Any]:
+    """The memory workloads' options; the scheme and L1's INVEPT habit default to the preset's."""
+    o = {
+        **EPT_DEFAULTS,
+        "virtual_ept": costs.virtual_ept,
+        "avoid_invept": costs.avoid_invept,
+        **{k: v for k, v in opts.items() if v is not None},
+    }
     if o["virtual_ept"] not in SCHEMES:
         raise ValueError(f"--virtual-ept must be one of {', '.join(SCHEMES)}")
     if o["page_size"] not in PAGE_SHIFTS:
@@ -162,7 +167,7 @@ def _single_level_touch(m: NestedVmx, pages: int) -> None:
 
 
 def _ept_touch(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
-    o = ept_options(opts)
+    o = ept_options(opts, m.costs)
     pages = _working_set_pages(o)
     if path == "single":  # a plain VM: each first touch is one EPT violation L0 fixes
         static = o["static_ept"] or o["static_ept02"]
@@ -191,7 +196,7 @@ def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     set ``touch_hz`` times a second. With ``swap=l0`` the same evictions hit
     EPT01 in L0 instead, and L1's EPT12 never changes.
     """
-    o = ept_options(opts)
+    o = ept_options(opts, m.costs)
     pages = _working_set_pages(o)
     seconds = float(o["seconds"])
     evictions = round(o["rate"] * seconds / 2)

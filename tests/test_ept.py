@@ -252,3 +252,33 @@ TestVtlb = _machine_test("vtlb", False, False)
 TestVtlbDeferAvoid = _machine_test("vtlb", True, True)
 TestShadow = _machine_test("shadow", False, False)
 TestShadowAvoid = _machine_test("shadow", False, True)
+TestKvm = _machine_test("kvm", False, False)
+TestKvmAvoid = _machine_test("kvm", False, True)
+
+
+class KvmUnsyncMachine(EptMachine):
+    """KVM's scheme: leaves go unsync on L1's first write and resync at INVEPT."""
+
+    scheme = "kvm"
+    avoid = True
+
+    @invariant()
+    def unsync_leaves_are_writable_and_never_protected(self) -> None:
+        if hasattr(self, "vept"):
+            assert not set(self.vept._unsync) & set(self.vept._wp)
+            assert not set(self.vept._unsync) & self.vept._upper
+
+    @rule()
+    def invept_resyncs_every_unsync_leaf(self) -> None:
+        before = self.m.stats.ept12_leaves_resynced
+        n = len(self.vept._unsync)
+        with self.m.l1_background():
+            self.vept.invept()
+        assert not self.vept._unsync
+        assert self.m.stats.ept12_leaves_resynced == before + n
+
+
+KvmUnsyncMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None
+)
+TestKvmUnsync = KvmUnsyncMachine.TestCase

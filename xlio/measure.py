@@ -13,7 +13,7 @@ from xlio.backends.datapath import BUILDERS
 from xlio.sim.accounting import SUMMARY_KEYS
 from xlio.sim.nested import Config, NestedVmx
 from xlio.sim.presets import PRESETS
-from xlio.sim.workloads import PATHS, Workload
+from xlio.sim.workloads import L0_CHANGES, PATHS, Workload
 from xlio.sim.workloads import WORKLOADS as MODEL_WORKLOADS
 
 #: Every workload ``xlio measure`` runs: the model's micro and memory workloads,
@@ -124,12 +124,30 @@ def result_of(
         "by_reason": s.reason_rows(),
         "by_cause": dict(s.by_cause),
     }
+    changes = l0_changes(m, workload, path, options or {})
+    if changes:
+        out["l0_changes"] = changes
     if m.datapath is not None:
         out["devices"] = m.datapath.metrics()
     if setup is not None and setup.get("cycles"):
         out["setup"] = setup
     if s.trace is not None:
         out["trace"] = [list(e) for e in s.trace]
+    return out
+
+
+def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) -> list[str]:
+    """The changes to today's KVM (Linux 6.1) in L0 that this run's path assumes."""
+    if path != "l0":
+        return []
+    network = workload in ("tx", "rx", "echo", "tap")
+    out = []
+    if network or workload in ("io-kick", "io-user", "mmio-kick"):
+        out.append(L0_CHANGES["delegation"])
+    if workload == "mmio-kick" or (network and options.get("kick") == "mmio"):
+        out.append(L0_CHANGES["fast-mmio-in-guest-mode"])
+    if network and m.cfg.apicv:
+        out.append(L0_CHANGES["nested-posting"])
     return out
 
 
@@ -173,6 +191,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"  {'cycles_per_second':<26}{_num(cps):>14}"
             f"   ({cps / (clock * 1e9):.2%} of one {clock} GHz CPU)"
         )
+    for change in r.get("l0_changes", ()):
+        lines.append(f"  assumes an L0 change: {change}")
     lv = r["cycles_by_level"]
     lines.append(
         "  cycles by level: " + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in lv.items() if v)
