@@ -1,6 +1,6 @@
 """Every parameter of a preset with its value, kind and source, as a Markdown table.
 
-    python scripts/preset_table.py kvm-2019
+python scripts/preset_table.py kvm-2019
 """
 
 from __future__ import annotations
