@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from xlio.measure import measure
 
 
@@ -38,7 +40,7 @@ def paths() -> None:
         "| l1 over l0 (time) |"
     )
     print("|---|---|---|---|---|---|")
-    configs = (
+    configs: tuple[tuple[str, dict[str, Any]], ...] = (
         ("turtles-2010", {}),
         ("shadow-vmcs", {}),
         ("kvm-2019", {}),

@@ -9,9 +9,11 @@ L0 / L1, and modeled microseconds, per operation.
 
 from __future__ import annotations
 
+from typing import Any
+
 from xlio.measure import measure
 
-ROWS = [
+ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("cpuid", "single", {}),
     ("cpuid", "l1", {}),
     ("cpuid", "l1", {"vmcs_exits": False}),
