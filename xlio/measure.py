@@ -166,7 +166,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"preset={cfg['preset']}",
         f"  shadow_vmcs={cfg['shadow_vmcs']} vmcs_exits={cfg['vmcs_exits']} "
         f"operand={cfg['operand']} cache_reg={cfg['cache_reg']} "
-        f"dirty_tracking={cfg['dirty_tracking']} clock={clock} GHz",
+        f"dirty_tracking={cfg['dirty_tracking']} apicv={cfg['apicv']} "
+        f"virtual_idle={cfg['virtual_idle']} clock={clock} GHz",
         "",
         f"{'level':<6}{'exit reason':<22}{'samples':>10}{'samples%':>10}"
         f"{'time%':>8}{'time/exit (us)':>16}",
