@@ -74,6 +74,12 @@ class CostModel:
     copy_byte: float = 0.25  # copying one byte of a frame between guest buffers
     vcpu_wakeup: int = 4_000  # waking a halted vCPU's thread until it runs again
     posted_intr: int = 300  # sending one posted interrupt (PIR bit, ON, notification IPI)
+    thread_wakeup: int = 5_000  # waking a sleeping host kernel thread (a vhost worker)
+    guest_tx_packet: int = 10_000  # the guest's network stack and driver sending one packet
+    guest_rx_packet: int = 5_000  # ... receiving one packet
+    guest_copy_byte: float = 0.5  # the guest copying payload to or from a socket
+    tso: bool = False  # TSO/GSO negotiated on the guest's virtio-net (64 KiB segments)
+    peer_turnaround_us: float = 8.0  # the bare-metal peer: receive to answer (RR) or ACK
     shadow_vmcs: bool = False
     dirty_tracking: bool = False  # vmcs12 dirty tracking: skip merge_rare when clean
     cache_reg: str = "base"
@@ -154,6 +160,28 @@ TURTLES_PARAMS: dict[str, Param] = {
         "microseconds; no halt polling before Linux 4.0",
     ),
     "posted_intr": P(300, "unused without APICv: setting a PIR bit and sending one IPI"),
+    "thread_wakeup": P(
+        5_000, "try_to_wake_up and a context switch to a sleeping vhost worker, a couple of us"
+    ),
+    "guest_tx_packet": P(
+        8_403,
+        "calibrated by scripts/calibrate_netperf.py: single-level virtio TCP_STREAM on 1 GbE at "
+        "about 48% of a CPU (Turtles, OSDI 2010, read off its figure)",
+        "calibrated",
+    ),
+    "guest_rx_packet": P(
+        4_201, "half of guest_tx_packet: a pure ACK or small packet received, no user copy"
+    ),
+    "guest_copy_byte": P(0.5, "copy_from_user/copy_to_user at about 2 bytes per cycle"),
+    "tso": P(
+        False, "the Turtles paper's virtio setup is not known to use TSO: off", "estimate", ""
+    ),
+    "peer_turnaround_us": P(
+        8.0,
+        "a bare-metal Linux peer from a packet's arrival to its answer or ACK",
+        "estimate",
+        "us",
+    ),
     "shadow_vmcs": P(False, "Nehalem has no VMCS shadowing (Haswell added it)", "published", ""),
     "dirty_tracking": P(False, "2.6.3x KVM rebuilt vmcs02 on every entry", "published", ""),
     "cache_reg": P("base", "2.6.3x KVM cached only RIP and RSP (regs_avail)", "published", ""),

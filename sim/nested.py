@@ -675,6 +675,53 @@ class NestedVmx:
             s.cycles_l0 += c.handlers["inject"]
             self.l1_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq")
 
+    # ------------------------------------------------------------- L1's other vCPUs
+    def l1_ipi_exit(self) -> None:
+        """L1, on a vCPU not running L2, sends an IPI (an x2APIC ICR write).
+
+        L0 intercepts L1's ICR (no IPI virtualization before Sapphire Rapids):
+        one L1 exit. Where the IPI lands is the caller's next step: for L2's
+        vCPU, :meth:`l0_interrupt_l2` (L1 posts into L2's descriptor, or
+        interrupts L1's vCPU 0 without APICv); for another L1 vCPU,
+        :meth:`l0_interrupt_l1_vcpu`.
+        """
+        with self.l1_background():
+            self.l1_exit(R.MSR_WRITE, "msr_write", cause="l1-ipi")
+
+    def l0_interrupt_l1_vcpu(self, *, halted: bool) -> None:
+        """L0 delivers an interrupt to one of L1's vCPUs that does not run L2.
+
+        A halted vCPU is woken (its thread blocked in L0); a running one takes
+        a posted interrupt without an exit (APICv) or an external-interrupt
+        exit.
+        """
+        s = self.stats
+        c = self.costs
+        s.irqs_injected_l1 += 1
+        if halted:
+            s.wakeups += 1
+            s.cycles_l0 += c.vcpu_wakeup + (
+                c.posted_intr if self.cfg.apicv else c.handlers["inject"]
+            )
+        elif self.cfg.apicv:
+            s.posted_interrupts += 1
+            s.cycles_l0 += c.posted_intr
+        else:
+            s.cycles_l0 += c.handlers["inject"]
+            with self.l1_background():
+                self.l1_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq")
+
+    def l1_halt_again(self) -> None:
+        """L1, woken on L2's vCPU for its own work while L2 stays halted, halts again."""
+        self._require(L1, "L1 halting")
+        self.l1_exit(R.HLT, "hlt", cause="l1-idle")
+        self.l1_halted = True
+
+    def l1_vcpu_halt(self) -> None:
+        """One of L1's vCPUs not running L2 has nothing to do: an L1 HLT exit."""
+        with self.l1_background():
+            self.l1_exit(R.HLT, "hlt", cause="l1-idle")
+
     # ------------------------------------------------------------- L2 side, again
     def l2_eoi(self) -> None:
         """L2's interrupt handler ends with an EOI (x2APIC EOI register).

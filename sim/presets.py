@@ -105,6 +105,18 @@ KVM_2019_PARAMS: dict[str, Param] = {
     "posted_intr": P(
         300, f"{K}: vmx_deliver_posted_interrupt: set the PIR bit and ON, send one IPI"
     ),
+    "thread_wakeup": P(4_000, f"{K}: try_to_wake_up and a context switch to a vhost worker"),
+    "guest_tx_packet": P(
+        8_403,
+        f"{K}: the guest stack's cycles per packet sent as calibrated on turtles-2010 "
+        "(scripts/calibrate_netperf.py): faster cores, heavier kernels (mitigations)",
+    ),
+    "guest_rx_packet": P(4_201, f"{K}: half of guest_tx_packet, as turtles-2010"),
+    "guest_copy_byte": P(0.5, f"{K}: as turtles-2010"),
+    "tso": P(
+        True, "virtio-net and vhost-net negotiate TSO/GSO by default (HOST_TSO4)", "published", ""
+    ),
+    "peer_turnaround_us": P(8.0, f"{K}: as turtles-2010", "estimate", "us"),
     "shadow_vmcs": P(
         True, "Skylake-SP has VMCS shadowing; KVM's vmcs_shadow_fields.h", "published", ""
     ),

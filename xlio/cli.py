@@ -102,6 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--tap", action="store_true", help="over a real tap in a fresh namespace")
     _add_apic_switches(dm)
 
+    npf = sub.add_parser("netperf", help="netperf tests in modeled time: Gb/s, latency, CPU")
+    npf.add_argument(
+        "-t",
+        dest="test",
+        default="TCP_STREAM",
+        help="TCP_STREAM|UDP_STREAM|TCP_RR|UDP_RR (default TCP_STREAM)",
+    )
+    npf.add_argument("--path", default="single", help="single|l1|l0 (default single)")
+    npf.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
+    npf.add_argument("--link", default="1g", help="1g|10g|25g|100g (default 1g)")
+    npf.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=1.0,
+        metavar="MODELED_SECONDS",
+        help="modeled seconds (the first tenth is warm-up; default 1)",
+    )
+    npf.add_argument(
+        "--size",
+        type=_positive_int,
+        default=None,
+        metavar="BYTES",
+        help="payload per packet (streams) or per message (RR)",
+    )
+    npf.add_argument("--seed", type=int, default=1, help="seed of the peer's jitter")
+    npf.add_argument("--burst", type=_positive_int, default=1, help="RR transactions in flight")
+    npf.add_argument(
+        "--l1-backend-vcpu",
+        default="other",
+        help="L1's vhost on L2's vCPU (same) or another (other, default)",
+    )
+    npf.add_argument(
+        "--tso",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TCP segmentation offload (default: the preset's)",
+    )
+    _add_apic_switches(npf)
+    npf.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     vx = sub.add_parser(
         "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
     )
@@ -281,6 +321,17 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return _emit(a.json, d, lambda: format_demo(d))
 
 
+def _cmd_netperf(a: argparse.Namespace) -> int:
+    from xlio.netperf import format_netperf, netperf
+
+    r = netperf(
+        a.test, a.path, a.preset, link=a.link, duration=a.duration, size=a.size, seed=a.seed,
+        burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, tso=a.tso, apicv=a.apicv,
+        virtual_idle=a.virtual_idle,
+    )  # fmt: skip
+    return _emit(a.json, r, lambda: format_netperf(r))
+
+
 def _cmd_vmexit(a: argparse.Namespace) -> int:
     from xlio.sim.vmexit import format_lines, run
 
@@ -300,7 +351,13 @@ def _cmd_vmexit(a: argparse.Namespace) -> int:
     return _emit(a.json, obj, lambda: format_lines(res))
 
 
-COMMANDS = {"measure": _cmd_measure, "demo": _cmd_demo, "serve": _cmd_serve, "vmexit": _cmd_vmexit}
+COMMANDS = {
+    "measure": _cmd_measure,
+    "demo": _cmd_demo,
+    "serve": _cmd_serve,
+    "vmexit": _cmd_vmexit,
+    "netperf": _cmd_netperf,
+}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,806 @@
+"""netperf in modeled time: an L2 guest's TCP and UDP traffic on each path.
+
+Theory of operation
+-------------------
+A discrete-event model (SimPy) of one L2 guest with one virtio-net device,
+its backends, a link and a peer. The engine decides *when* and on *which
+CPU* (:class:`~xlio.sim.cpus.Cpu`); what each step costs and which exits it
+takes is decided by the sans-IO model: every kick, interrupt, EOI, HLT and
+wake-up is a call on :class:`~xlio.sim.nested.NestedVmx`, whose charged
+cycles (split by level) are then spent on the CPU where that work runs.
+
+Threads and CPUs (one physical CPU each, so they contend only where they
+really share one):
+
+``guest``    L2's vCPU (single level: the guest's vCPU) on ``cpu0``; on the
+             nested paths it is L1's vCPU 0, which runs L2;
+``l1-vhost`` L1's vhost worker for L2's device (``l1``): on L1's vCPU 1
+             (``cpu1``, ``--l1-backend-vcpu other``) or on vCPU 0 with L2
+             (``same``, contending with it);
+``vhost``    L0's vhost worker: for the guest's device (``single``), for L1's
+             own device (``l1``, ``cpu2``);
+``direct``   L0's direct-service thread for L2's delegated device (``l0``).
+
+Rings are virtqueues by index: a producer publishes, a consumer consumes,
+and each side asks to be notified only when it is about to sleep. A worker
+runs with notifications off and, before it sleeps, re-arms them and looks
+again (vhost's ``vhost_enable_notify`` and recheck); the guest's driver
+kicks only an armed worker, once per published batch. The guest receives
+with NAPI: an interrupt disables further ones, the poll takes up to 64
+packets, and interrupts are re-armed only when a poll finds less than its
+budget. TX completions are reaped on the next transmit, as Linux's
+virtio-net does; a full TX ring stops the queue until a TX interrupt. So the
+number of kicks and interrupts per packet comes out of the timing. An idle
+guest halts, and the interrupt that wakes it takes the path of
+:meth:`NestedVmx.l0_interrupt_l2` (posted interrupt, reflected HLT, virtual
+idle).
+
+The link serializes frames at its rate in each direction (Ethernet's 38
+bytes of header, FCS, preamble and gap per frame); the peer is bare metal and
+never the bottleneck: it acknowledges every second TCP segment and answers a
+request after a turnaround. TCP is modeled at the level of packets: a window
+of unacknowledged bytes, delayed ACKs, per-packet stack costs in the guest;
+no loss (a guest with no RX buffer holds the packet in the backend, as vhost
+does), no congestion control.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import simpy
+
+from xlio.sim.costs import CostModel
+from xlio.sim.cpus import Cpu
+from xlio.sim.nested import L2, Config, NestedVmx
+from xlio.sim.vmx import ExitReason
+from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
+
+R = ExitReason
+Work = dict[str, float]
+
+
+class Test(str, Enum):
+    TCP_STREAM = "TCP_STREAM"
+    UDP_STREAM = "UDP_STREAM"
+    TCP_RR = "TCP_RR"
+    UDP_RR = "UDP_RR"
+
+    @property
+    def tcp(self) -> bool:
+        return self in (Test.TCP_STREAM, Test.TCP_RR)
+
+    @property
+    def rr(self) -> bool:
+        return self in (Test.TCP_RR, Test.UDP_RR)
+
+
+class Path(str, Enum):
+    SINGLE = "single"
+    L1 = "l1"
+    L0 = "l0"
+
+
+LINKS: dict[str, float] = {"1g": 1e9, "10g": 10e9, "25g": 25e9, "100g": 100e9}
+MTU = 1500
+TCP_IP_HEADERS = 52  # IPv4 20 + TCP 20 + timestamps 12
+UDP_IP_HEADERS = 28
+ETH_WIRE_OVERHEAD = 38  # Ethernet header 14, FCS 4, preamble 8, inter-frame gap 12
+ETH_HEADER = 14
+VNET_HDR = 12
+MIN_FRAME = 64 + 20  # minimum frame plus preamble and gap
+GSO_MAX = 65_536  # the largest GSO segment Linux builds
+NAPI_BUDGET = 64  # Linux NAPI_POLL_WEIGHT
+VHOST_PKT_WEIGHT = 256  # vhost-net: packets per run before yielding (VHOST_NET_PKT_WEIGHT)
+SEND_SIZE = 16_384  # netperf's default send size on Linux: segments per send() follow
+TCP_WINDOW = 256 * 1024  # bytes in flight (an autotuned LAN socket buffer, estimate)
+WARMUP_SHARE = 0.1  # the first tenth of the run is not measured
+
+
+@dataclass(frozen=True)
+class NetperfOptions:
+    test: Test
+    path: Path
+    link: str = "1g"
+    duration: float = 0.2
+    size: int | None = None  # payload per packet (stream) or per request/response (RR)
+    seed: int = 1
+    burst: int = 1  # RR: transactions in flight
+    l1_backend_vcpu: str = "other"
+    queue_size: int = 256
+    window: int = TCP_WINDOW
+    tso: bool | None = None  # TCP segmentation offload (default: the preset's)
+
+
+class Ring:
+    """One virtqueue by index: published, consumed and returned packets.
+
+    ``kick_armed``: the consumer (device) sleeps and wants a notification;
+    ``irq_armed``: the driver wants an interrupt for used buffers.
+    """
+
+    __slots__ = ("size", "avail", "used", "in_device", "kick_armed", "irq_armed")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.avail: deque[Any] = deque()  # published by the driver, not yet taken
+        self.used: deque[Any] = deque()  # returned by the device, not yet reaped
+        self.in_device = 0  # taken by the device, not yet returned
+        self.kick_armed = True
+        self.irq_armed = True
+
+    def free(self) -> int:
+        return self.size - len(self.avail) - len(self.used) - self.in_device
+
+
+class Worker:
+    """A backend thread (vhost worker or L0's direct-service thread) on one CPU."""
+
+    def __init__(self, env: simpy.Environment, name: str, cpu: Cpu, level: str) -> None:
+        self.env = env
+        self.name = name
+        self.cpu = cpu
+        self.level = level
+        self.sleeping = False
+        self.wake_event: simpy.Event = env.event()
+        self.wakeups = 0
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.sleeping = False
+            self.wakeups += 1
+            self.wake_event.succeed()
+
+    def sleep(self) -> simpy.Event:
+        self.sleeping = True
+        self.wake_event = self.env.event()
+        return self.wake_event
+
+
+class Link:
+    """One direction of the wire: frames serialized back to back at ``rate``.
+
+    The sender's queue (the host NIC's, ``txqueuelen`` 1000) is bounded: a
+    frame that finds it full is dropped and counted.
+    """
+
+    QUEUE = 1000
+
+    def __init__(self, env: simpy.Environment, rate: float, deliver: Callable[[Any], None]) -> None:
+        self.env = env
+        self.rate = rate
+        self.deliver = deliver
+        self.free_at = 0.0
+        self.busy = 0.0  # seconds spent serializing
+        self.dropped = 0
+        self.fifo: deque[tuple[float, Any]] = deque()
+        self.idle: simpy.Event = env.event()
+        env.process(self._run())
+
+    def send(self, item: Any, l3_bytes: int, frames: int = 1) -> bool:
+        """Queue ``frames`` frames carrying ``l3_bytes``, delivered as one item at
+        the end of the last; False (and counted) when the queue is full."""
+        if len(self.fifo) >= self.QUEUE:
+            self.dropped += 1
+            return False
+        wire = max(l3_bytes + frames * ETH_WIRE_OVERHEAD, frames * MIN_FRAME)
+        t = wire * 8 / self.rate
+        start = max(self.env.now, self.free_at)
+        self.free_at = start + t
+        self.busy += t
+        self.fifo.append((self.free_at, item))
+        if not self.idle.triggered:
+            self.idle.succeed()
+        return True
+
+    def _run(self) -> Generator[Any, Any, None]:
+        env = self.env
+        while True:
+            if not self.fifo:
+                self.idle = env.event()
+                yield self.idle
+                continue
+            t, item = self.fifo[0]
+            if t > env.now:
+                yield env.timeout(t - env.now)
+                continue
+            self.fifo.popleft()
+            self.deliver(item)
+
+
+@dataclass
+class Counters:
+    sent: int = 0  # packets the guest transmitted
+    received: int = 0  # packets the guest received
+    peer_rx: int = 0  # packets the peer received
+    peer_tx: int = 0  # packets the peer sent
+    peer_rx_bytes: int = 0  # payload bytes the peer received
+    guest_rx_bytes: int = 0
+    kicks: int = 0  # guest notifications of its device
+    irqs: int = 0  # interrupts delivered to the guest
+    transactions: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class NetperfModel:
+    """One netperf run on one path (see the module docstring)."""
+
+    def __init__(self, costs: CostModel, opts: NetperfOptions, **switches: Any) -> None:
+        self.costs = costs
+        self.opts = opts
+        self.env = simpy.Environment()
+        self.rng = random.Random(opts.seed)
+        nested = opts.path is not Path.SINGLE
+        self.m = NestedVmx(Config.from_preset(costs, nested=nested, **switches))
+        if opts.path is Path.L0:  # L1 delegated the device: L2's kicks are L0's
+            self.m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
+        env = self.env
+        clock = costs.clock_ghz
+        self.cpus: dict[str, Cpu] = {"cpu0": Cpu(env, "cpu0", clock)}
+        self.c = Counters()
+        self.test = opts.test
+        headers = TCP_IP_HEADERS if opts.test.tcp else UDP_IP_HEADERS
+        mss = MTU - headers
+        self.tso = costs.tso if opts.tso is None else opts.tso
+        if opts.test is Test.TCP_STREAM and self.tso:
+            # a GSO segment of up to 64 KiB per descriptor; the host NIC cuts it
+            # into MSS frames on the wire and the peer's GRO takes it whole
+            default = (GSO_MAX - headers) // mss * mss
+            limit = default
+        else:
+            default = mss if not opts.test.rr else 1
+            limit = mss
+        self.payload = min(opts.size or default, limit)
+        self.wire_frames = max(1, -(-self.payload // mss))
+        self.l3 = self.payload + headers * self.wire_frames
+        self.ack_l3 = TCP_IP_HEADERS
+        self.frame = self.payload + headers + ETH_HEADER + VNET_HDR  # bytes in guest buffers
+        self.acked_per_ack = self.payload * (2 if self.wire_frames == 1 else 1)
+        rate = LINKS[opts.link]
+        self.to_peer = Link(env, rate, self._peer_receive)
+        self.to_guest = Link(env, rate, self._wire_to_backend)
+        # the guest's device rings and the backend that serves them
+        q = opts.queue_size
+        self.txq = Ring(q)
+        self.rxq = Ring(q)
+        self.rx_inbox: deque[Any] = deque()  # at the backend, waiting for RX buffers
+        self.guest_wake: simpy.Event = env.event()
+        self.guest_halted = False
+        self.irq_pending = False
+        self.napi = False
+        self.window = opts.window
+        self.in_flight = 0  # TCP bytes unacknowledged
+        self.unacked_segments = 0  # at the peer, for delayed ACKs
+        self.rr_outstanding: deque[float] = deque()  # request send times
+        self.measure_from = opts.duration * WARMUP_SHARE
+        self.totals = dict.fromkeys(
+            ("guest_sent", "peer_received", "peer_sent", "guest_received"), 0
+        )
+        self.peer_queue: deque[tuple[float, str, int]] = deque()  # answers being prepared
+        self.peer_last = 0.0
+        self.peer_idle: simpy.Event = self.env.event()
+        self.env.process(self._peer())
+        self.measuring = False
+        if opts.path is Path.L1:
+            self._build_l1_path()
+        else:
+            self.cpus["cpu1"] = Cpu(env, "cpu1", clock)
+            name = "vhost" if opts.path is Path.SINGLE else "direct"
+            self.backend = Worker(env, name, self.cpus["cpu1"], "L0")
+            env.process(self._l0_backend())
+        env.process(self._guest())
+
+    # ------------------------------------------------------------ accounting
+    def _charge(self, fn: Callable[[], Any]) -> Work:
+        """Run one sans-IO step on the machine; its cycles by level."""
+        s = self.m.stats
+        b = (s.cycles_switch, s.cycles_l0, s.cycles_l1)
+        fn()
+        s = self.m.stats
+        return {
+            "switch": s.cycles_switch - b[0],
+            "L0": s.cycles_l0 - b[1],
+            "L1": s.cycles_l1 - b[2],
+        }
+
+    def _data_work(self, level: str, packets: int, frame: int) -> Work:
+        c = self.costs
+        cycles = packets * (c.backend_frame + c.copy_byte * frame)
+        if level == "L0":
+            self.m.l0_work(cycles)
+        else:
+            self.m.l1_work(cycles)
+        return {level: cycles}
+
+    # ------------------------------------------------------------ the guest
+    def _interrupt_guest(self) -> Work:
+        """L0's backend raises the guest's interrupt (single level, direct path)."""
+        self.c.irqs += 1
+        self.irq_pending = True
+        w = self._charge(self.m.l0_interrupt_l2)
+        self._wake_guest()
+        return w
+
+    def _wake_guest(self) -> None:
+        if self.guest_halted:
+            self.guest_halted = False
+            self.guest_wake.succeed()
+
+    def _guest(self) -> Generator[Any, Any, None]:
+        env = self.env
+        c = self.costs
+        cpu = self.cpus["cpu0"]
+        t = self.test
+        # one send() call: netperf's 16 KiB of TCP (several segments, one kick
+        # check, as with xmit_more), one UDP datagram, one RR message
+        seg_per_send = max(1, -(-SEND_SIZE // self.payload)) if t is Test.TCP_STREAM else 1
+        while True:
+            work: Work = {"L2": 0.0}
+            did = False
+            if self.irq_pending:  # the interrupt handler: EOI, NAPI scheduled
+                self.irq_pending = False
+                w = self._charge(self.m.l2_eoi)
+                _add(work, w)
+                self.rxq.irq_armed = False
+                self.napi = True
+                did = True
+            if self.napi:
+                n = 0
+                rx_bytes = 0
+                while self.rxq.used and n < NAPI_BUDGET:
+                    pkt = self.rxq.used.popleft()
+                    n += 1
+                    rx_bytes += self._guest_consume(pkt)
+                work["L2"] += n * c.guest_rx_packet + rx_bytes * c.guest_copy_byte
+                if n:
+                    did = True
+                    refill_kick = self.rxq.kick_armed  # the backend waits for buffers
+                    if refill_kick:
+                        _add(work, self._kick(rx=True))
+                if n < NAPI_BUDGET:  # napi_complete: re-arm, then look again
+                    self.napi = False
+                    self.rxq.irq_armed = True
+                    if self.rxq.used:
+                        self.rxq.irq_armed = False
+                        self.napi = True
+            # TX: reap completions, then send what the test allows
+            while self.txq.used:
+                self.txq.used.popleft()
+            sent = 0
+            if self.txq.free() > 0 and self._may_send():
+                for _ in range(min(seg_per_send, self.txq.free())):
+                    if not self._may_send():
+                        break
+                    self._guest_send()
+                    sent += 1
+            if sent:
+                did = True
+                work["L2"] += sent * (c.guest_tx_packet + self.payload * c.guest_copy_byte)
+                if self.txq.kick_armed:
+                    _add(work, self._kick(rx=False))
+            elif self.txq.free() == 0:
+                self.txq.irq_armed = True  # stop the queue until a TX interrupt
+            if did:
+                yield from cpu.run(work)
+                continue
+            # nothing to do: halt until an interrupt
+            yield from cpu.run(work)
+            if self.irq_pending or self.rxq.used:
+                continue
+            w = self._charge(self.m.l2_hlt)
+            self.guest_halted = True
+            self.guest_wake = env.event()
+            yield from cpu.run(w)
+            if self.irq_pending:  # it arrived while halting
+                self.guest_halted = False
+                continue
+            yield self.guest_wake
+
+    def _may_send(self) -> bool:
+        t = self.test
+        if t is Test.UDP_STREAM:
+            return True
+        if t is Test.TCP_STREAM:
+            return self.in_flight + self.payload <= self.window
+        return len(self.rr_outstanding) < self.opts.burst
+
+    def _guest_send(self) -> None:
+        t = self.test
+        if t is Test.TCP_STREAM:
+            self.in_flight += self.payload
+        elif t.rr:
+            self.rr_outstanding.append(self.env.now)
+        self.txq.avail.append(("data", self.env.now))
+        self.c.sent += 1
+        self.totals["guest_sent"] += 1
+
+    def _guest_consume(self, pkt: tuple[str, float]) -> int:
+        """One received packet through the guest's stack; its payload bytes."""
+        self.c.received += 1
+        self.totals["guest_received"] += 1
+        kind = pkt[0]
+        if kind == "ack":
+            self.in_flight = max(0, self.in_flight - self.acked_per_ack)
+        elif kind == "response":
+            start = self.rr_outstanding.popleft()
+            if self.measuring:
+                self.c.transactions += 1
+                self.c.latencies.append(self.env.now - start)
+        if kind == "ack":
+            return 0
+        self.c.guest_rx_bytes += self.payload
+        return self.payload
+
+    def _kick(self, *, rx: bool) -> Work:
+        """The guest notifies its device: an exit, and the backend wakes."""
+        self.c.kicks += 1
+        ring = self.rxq if rx else self.txq
+        ring.kick_armed = False
+        m = self.m
+        l1 = self.opts.path is Path.L1
+        ipi = l1 and self.opts.l1_backend_vcpu == "other" and self.l1_vhost.sleeping
+
+        def exit_() -> None:
+            if m.l2_exit(R.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT) == 1:
+                # L1's handler: ioeventfd wakes L1's vhost; on another vCPU
+                # that is an IPI (an L1 exit) before L1 resumes L2
+                if ipi:
+                    m.l1_exit(R.MSR_WRITE, "msr_write", cause="l1-ipi")
+                m.l1_vmresume()
+
+        w = self._charge(exit_)
+        if ipi:
+            halted = self.l1_vcpu1_halted
+            self.l1_vcpu1_halted = False
+            self._run_on(self.l1_cpu, self._charge(lambda: m.l0_interrupt_l1_vcpu(halted=halted)))
+        (self.l1_vhost if l1 else self.backend).wake()
+        return w
+
+    # ------------------------------------------------------------ L0's backend
+    def _l0_backend(self) -> Generator[Any, Any, None]:
+        """vhost (single level) or L0's direct-service thread (l0)."""
+        wk = self.backend
+        c = self.costs
+        while True:
+            work: Work = {}
+            n_tx = 0
+            while self.txq.avail and n_tx < VHOST_PKT_WEIGHT:
+                self.txq.avail.popleft()
+                n_tx += 1
+                self.to_peer.send("data", self.l3, self.wire_frames)
+            if n_tx:
+                _add(work, self._data_work("L0", n_tx, self.frame))
+                self.txq.used.extend([None] * n_tx)
+                if self.txq.irq_armed:  # the guest stopped its queue: TX interrupt
+                    self.txq.irq_armed = False
+                    self._run_on(self.cpus["cpu0"], self._interrupt_guest())
+            n_rx = self._backend_rx(work, "L0")
+            if n_tx or n_rx:
+                yield from wk.cpu.run(work)
+                continue
+            # about to sleep: re-arm notifications, then look again
+            self.txq.kick_armed = True
+            if self.rx_inbox and self.rxq.free() > 0:
+                self.rxq.kick_armed = False
+            if self.txq.avail or (self.rx_inbox and self.rxq.free() > 0):
+                self.txq.kick_armed = False
+                continue
+            yield wk.sleep()
+            yield from wk.cpu.run({"L0": c.thread_wakeup})
+
+    def _backend_rx(self, work: Work, level: str) -> int:
+        """Move packets waiting at the backend into the guest's RX buffers."""
+        n = 0
+        while self.rx_inbox and self.rxq.free() > 0 and n < VHOST_PKT_WEIGHT:
+            self.rxq.used.append(self.rx_inbox.popleft())
+            n += 1
+        if self.rx_inbox and self.rxq.free() == 0:
+            self.rxq.kick_armed = True  # wait for the guest to refill
+        if n:
+            _add(work, self._data_work(level, n, self.frame))
+            if self.rxq.irq_armed:
+                self.rxq.irq_armed = False
+                if self.opts.path is Path.L1:
+                    _add(work, self._l1_interrupt_l2())
+                else:
+                    # the guest's side of the delivery (its exits, its wake-up)
+                    self._run_on(self.cpus["cpu0"], self._interrupt_guest())
+        return n
+
+    def _wire_to_backend(self, item: Any) -> None:
+        if self.opts.path is Path.L1:
+            self.l1_nic_inbox.append(item)
+            self.l0_vhost.wake()
+        else:
+            self.rx_inbox.append(item)
+            self.backend.wake()
+
+    # ------------------------------------------------------------ the peer
+    def _peer_receive(self, item: Any) -> None:
+        c = self.c
+        env = self.env
+        self.totals["peer_received"] += 1
+        if self.measuring:
+            c.peer_rx += 1
+            c.peer_rx_bytes += self.payload
+        t = self.test
+        if t is Test.UDP_STREAM:
+            return
+        if t is Test.TCP_STREAM:
+            # delayed ACK: every second full segment; GRO hands the peer a
+            # whole GSO segment, which it acknowledges at once
+            self.unacked_segments += 1
+            if self.wire_frames == 1 and self.unacked_segments < 2:
+                return
+            self.unacked_segments = 0
+            kind, l3 = "ack", self.ack_l3
+        else:
+            kind, l3 = "response", self.l3
+        turnaround = self.costs.peer_turnaround_us * 1e-6 * self.rng.uniform(0.8, 1.2)
+        # the peer answers in order: one queue, one process
+        at = max(env.now + turnaround, self.peer_last)
+        self.peer_last = at
+        self.peer_queue.append((at, kind, l3))
+        if not self.peer_idle.triggered:
+            self.peer_idle.succeed()
+
+    @property
+    def peer_pending(self) -> int:
+        return len(self.peer_queue)
+
+    def _peer(self) -> Generator[Any, Any, None]:
+        env = self.env
+        q = self.peer_queue
+        while True:
+            if not q:
+                self.peer_idle = env.event()
+                yield self.peer_idle
+                continue
+            at, kind, l3 = q[0]
+            if at > env.now:
+                yield env.timeout(at - env.now)
+                continue
+            q.popleft()
+            self.c.peer_tx += 1
+            self.totals["peer_sent"] += 1
+            self.to_guest.send((kind, env.now), l3)
+
+    # ------------------------------------------------------------ the L1 path
+    def _build_l1_path(self) -> None:
+        env = self.env
+        clock = self.costs.clock_ghz
+        other = self.opts.l1_backend_vcpu == "other"
+        if other:
+            self.cpus["cpu1"] = Cpu(env, "cpu1", clock)
+        self.cpus["cpu2"] = Cpu(env, "cpu2", clock)
+        self.l1_cpu = self.cpus["cpu1"] if other else self.cpus["cpu0"]
+        self.l1_vhost = Worker(env, "l1-vhost", self.l1_cpu, "L1")
+        self.l1_vcpu1_halted = False
+        self.l0_vhost = Worker(env, "vhost", self.cpus["cpu2"], "L0")
+        q = self.opts.queue_size
+        self.l1_txq = Ring(q)  # L1's own NIC, served by L0's vhost
+        self.l1_nic_inbox: deque[Any] = deque()  # at L0's vhost for L1's NIC
+        self.l1_rx_pending: deque[Any] = deque()  # in L1's NIC RX ring
+        self.l1_irq_armed = True
+        self.l1_napi_pending = False
+        env.process(self._l1_vhost())
+        env.process(self._l0_vhost_for_l1())
+
+    def _l1_vhost(self) -> Generator[Any, Any, None]:
+        """L1's vhost worker for L2's device, and L1's NIC receive (NAPI) on its vCPU."""
+        wk = self.l1_vhost
+        c = self.costs
+        other = self.opts.l1_backend_vcpu == "other"
+        while True:
+            work: Work = {}
+            n_tx = 0
+            while self.txq.avail and n_tx < VHOST_PKT_WEIGHT and self.l1_txq.free() > 0:
+                self.txq.avail.popleft()
+                self.l1_txq.avail.append("data")
+                n_tx += 1
+            if n_tx:
+                _add(work, self._data_work("L1", n_tx, self.frame))
+                self.txq.used.extend([None] * n_tx)
+                if self.l1_txq.kick_armed:  # L1 kicks its own NIC: an L1 exit
+                    self.l1_txq.kick_armed = False
+
+                    def kick() -> None:
+                        with self.m.l1_background():
+                            self.m.l1_exit(R.IO_INSTRUCTION, "io_kick", cause="l1-backend")
+
+                    _add(work, self._charge(kick))
+                    self.l0_vhost.wake()
+            # L1's NIC receive: NAPI in L1, the bridge, then vhost's RX into L2
+            n_rx = 0
+            while self.l1_rx_pending and n_rx < VHOST_PKT_WEIGHT:
+                self.rx_inbox.append(self.l1_rx_pending.popleft())
+                n_rx += 1
+            if n_rx:
+                _add(work, self._data_work("L1", n_rx, self.frame))  # L1's stack and bridge
+            n_in = self._backend_rx(work, "L1")
+            if n_tx or n_rx or n_in:
+                yield from wk.cpu.run(work)
+                continue
+            self.txq.kick_armed = True
+            self.l1_irq_armed = True
+            if self.txq.avail or self.l1_rx_pending or (self.rx_inbox and self.rxq.free() > 0):
+                self.txq.kick_armed = False
+                continue
+            ev = wk.sleep()
+            if other:  # L1's vCPU 1 has nothing else to run: it halts
+                w = self._charge(self.m.l1_vcpu_halt)
+                self.l1_vcpu1_halted = True
+                yield from wk.cpu.run(w)
+            elif self.m.state != L2:  # vCPU 0 woke for its NIC, L2 still halted
+                w = self._charge(self.m.l1_halt_again)
+                yield from wk.cpu.run(w)
+            yield ev
+            yield from wk.cpu.run({"L1": c.thread_wakeup})
+
+    def _l1_interrupt_l2(self) -> Work:
+        """L1's vhost raises L2's interrupt; returns the work on the vhost's CPU."""
+        self.c.irqs += 1
+        self.irq_pending = True
+        m = self.m
+        if self.opts.l1_backend_vcpu == "other":
+            # an IPI from L1's vCPU 1 (its exit), then delivery on vCPU 0: a
+            # nested posted interrupt, or (halted) L0 wakes L1, which wakes L2
+            w = self._charge(m.l1_ipi_exit)
+            self._run_on(self.cpus["cpu0"], self._charge(m.l0_interrupt_l2))
+        elif m.state == L2:
+            # same vCPU, L2 not halted: L1's vhost ran in an exit that already
+            # took L2 out; the interrupt is posted and taken at re-entry
+            w = self._charge(m.l0_interrupt_l2)
+        else:  # same vCPU, L1 woken for its NIC while L2 was halted
+
+            def deliver() -> None:
+                m.l1_interrupt_l2()
+                m.l1_vmresume()
+
+            w = self._charge(deliver)
+        self._wake_guest()
+        return w
+
+    def _run_on(self, cpu: Cpu, work: Work) -> None:
+        """Work that runs on another CPU than the caller's, queued there."""
+        if work:
+            cpu.spend(work)
+
+    def _l0_vhost_for_l1(self) -> Generator[Any, Any, None]:
+        """L0's vhost for L1's own NIC: to the wire, and from it into L1's RX ring."""
+        wk = self.l0_vhost
+        c = self.costs
+        while True:
+            work: Work = {}
+            n_tx = 0
+            while self.l1_txq.avail and n_tx < VHOST_PKT_WEIGHT:
+                self.l1_txq.avail.popleft()
+                n_tx += 1
+                self.to_peer.send("data", self.l3, self.wire_frames)
+            if n_tx:
+                _add(work, self._data_work("L0", n_tx, self.frame))
+            n_rx = 0
+            while self.l1_nic_inbox and n_rx < VHOST_PKT_WEIGHT:
+                self.l1_rx_pending.append(self.l1_nic_inbox.popleft())
+                n_rx += 1
+            if n_rx:
+                _add(work, self._data_work("L0", n_rx, self.frame))
+                if self.l1_irq_armed:  # interrupt L1 where its NIC's NAPI runs
+                    self.l1_irq_armed = False
+                    self._interrupt_l1_nic()
+                self.l1_vhost.wake()
+            if n_tx or n_rx:
+                yield from wk.cpu.run(work)
+                continue
+            self.l1_txq.kick_armed = True
+            if self.l1_txq.avail or self.l1_nic_inbox:
+                self.l1_txq.kick_armed = False
+                continue
+            yield wk.sleep()
+            yield from wk.cpu.run({"L0": c.thread_wakeup})
+
+    def _interrupt_l1_nic(self) -> None:
+        """L0's vhost interrupts L1 where its NIC's NAPI runs (the vhost's vCPU)."""
+        m = self.m
+        if self.opts.l1_backend_vcpu == "other":
+            halted = self.l1_vcpu1_halted
+            self.l1_vcpu1_halted = False
+            self._run_on(self.l1_cpu, self._charge(lambda: m.l0_interrupt_l1_vcpu(halted=halted)))
+            return
+
+        # vCPU 0 runs L2: a forced reflected exit, handled in L1, back to L2; or
+        # L2 is halted in L1: L0 wakes L1, which stays up for its vhost
+        def irq() -> None:
+            m.l0_interrupt_l1()
+            if not m.l2_halted:
+                m.l1_vmresume()
+
+        self._run_on(self.cpus["cpu0"], self._charge(irq))
+
+    # ------------------------------------------------------------ running
+    def conservation(self) -> dict[str, int]:
+        """Whole-run totals: every packet is delivered, dropped or still on its way."""
+        t = self.totals
+        in_guest_tx = len(self.txq.avail) + self.txq.in_device
+        to_peer = len(self.to_peer.fifo) + in_guest_tx
+        to_guest = len(self.to_guest.fifo) + len(self.rx_inbox) + len(self.rxq.used)
+        if self.opts.path is Path.L1:
+            to_peer += len(self.l1_txq.avail)
+            to_guest += len(self.l1_nic_inbox) + len(self.l1_rx_pending)
+        return {
+            "guest_sent": t["guest_sent"],
+            "peer_received": t["peer_received"],
+            "dropped_to_peer": self.to_peer.dropped,
+            "in_flight_to_peer": to_peer,
+            "peer_sent": t["peer_sent"],
+            "guest_received": t["guest_received"],
+            "dropped_to_guest": self.to_guest.dropped,
+            "in_flight_to_guest": to_guest + self.peer_pending,
+        }
+
+    def run(self) -> dict[str, Any]:
+        env = self.env
+        env.run(until=self.measure_from)
+        self.m.reset_stats()
+        for cpu in self.cpus.values():
+            cpu.busy = dict.fromkeys(cpu.busy, 0.0)
+        self.to_peer.busy = self.to_guest.busy = 0.0
+        self.c = Counters()
+        self.measuring = True
+        env.run(until=self.opts.duration)
+        return self.result(self.opts.duration - self.measure_from)
+
+    def result(self, seconds: float) -> dict[str, Any]:
+        c = self.c
+        s = self.m.stats
+        out: dict[str, Any] = {}
+        if self.test.rr:
+            lat = sorted(c.latencies)
+            out["transactions_per_s"] = c.transactions / seconds
+            out["latency_us"] = (
+                {f"p{q}": _percentile(lat, q) * 1e6 for q in (50, 90, 99)}
+                if lat
+                else {"p50": None, "p90": None, "p99": None}
+            )
+        out["throughput_mbps"] = c.peer_rx_bytes * 8 / seconds / 1e6
+        packets = c.sent
+        out["packets_per_s"] = packets / seconds
+        cpu = {name: cpu.utilization(seconds) for name, cpu in self.cpus.items()}
+        out["cpu"] = {k: round(v["total"], 4) for k, v in cpu.items()}
+        out["cpu_by_level"] = {k: {lv: round(x, 4) for lv, x in v.items()} for k, v in cpu.items()}
+        busiest = max(cpu, key=lambda k: cpu[k]["total"])
+        out["cpu_busiest"] = {"cpu": busiest, "utilization": round(cpu[busiest]["total"], 4)}
+        exits: dict[str, float] = {}
+        for row in s.reason_rows():
+            exits[f"{row['level']} {row['reason']}"] = row["count"] / seconds
+        out["exits_per_s"] = exits
+        denom = max(packets, 1)
+        summary = s.summary()
+        out["per_packet"] = {k: v / denom for k, v in summary.items()}
+        out["per_packet"]["kicks"] = c.kicks / denom
+        out["per_packet"]["interrupts"] = c.irqs / denom
+        link = self.to_peer.busy / seconds
+        out["link_utilization"] = round(link, 4)
+        saturated = []
+        if link > 0.95:
+            saturated.append(f"the link ({self.opts.link})")
+        if cpu[busiest]["total"] > 0.95:
+            saturated.append(f"CPU {busiest}")
+        out["bottleneck"] = " and ".join(saturated) or "latency (nothing saturated)"
+        out["accounting"] = self.conservation()
+        return out
+
+
+def _add(work: Work, more: Work) -> None:
+    for k, v in more.items():
+        work[k] = work.get(k, 0.0) + v
+
+
+def _percentile(sorted_values: list[float], q: int) -> float:
+    i = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[i]
