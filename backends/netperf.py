@@ -286,6 +286,7 @@ class NetperfModel:
         self.peer_idle: simpy.Event = self.env.event()
         self.env.process(self._peer())
         self.measuring = False
+        self.l1_vcpu1_halted = False  # l1 path: L1's vCPU 1 (its vhost's) is halted
         if opts.path is Path.L1:
             self._build_l1_path()
         else:
@@ -580,7 +581,6 @@ class NetperfModel:
         self.cpus["cpu2"] = Cpu(env, "cpu2", clock)
         self.l1_cpu = self.cpus["cpu1"] if other else self.cpus["cpu0"]
         self.l1_vhost = Worker(env, "l1-vhost", self.l1_cpu, "L1")
-        self.l1_vcpu1_halted = False
         self.l0_vhost = Worker(env, "vhost", self.cpus["cpu2"], "L0")
         q = self.opts.queue_size
         self.l1_txq = Ring(q)  # L1's own NIC, served by L0's vhost

@@ -75,8 +75,8 @@ def test_an_idle_rr_guest_halts_between_transactions_at_the_hlt_paths_cost() -> 
 
 @pytest.mark.parametrize(
     ("test", "path"),
-    [(NetTest.TCP_STREAM, Path.L1), (NetTest.UDP_STREAM, Path.SINGLE), (NetTest.UDP_STREAM, Path.L1),
-     (NetTest.TCP_RR, Path.L0), (NetTest.UDP_RR, Path.L1)],
+    [(NetTest.TCP_STREAM, Path.L1), (NetTest.UDP_STREAM, Path.SINGLE),
+     (NetTest.UDP_STREAM, Path.L1), (NetTest.TCP_RR, Path.L0), (NetTest.UDP_RR, Path.L1)],
 )  # fmt: skip
 def test_every_packet_is_received_dropped_or_still_on_its_way(test: NetTest, path: Path) -> None:
     m = NetperfModel(TURTLES, NetperfOptions(test, path, duration=0.03))
