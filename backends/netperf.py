@@ -16,7 +16,9 @@ really share one):
              nested paths it is L1's vCPU 0, which runs L2;
 ``l1-vhost`` L1's vhost worker for L2's device (``l1``): on L1's vCPU 1
              (``cpu1``, ``--l1-backend-vcpu other``) or on vCPU 0 with L2
-             (``same``, contending with it);
+             (``same``, contending with it). ``--l1-backend qemu`` makes it
+             QEMU's userspace virtio backend instead: each kick of L2 is then
+             a KVM_EXIT_IO round trip to L1's userspace (the io_user profile);
 ``vhost``    L0's vhost worker: for the guest's device (``single``), for L1's
              own device (``l1``, ``cpu2``);
 ``direct``   L0's direct-service thread for L2's delegated device (``l0``).
@@ -38,10 +40,13 @@ idle).
 The link serializes frames at its rate in each direction (Ethernet's 38
 bytes of header, FCS, preamble and gap per frame); the peer is bare metal and
 never the bottleneck: it acknowledges every second TCP segment and answers a
-request after a turnaround. TCP is modeled at the level of packets: a window
-of unacknowledged bytes, delayed ACKs, per-packet stack costs in the guest;
-no loss (a guest with no RX buffer holds the packet in the backend, as vhost
-does), no congestion control.
+request after a turnaround. Being a pure function of arrival times, the
+peer is evaluated when a frame is sent, and its answer is put on the wire
+at once with its future departure time: no event per frame on that side.
+TCP is modeled at the level of packets: a window of unacknowledged bytes,
+delayed ACKs, per-packet stack costs in the guest; no loss (a guest with no
+RX buffer holds the packet in the backend, as vhost does; a full NIC queue
+drops and counts), no congestion control.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class NetperfOptions:
     queue_size: int = 256
     window: int = TCP_WINDOW
     tso: bool | None = None  # TCP segmentation offload (default: the preset's)
+    l1_backend: str = "vhost"  # l1 path: vhost in L1's kernel, or QEMU's userspace virtio
 
 
 class Ring:
@@ -171,30 +177,53 @@ class Link:
 
     QUEUE = 1000
 
-    def __init__(self, env: simpy.Environment, rate: float, deliver: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        rate: float,
+        deliver: Callable[[Any, float], None],
+        *,
+        immediate: bool = False,
+    ) -> None:
+        """``deliver(item, arrival)`` at the arrival time; with ``immediate`` (a
+        receiver that is a pure function of arrival times, the bare-metal peer)
+        at send time, which saves an event per frame."""
         self.env = env
         self.rate = rate
         self.deliver = deliver
+        self.immediate = immediate
         self.free_at = 0.0
         self.busy = 0.0  # seconds spent serializing
         self.dropped = 0
         self.fifo: deque[tuple[float, Any]] = deque()
         self.idle: simpy.Event = env.event()
-        env.process(self._run())
+        if not immediate:
+            env.process(self._run())
 
-    def send(self, item: Any, l3_bytes: int, frames: int = 1) -> bool:
-        """Queue ``frames`` frames carrying ``l3_bytes``, delivered as one item at
-        the end of the last; False (and counted) when the queue is full."""
-        if len(self.fifo) >= self.QUEUE:
+    def in_transit(self) -> int:
+        """Frames sent and not yet arrived."""
+        fifo = self.fifo
+        now = self.env.now
+        while fifo and fifo[0][0] <= now:
+            fifo.popleft()
+        return len(fifo)
+
+    def send(self, item: Any, l3_bytes: int, frames: int = 1, at: float | None = None) -> bool:
+        """Queue ``frames`` frames carrying ``l3_bytes`` (from time ``at``, now by
+        default; calls must come in time order), delivered as one item at the
+        end of the last; False (and counted) when the queue is full."""
+        if (self.in_transit() if self.immediate else len(self.fifo)) >= self.QUEUE:
             self.dropped += 1
             return False
         wire = max(l3_bytes + frames * ETH_WIRE_OVERHEAD, frames * MIN_FRAME)
         t = wire * 8 / self.rate
-        start = max(self.env.now, self.free_at)
+        start = max(self.env.now if at is None else at, self.free_at)
         self.free_at = start + t
         self.busy += t
         self.fifo.append((self.free_at, item))
-        if not self.idle.triggered:
+        if self.immediate:
+            self.deliver(item, self.free_at)
+        elif not self.idle.triggered:
             self.idle.succeed()
         return True
 
@@ -210,16 +239,14 @@ class Link:
                 yield env.timeout(t - env.now)
                 continue
             self.fifo.popleft()
-            self.deliver(item)
+            self.deliver(item, t)
 
 
 @dataclass
 class Counters:
     sent: int = 0  # packets the guest transmitted
     received: int = 0  # packets the guest received
-    peer_rx: int = 0  # packets the peer received
     peer_tx: int = 0  # packets the peer sent
-    peer_rx_bytes: int = 0  # payload bytes the peer received
     guest_rx_bytes: int = 0
     kicks: int = 0  # guest notifications of its device
     irqs: int = 0  # interrupts delivered to the guest
@@ -262,12 +289,14 @@ class NetperfModel:
         self.frame = self.payload + headers + ETH_HEADER + VNET_HDR  # bytes in guest buffers
         self.acked_per_ack = self.payload * (2 if self.wire_frames == 1 else 1)
         rate = LINKS[opts.link]
-        self.to_peer = Link(env, rate, self._peer_receive)
+        self.to_peer = Link(env, rate, self._peer_receive, immediate=True)
         self.to_guest = Link(env, rate, self._wire_to_backend)
         # the guest's device rings and the backend that serves them
         q = opts.queue_size
         self.txq = Ring(q)
+        self.txq.irq_armed = False  # TX interrupts only when the guest stops its queue
         self.rxq = Ring(q)
+        self.rxq.kick_armed = False  # the backend asks for RX buffers only when it runs out
         self.rx_inbox: deque[Any] = deque()  # at the backend, waiting for RX buffers
         self.guest_wake: simpy.Event = env.event()
         self.guest_halted = False
@@ -281,10 +310,8 @@ class NetperfModel:
         self.totals = dict.fromkeys(
             ("guest_sent", "peer_received", "peer_sent", "guest_received"), 0
         )
-        self.peer_queue: deque[tuple[float, str, int]] = deque()  # answers being prepared
-        self.peer_last = 0.0
-        self.peer_idle: simpy.Event = self.env.event()
-        self.env.process(self._peer())
+        self.window_rx_bytes = 0  # payload the peer receives inside the measured window
+        self.peer_last = 0.0  # when the peer's last answer left
         self.measuring = False
         self.l1_vcpu1_halted = False  # l1 path: L1's vCPU 1 (its vhost's) is halted
         if opts.path is Path.L1:
@@ -293,7 +320,7 @@ class NetperfModel:
             self.cpus["cpu1"] = Cpu(env, "cpu1", clock)
             name = "vhost" if opts.path is Path.SINGLE else "direct"
             self.backend = Worker(env, name, self.cpus["cpu1"], "L0")
-            env.process(self._l0_backend())
+            env.process(self._worker(self.backend, self._l0_backend_step, self._l0_backend_rearm))
         env.process(self._guest())
 
     # ------------------------------------------------------------ accounting
@@ -446,8 +473,10 @@ class NetperfModel:
         l1 = self.opts.path is Path.L1
         ipi = l1 and self.opts.l1_backend_vcpu == "other" and self.l1_vhost.sleeping
 
+        profile = "io_user" if l1 and self.opts.l1_backend == "qemu" else "io_kick"
+
         def exit_() -> None:
-            if m.l2_exit(R.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT) == 1:
+            if m.l2_exit(R.IO_INSTRUCTION, profile, port=VIRTIO_NOTIFY_PORT) == 1:
                 # L1's handler: ioeventfd wakes L1's vhost; on another vCPU
                 # that is an IPI (an L1 exit) before L1 resumes L2
                 if ipi:
@@ -463,36 +492,64 @@ class NetperfModel:
         return w
 
     # ------------------------------------------------------------ L0's backend
-    def _l0_backend(self) -> Generator[Any, Any, None]:
-        """vhost (single level) or L0's direct-service thread (l0)."""
-        wk = self.backend
-        c = self.costs
+    def _worker(
+        self,
+        wk: Worker,
+        step: Callable[[Work], bool],
+        rearm: Callable[[], bool],
+        *,
+        polls: bool = True,
+        on_sleep: Callable[[], Work] | None = None,
+    ) -> Generator[Any, Any, None]:
+        """A vhost worker's loop, for every backend thread.
+
+        ``step`` does one round of work with notifications off (True if it did
+        any); when there is none, ``rearm`` re-enables notifications and looks
+        again (vhost_enable_notify: True if work appeared, which disables them
+        and goes on). A worker that cannot ``poll`` (L1's vhost on L2's vCPU)
+        re-arms after every round. A woken worker pays the wake-up (the
+        scheduler's latency) before its first round. A round's effects are
+        visible at its start and its CPU time follows: half a round early.
+        """
         while True:
             work: Work = {}
-            n_tx = 0
-            while self.txq.avail and n_tx < VHOST_PKT_WEIGHT:
-                self.txq.avail.popleft()
-                n_tx += 1
-                self.to_peer.send("data", self.l3, self.wire_frames)
-            if n_tx:
-                _add(work, self._data_work("L0", n_tx, self.frame))
-                self.txq.used.extend([None] * n_tx)
-                if self.txq.irq_armed:  # the guest stopped its queue: TX interrupt
-                    self.txq.irq_armed = False
-                    self._run_on(self.cpus["cpu0"], self._interrupt_guest())
-            n_rx = self._backend_rx(work, "L0")
-            if n_tx or n_rx:
+            did = step(work)
+            if did and polls:
                 yield from wk.cpu.run(work)
                 continue
-            # about to sleep: re-arm notifications, then look again
-            self.txq.kick_armed = True
-            if self.rx_inbox and self.rxq.free() > 0:
-                self.rxq.kick_armed = False
-            if self.txq.avail or (self.rx_inbox and self.rxq.free() > 0):
-                self.txq.kick_armed = False
+            if rearm() and polls:
+                yield from wk.cpu.run(work)
                 continue
-            yield wk.sleep()
-            yield from wk.cpu.run({"L0": c.thread_wakeup})
+            if work:
+                yield from wk.cpu.run(work)
+            ev = wk.sleep()
+            if on_sleep is not None:
+                yield from wk.cpu.run(on_sleep())
+            yield ev
+            yield from wk.cpu.run({wk.level: self.costs.thread_wakeup})
+
+    def _l0_backend_step(self, work: Work) -> bool:
+        """vhost (single level) or L0's direct-service thread (l0): one round."""
+        n_tx = 0
+        while self.txq.avail and n_tx < VHOST_PKT_WEIGHT:
+            self.txq.avail.popleft()
+            n_tx += 1
+            self.to_peer.send("data", self.l3, self.wire_frames)
+        if n_tx:
+            _add(work, self._data_work("L0", n_tx, self.frame))
+            self.txq.used.extend([None] * n_tx)
+            if self.txq.irq_armed:  # the guest stopped its queue: TX interrupt
+                self.txq.irq_armed = False
+                self._run_on(self.cpus["cpu0"], self._interrupt_guest())
+        n_rx = self._backend_rx(work, "L0")
+        return bool(n_tx or n_rx)
+
+    def _l0_backend_rearm(self) -> bool:
+        self.txq.kick_armed = True
+        if self.txq.avail or (self.rx_inbox and self.rxq.free() > 0):
+            self.txq.kick_armed = False
+            return True
+        return False
 
     def _backend_rx(self, work: Work, level: str) -> int:
         """Move packets waiting at the backend into the guest's RX buffers."""
@@ -513,7 +570,7 @@ class NetperfModel:
                     self._run_on(self.cpus["cpu0"], self._interrupt_guest())
         return n
 
-    def _wire_to_backend(self, item: Any) -> None:
+    def _wire_to_backend(self, item: Any, arrival: float) -> None:
         if self.opts.path is Path.L1:
             self.l1_nic_inbox.append(item)
             self.l0_vhost.wake()
@@ -522,13 +579,11 @@ class NetperfModel:
             self.backend.wake()
 
     # ------------------------------------------------------------ the peer
-    def _peer_receive(self, item: Any) -> None:
-        c = self.c
-        env = self.env
+    def _peer_receive(self, item: Any, arrival: float) -> None:
+        """The peer takes a frame arriving at ``arrival`` (called when it is sent)."""
         self.totals["peer_received"] += 1
-        if self.measuring:
-            c.peer_rx += 1
-            c.peer_rx_bytes += self.payload
+        if self.measure_from <= arrival < self.opts.duration:
+            self.window_rx_bytes += self.payload
         t = self.test
         if t is Test.UDP_STREAM:
             return
@@ -543,33 +598,12 @@ class NetperfModel:
         else:
             kind, l3 = "response", self.l3
         turnaround = self.costs.peer_turnaround_us * 1e-6 * self.rng.uniform(0.8, 1.2)
-        # the peer answers in order: one queue, one process
-        at = max(env.now + turnaround, self.peer_last)
+        # the peer answers in order, after its turnaround: straight onto the wire
+        at = max(arrival + turnaround, self.peer_last)
         self.peer_last = at
-        self.peer_queue.append((at, kind, l3))
-        if not self.peer_idle.triggered:
-            self.peer_idle.succeed()
-
-    @property
-    def peer_pending(self) -> int:
-        return len(self.peer_queue)
-
-    def _peer(self) -> Generator[Any, Any, None]:
-        env = self.env
-        q = self.peer_queue
-        while True:
-            if not q:
-                self.peer_idle = env.event()
-                yield self.peer_idle
-                continue
-            at, kind, l3 = q[0]
-            if at > env.now:
-                yield env.timeout(at - env.now)
-                continue
-            q.popleft()
-            self.c.peer_tx += 1
-            self.totals["peer_sent"] += 1
-            self.to_guest.send((kind, env.now), l3)
+        self.c.peer_tx += 1
+        self.totals["peer_sent"] += 1
+        self.to_guest.send((kind, at), l3, at=at)
 
     # ------------------------------------------------------------ the L1 path
     def _build_l1_path(self) -> None:
@@ -588,59 +622,64 @@ class NetperfModel:
         self.l1_rx_pending: deque[Any] = deque()  # in L1's NIC RX ring
         self.l1_irq_armed = True
         self.l1_napi_pending = False
-        env.process(self._l1_vhost())
-        env.process(self._l0_vhost_for_l1())
+        env.process(
+            self._worker(
+                self.l1_vhost, self._l1_vhost_step, self._l1_vhost_rearm,
+                polls=other, on_sleep=self._l1_vhost_idle,
+            )
+        )  # fmt: skip
+        env.process(
+            self._worker(self.l0_vhost, self._l0_vhost_for_l1_step, self._l0_vhost_for_l1_rearm)
+        )
 
-    def _l1_vhost(self) -> Generator[Any, Any, None]:
-        """L1's vhost worker for L2's device, and L1's NIC receive (NAPI) on its vCPU."""
-        wk = self.l1_vhost
-        c = self.costs
-        other = self.opts.l1_backend_vcpu == "other"
-        while True:
-            work: Work = {}
-            n_tx = 0
-            while self.txq.avail and n_tx < VHOST_PKT_WEIGHT and self.l1_txq.free() > 0:
-                self.txq.avail.popleft()
-                self.l1_txq.avail.append("data")
-                n_tx += 1
-            if n_tx:
-                _add(work, self._data_work("L1", n_tx, self.frame))
-                self.txq.used.extend([None] * n_tx)
-                if self.l1_txq.kick_armed:  # L1 kicks its own NIC: an L1 exit
-                    self.l1_txq.kick_armed = False
+    def _l1_vhost_step(self, work: Work) -> bool:
+        """L1's vhost worker for L2's device, and L1's NIC receive, on its vCPU."""
+        n_tx = 0
+        while self.txq.avail and n_tx < VHOST_PKT_WEIGHT and self.l1_txq.free() > 0:
+            self.txq.avail.popleft()
+            self.l1_txq.avail.append("data")
+            n_tx += 1
+        if n_tx:
+            _add(work, self._data_work("L1", n_tx, self.frame))
+            self.txq.used.extend([None] * n_tx)
+            if self.txq.irq_armed:  # the guest stopped its queue: TX interrupt
+                self.txq.irq_armed = False
+                _add(work, self._l1_interrupt_l2())
+            if self.l1_txq.kick_armed:  # L1 kicks its own NIC: an L1 exit
+                self.l1_txq.kick_armed = False
 
-                    def kick() -> None:
-                        with self.m.l1_background():
-                            self.m.l1_exit(R.IO_INSTRUCTION, "io_kick", cause="l1-backend")
+                def kick() -> None:
+                    with self.m.l1_background():
+                        self.m.l1_exit(R.IO_INSTRUCTION, "io_kick", cause="l1-backend")
 
-                    _add(work, self._charge(kick))
-                    self.l0_vhost.wake()
-            # L1's NIC receive: NAPI in L1, the bridge, then vhost's RX into L2
-            n_rx = 0
-            while self.l1_rx_pending and n_rx < VHOST_PKT_WEIGHT:
-                self.rx_inbox.append(self.l1_rx_pending.popleft())
-                n_rx += 1
-            if n_rx:
-                _add(work, self._data_work("L1", n_rx, self.frame))  # L1's stack and bridge
-            n_in = self._backend_rx(work, "L1")
-            if n_tx or n_rx or n_in:
-                yield from wk.cpu.run(work)
-                continue
-            self.txq.kick_armed = True
-            self.l1_irq_armed = True
-            if self.txq.avail or self.l1_rx_pending or (self.rx_inbox and self.rxq.free() > 0):
-                self.txq.kick_armed = False
-                continue
-            ev = wk.sleep()
-            if other:  # L1's vCPU 1 has nothing else to run: it halts
-                w = self._charge(self.m.l1_vcpu_halt)
-                self.l1_vcpu1_halted = True
-                yield from wk.cpu.run(w)
-            elif self.m.state != L2:  # vCPU 0 woke for its NIC, L2 still halted
-                w = self._charge(self.m.l1_halt_again)
-                yield from wk.cpu.run(w)
-            yield ev
-            yield from wk.cpu.run({"L1": c.thread_wakeup})
+                _add(work, self._charge(kick))
+                self.l0_vhost.wake()
+        # L1's NIC receive: NAPI in L1, the bridge, then vhost's RX into L2
+        n_rx = 0
+        while self.l1_rx_pending and n_rx < VHOST_PKT_WEIGHT:
+            self.rx_inbox.append(self.l1_rx_pending.popleft())
+            n_rx += 1
+        if n_rx:
+            _add(work, self._data_work("L1", n_rx, self.frame))  # L1's stack and bridge
+        n_in = self._backend_rx(work, "L1")
+        return bool(n_tx or n_rx or n_in)
+
+    def _l1_vhost_rearm(self) -> bool:
+        self.txq.kick_armed = True
+        self.l1_irq_armed = True
+        if self.txq.avail or self.l1_rx_pending or (self.rx_inbox and self.rxq.free() > 0):
+            self.txq.kick_armed = False
+            return True
+        return False
+
+    def _l1_vhost_idle(self) -> Work:
+        """L1's vhost sleeps: its vCPU halts, if nothing else runs there."""
+        if self.opts.l1_backend_vcpu == "other":  # L1's vCPU 1: an L1 HLT exit
+            self.l1_vcpu1_halted = True
+            return self._charge(self.m.l1_vcpu_halt)
+        if self.m.state != L2:  # vCPU 0 woke for its NIC while L2 stays halted
+            return self._charge(self.m.l1_halt_again)
+        return {}
 
     def _l1_interrupt_l2(self) -> Work:
         """L1's vhost raises L2's interrupt; returns the work on the vhost's CPU."""
@@ -671,38 +710,33 @@ class NetperfModel:
         if work:
             cpu.spend(work)
 
-    def _l0_vhost_for_l1(self) -> Generator[Any, Any, None]:
+    def _l0_vhost_for_l1_step(self, work: Work) -> bool:
         """L0's vhost for L1's own NIC: to the wire, and from it into L1's RX ring."""
-        wk = self.l0_vhost
-        c = self.costs
-        while True:
-            work: Work = {}
-            n_tx = 0
-            while self.l1_txq.avail and n_tx < VHOST_PKT_WEIGHT:
-                self.l1_txq.avail.popleft()
-                n_tx += 1
-                self.to_peer.send("data", self.l3, self.wire_frames)
-            if n_tx:
-                _add(work, self._data_work("L0", n_tx, self.frame))
-            n_rx = 0
-            while self.l1_nic_inbox and n_rx < VHOST_PKT_WEIGHT:
-                self.l1_rx_pending.append(self.l1_nic_inbox.popleft())
-                n_rx += 1
-            if n_rx:
-                _add(work, self._data_work("L0", n_rx, self.frame))
-                if self.l1_irq_armed:  # interrupt L1 where its NIC's NAPI runs
-                    self.l1_irq_armed = False
-                    self._interrupt_l1_nic()
-                self.l1_vhost.wake()
-            if n_tx or n_rx:
-                yield from wk.cpu.run(work)
-                continue
-            self.l1_txq.kick_armed = True
-            if self.l1_txq.avail or self.l1_nic_inbox:
-                self.l1_txq.kick_armed = False
-                continue
-            yield wk.sleep()
-            yield from wk.cpu.run({"L0": c.thread_wakeup})
+        n_tx = 0
+        while self.l1_txq.avail and n_tx < VHOST_PKT_WEIGHT:
+            self.l1_txq.avail.popleft()
+            n_tx += 1
+            self.to_peer.send("data", self.l3, self.wire_frames)
+        if n_tx:
+            _add(work, self._data_work("L0", n_tx, self.frame))
+        n_rx = 0
+        while self.l1_nic_inbox and n_rx < VHOST_PKT_WEIGHT:
+            self.l1_rx_pending.append(self.l1_nic_inbox.popleft())
+            n_rx += 1
+        if n_rx:
+            _add(work, self._data_work("L0", n_rx, self.frame))
+            if self.l1_irq_armed:  # interrupt L1 where its NIC's NAPI runs
+                self.l1_irq_armed = False
+                self._interrupt_l1_nic()
+            self.l1_vhost.wake()
+        return bool(n_tx or n_rx)
+
+    def _l0_vhost_for_l1_rearm(self) -> bool:
+        self.l1_txq.kick_armed = True
+        if self.l1_txq.avail or self.l1_nic_inbox:
+            self.l1_txq.kick_armed = False
+            return True
+        return False
 
     def _interrupt_l1_nic(self) -> None:
         """L0's vhost interrupts L1 where its NIC's NAPI runs (the vhost's vCPU)."""
@@ -727,20 +761,21 @@ class NetperfModel:
         """Whole-run totals: every packet is delivered, dropped or still on its way."""
         t = self.totals
         in_guest_tx = len(self.txq.avail) + self.txq.in_device
-        to_peer = len(self.to_peer.fifo) + in_guest_tx
+        on_wire = self.to_peer.in_transit()
+        to_peer = on_wire + in_guest_tx
         to_guest = len(self.to_guest.fifo) + len(self.rx_inbox) + len(self.rxq.used)
         if self.opts.path is Path.L1:
             to_peer += len(self.l1_txq.avail)
             to_guest += len(self.l1_nic_inbox) + len(self.l1_rx_pending)
         return {
             "guest_sent": t["guest_sent"],
-            "peer_received": t["peer_received"],
+            "peer_received": t["peer_received"] - on_wire,
             "dropped_to_peer": self.to_peer.dropped,
             "in_flight_to_peer": to_peer,
             "peer_sent": t["peer_sent"],
             "guest_received": t["guest_received"],
             "dropped_to_guest": self.to_guest.dropped,
-            "in_flight_to_guest": to_guest + self.peer_pending,
+            "in_flight_to_guest": to_guest,
         }
 
     def run(self) -> dict[str, Any]:
@@ -767,7 +802,7 @@ class NetperfModel:
                 if lat
                 else {"p50": None, "p90": None, "p99": None}
             )
-        out["throughput_mbps"] = c.peer_rx_bytes * 8 / seconds / 1e6
+        out["throughput_mbps"] = self.window_rx_bytes * 8 / seconds / 1e6
         packets = c.sent
         out["packets_per_s"] = packets / seconds
         cpu = {name: cpu.utilization(seconds) for name, cpu in self.cpus.items()}

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="L1's vhost on L2's vCPU (same) or another (other, default)",
     )
     npf.add_argument(
+        "--l1-backend",
+        default="vhost",
+        help="L1's backend: vhost (in L1's kernel, default) or qemu (userspace virtio)",
+    )
+    npf.add_argument(
         "--tso",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -326,7 +331,8 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
 
     r = netperf(
         a.test, a.path, a.preset, link=a.link, duration=a.duration, size=a.size, seed=a.seed,
-        burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, tso=a.tso, apicv=a.apicv,
+        burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, l1_backend=a.l1_backend, tso=a.tso,
+        apicv=a.apicv,
         virtual_idle=a.virtual_idle,
     )  # fmt: skip
     return _emit(a.json, r, lambda: format_netperf(r))

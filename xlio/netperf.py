@@ -28,6 +28,7 @@ def netperf(
     seed: int = 1,
     burst: int = 1,
     l1_backend_vcpu: str = "other",
+    l1_backend: str = "vhost",
     tso: bool | None = None,
     apicv: bool | None = None,
     virtual_idle: bool = False,
@@ -53,9 +54,11 @@ def netperf(
         raise UsageError("--burst must be between 1 and 64")
     if l1_backend_vcpu not in ("same", "other"):
         raise UsageError("--l1-backend-vcpu must be same or other")
+    if l1_backend not in ("vhost", "qemu"):
+        raise UsageError("--l1-backend must be vhost or qemu")
     opts = NetperfOptions(
         t, p, link=link, duration=duration, size=size, seed=seed, burst=burst,
-        l1_backend_vcpu=l1_backend_vcpu, tso=tso,
+        l1_backend_vcpu=l1_backend_vcpu, l1_backend=l1_backend, tso=tso,
     )  # fmt: skip
     model = NetperfModel(PRESETS[preset], opts, apicv=apicv, virtual_idle=virtual_idle)
     r = model.run()
@@ -70,6 +73,7 @@ def netperf(
         "seed": seed,
         "burst": burst,
         "l1_backend_vcpu": l1_backend_vcpu,
+        "l1_backend": l1_backend,
         "tso": model.tso,
     }
     return r
