@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Generator
+from typing import Any
 
 import simpy
 
@@ -24,7 +26,7 @@ def bare_simpy(packets: int) -> float:
     """Packets per wall second of a SimPy loop doing nothing but one timeout each."""
     env = simpy.Environment()
 
-    def loop() -> object:
+    def loop() -> Generator[simpy.Event, Any, None]:
         for _ in range(packets):
             yield env.timeout(1e-5)
 
