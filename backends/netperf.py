@@ -414,16 +414,22 @@ class NetperfModel:
             elif self.txq.free() == 0:
                 self.txq.irq_armed = True  # stop the queue until a TX interrupt
             if did:
-                yield from cpu.run(work)
+                ev = cpu.hold(work)
+                if ev is not None:
+                    yield ev
                 continue
             # nothing to do: halt until an interrupt
-            yield from cpu.run(work)
+            ev = cpu.hold(work)
+            if ev is not None:
+                yield ev
             if self.irq_pending or self.rxq.used:
                 continue
             w = self._charge(self.m.l2_hlt)
             self.guest_halted = True
             self.guest_wake = env.event()
-            yield from cpu.run(w)
+            ev = cpu.hold(w)
+            if ev is not None:
+                yield ev
             if self.irq_pending:  # it arrived while halting
                 self.guest_halted = False
                 continue
@@ -515,18 +521,28 @@ class NetperfModel:
             work: Work = {}
             did = step(work)
             if did and polls:
-                yield from wk.cpu.run(work)
+                ev = wk.cpu.hold(work)
+                if ev is not None:
+                    yield ev
                 continue
             if rearm() and polls:
-                yield from wk.cpu.run(work)
+                ev = wk.cpu.hold(work)
+                if ev is not None:
+                    yield ev
                 continue
             if work:
-                yield from wk.cpu.run(work)
-            ev = wk.sleep()
+                ev = wk.cpu.hold(work)
+                if ev is not None:
+                    yield ev
+            woken = wk.sleep()
             if on_sleep is not None:
-                yield from wk.cpu.run(on_sleep())
-            yield ev
-            yield from wk.cpu.run({wk.level: self.costs.thread_wakeup})
+                ev = wk.cpu.hold(on_sleep())
+                if ev is not None:
+                    yield ev
+            yield woken
+            ev = wk.cpu.hold({wk.level: self.costs.thread_wakeup})
+            if ev is not None:
+                yield ev
 
     def _l0_backend_step(self, work: Work) -> bool:
         """vhost (single level) or L0's direct-service thread (l0): one round."""
@@ -648,11 +664,15 @@ class NetperfModel:
             if self.l1_txq.kick_armed:  # L1 kicks its own NIC: an L1 exit
                 self.l1_txq.kick_armed = False
 
-                def kick() -> None:
-                    with self.m.l1_background():
-                        self.m.l1_exit(R.IO_INSTRUCTION, "io_kick", cause="l1-backend")
-
-                _add(work, self._charge(kick))
+                m = self.m
+                _add(
+                    work,
+                    self._charge(
+                        lambda: m.l1_exit(
+                            R.IO_INSTRUCTION, "io_kick", cause="l1-backend", background=True
+                        )
+                    ),
+                )
                 self.l0_vhost.wake()
         # L1's NIC receive: NAPI in L1, the bridge, then vhost's RX into L2
         n_rx = 0

@@ -27,10 +27,11 @@ class Cpu:
     """One physical CPU: exclusive, first come first served, busy time by level.
 
     A single server needs no queue object: the CPU is free at ``free_at``,
-    and work asked for now starts then. :meth:`run` makes the asking thread
-    wait until its work is done; :meth:`spend` queues work that runs on this
-    CPU on behalf of another thread (an interrupt's handling, say) without a
-    waiting process, delaying whatever the CPU's own thread asks for next.
+    and work asked for now starts then. :meth:`run` (or :meth:`hold`, the
+    event itself) makes the asking thread wait until its work is done;
+    :meth:`spend` queues work that runs on this CPU on behalf of another
+    thread (an interrupt's handling, say) without a waiting process,
+    delaying whatever the CPU's own thread asks for next.
     """
 
     def __init__(self, env: simpy.Environment, name: str, clock_ghz: float) -> None:
@@ -41,21 +42,31 @@ class Cpu:
         self.busy = dict.fromkeys(LEVELS, 0.0)  # seconds
 
     def _book(self, work: dict[str, float]) -> float:
-        total = sum(work.values())
-        if total <= 0:
-            return self.env.now
-        start = max(self.env.now, self.free_at)
-        self.free_at = start + total / self.hz
+        total = 0.0
         busy = self.busy
+        hz = self.hz
         for level, cycles in work.items():
-            busy[level] += cycles / self.hz
+            total += cycles
+            busy[level] += cycles / hz
+        now = self.env.now
+        if total <= 0:
+            return now
+        free = self.free_at
+        self.free_at = (free if free > now else now) + total / hz
         return self.free_at
 
-    def run(self, work: dict[str, float]) -> Generator[Any, Any, None]:
-        """Hold the CPU for ``work`` (cycles by level), after anything queued before."""
+    def hold(self, work: dict[str, float]) -> simpy.Timeout | None:
+        """The event that ends ``work`` on this CPU (after anything queued
+        before), for the asking thread to wait on; None if it ends now."""
         end = self._book(work)
-        if end > self.env.now:
-            yield self.env.timeout(end - self.env.now)
+        now = self.env.now
+        return self.env.timeout(end - now) if end > now else None
+
+    def run(self, work: dict[str, float]) -> Generator[Any, Any, None]:
+        """Hold the CPU for ``work`` (cycles by level): ``yield from cpu.run(work)``."""
+        ev = self.hold(work)
+        if ev is not None:
+            yield ev
 
     def spend(self, work: dict[str, float]) -> None:
         """Queue ``work`` on this CPU for another thread's sake; nobody waits for it."""

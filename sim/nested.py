@@ -353,7 +353,8 @@ class NestedVmx:
             s.crossings += 1
             if hardware:
                 s.exit(L2, reason, hw + h + l0_extra)
-            self._trace("L2", "exit", reason.name, "L0 handles", handler)
+            if self.stats.trace is not None:
+                self._trace("L2", "exit", reason.name, "L0 handles", handler)
             return L0
         self._reflect(reflect_as or reason, handler, l0_extra, hw, reason)
         return L1
@@ -379,7 +380,8 @@ class NestedVmx:
         self.state = L1
         self._cache = EMPTY_CACHE
         how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
-        self._trace("L2", "exit", hw_reason.name, how, profile_name)
+        if self.stats.trace is not None:
+            self._trace("L2", "exit", hw_reason.name, how, profile_name)
         # the pollution factor applies here only: handler work in L1's exit path
         s.cycles_l1 += c.l1_exit_framework + self._l1_handler[profile.handler]
         # a reflection always starts from an empty register cache, so the
@@ -482,9 +484,21 @@ class NestedVmx:
                     ("L1", kind, VmcsField(f).name, "trapped" if trapped else "exitless", where)
                 )
 
-    def l1_exit(self, reason: ExitReason, handler: str, *, cause: str, count: int = 1) -> None:
-        """``count`` hardware exits L1 takes to L0 on its own (L0 handles them)."""
-        self._require_l1("an L1 exit")
+    def l1_exit(
+        self,
+        reason: ExitReason,
+        handler: str,
+        *,
+        cause: str,
+        count: int = 1,
+        background: bool = False,
+    ) -> None:
+        """``count`` hardware exits L1 takes to L0 on its own (L0 handles them).
+
+        ``background``: on another of L1's vCPUs (see :meth:`l1_background`).
+        """
+        if not background:
+            self._require_l1("an L1 exit")
         s = self.stats
         c = self.costs
         h = c.handlers[handler]
@@ -497,7 +511,8 @@ class NestedVmx:
         s.by_cause[cause] += count
         if cause == "l1-backend":
             s.l1_be_exits += count
-        self._trace("L1", "exit", reason.name, cause, count)
+        if self.stats.trace is not None:
+            self._trace("L1", "exit", reason.name, cause, count)
 
     def l1_work(self, cycles: float) -> None:
         """Cycles L1 spends without exiting (its backend copying a frame)."""
@@ -523,7 +538,8 @@ class NestedVmx:
             self.stats.wakeups += 1
             self.stats.cycles_l1 += self.costs.vcpu_wakeup
         self.stats.irqs_injected_l2 += 1
-        self._trace("L1", "inject", "L2")
+        if self.stats.trace is not None:
+            self._trace("L1", "inject", "L2")
 
     def l1_vmresume(self) -> None:
         """L1's entry epilogue, deferred writes, then the VMRESUME L0 emulates."""
@@ -554,7 +570,8 @@ class NestedVmx:
         self.vmcs12_dirty = False
         self.state = L2
         self.l2_apic.accept(self.l2_pid)  # vmcs02's PI descriptor is processed on entry
-        self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
+        if self.stats.trace is not None:
+            self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
 
     # ------------------------------------------------------------- L0 side
     def l0_work(self, cycles: float) -> None:
@@ -596,7 +613,8 @@ class NestedVmx:
                 s.cycles_l0 += c.handlers["inject"]
             self.l2_apic.irr |= 1 << vector
             s.irqs_injected_l2 += 1
-            self._trace("L0", "inject", "L2")
+            if self.stats.trace is not None:
+                self._trace("L0", "inject", "L2")
             return
         if apicv:
             self.l2_pid.post(vector)
@@ -605,19 +623,23 @@ class NestedVmx:
             s.irqs_injected_l2 += 1
             if self.state == L2 and not self.l2_halted:
                 self.l2_apic.accept(self.l2_pid)  # nested posted interrupt, no exit
-                self._trace("L0", "post", "L2 running")
+                if self.stats.trace is not None:
+                    self._trace("L0", "post", "L2 running")
             elif self.state == L2:  # virtual idle: L0 holds L2's HLT
                 self._wake_l2_in_l0()
                 self.l2_apic.accept(self.l2_pid)
-                self._trace("L0", "post", "L2 halted in L0")
+                if self.stats.trace is not None:
+                    self._trace("L0", "post", "L2 halted in L0")
             elif not self.l1_halted:  # L1 runs on L2's vCPU: taken at its VMRESUME
-                self._trace("L0", "post", "L1 running")
+                if self.stats.trace is not None:
+                    self._trace("L0", "post", "L1 running")
             else:  # L2 halted in L1: the notification vector wakes L1
                 self._wake_l1(notify=True)
                 self.l2_halted = False
                 s.wakeups += 1
                 s.cycles_l1 += c.vcpu_wakeup  # L1 unblocks L2's vCPU thread
-                self._trace("L0", "post", "L2 halted in L1: notify L1")
+                if self.stats.trace is not None:
+                    self._trace("L0", "post", "L2 halted in L1: notify L1")
                 self.l1_vmresume()
             return
         # no APICv: through L1's emulated APIC for L2
@@ -641,7 +663,8 @@ class NestedVmx:
         # L1's interrupt handler (the PI wake-up vector, or its NIC's), in L1's
         # own kernel: not exit-path work, so no pollution factor
         s.cycles_l1 += c.handlers["external_interrupt"]
-        self._trace("L0", "wake", "L1", "notification" if notify else "interrupt")
+        if self.stats.trace is not None:
+            self._trace("L0", "wake", "L1", "notification" if notify else "interrupt")
 
     def l0_interrupt_l1(self) -> None:
         """L0 raises an interrupt for L1 (L1's own device, or a doorbell for L2's).
@@ -685,8 +708,7 @@ class NestedVmx:
         interrupts L1's vCPU 0 without APICv); for another L1 vCPU,
         :meth:`l0_interrupt_l1_vcpu`.
         """
-        with self.l1_background():
-            self.l1_exit(R.MSR_WRITE, "msr_write", cause="l1-ipi")
+        self.l1_exit(R.MSR_WRITE, "msr_write", cause="l1-ipi", background=True)
 
     def l0_interrupt_l1_vcpu(self, *, halted: bool) -> None:
         """L0 delivers an interrupt to one of L1's vCPUs that does not run L2.
@@ -708,8 +730,9 @@ class NestedVmx:
             s.cycles_l0 += c.posted_intr
         else:
             s.cycles_l0 += c.handlers["inject"]
-            with self.l1_background():
-                self.l1_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq")
+            self.l1_exit(
+                R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq", background=True
+            )
 
     def l1_halt_again(self) -> None:
         """L1, woken on L2's vCPU for its own work while L2 stays halted, halts again."""
@@ -719,8 +742,7 @@ class NestedVmx:
 
     def l1_vcpu_halt(self) -> None:
         """One of L1's vCPUs not running L2 has nothing to do: an L1 HLT exit."""
-        with self.l1_background():
-            self.l1_exit(R.HLT, "hlt", cause="l1-idle")
+        self.l1_exit(R.HLT, "hlt", cause="l1-idle", background=True)
 
     # ------------------------------------------------------------- L2 side, again
     def l2_eoi(self) -> None:
