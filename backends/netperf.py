@@ -546,11 +546,7 @@ class NetperfModel:
 
     def _l0_backend_step(self, work: Work) -> bool:
         """vhost (single level) or L0's direct-service thread (l0): one round."""
-        n_tx = 0
-        while self.txq.avail and n_tx < VHOST_PKT_WEIGHT:
-            self.txq.avail.popleft()
-            n_tx += 1
-            self.to_peer.send("data", self.l3, self.wire_frames)
+        n_tx = self._to_wire(self.txq)
         if n_tx:
             _add(work, self._data_work("L0", n_tx, self.frame))
             self.txq.used.extend([None] * n_tx)
@@ -559,6 +555,15 @@ class NetperfModel:
                 self._run_on(self.cpus["cpu0"], self._interrupt_guest())
         n_rx = self._backend_rx(work, "L0")
         return bool(n_tx or n_rx)
+
+    def _to_wire(self, ring: Ring) -> int:
+        """L0's worker puts up to a round's worth of a TX ring on the wire."""
+        n = 0
+        while ring.avail and n < VHOST_PKT_WEIGHT:
+            ring.avail.popleft()
+            n += 1
+            self.to_peer.send("data", self.l3, self.wire_frames)
+        return n
 
     def _l0_backend_rearm(self) -> bool:
         self.txq.kick_armed = True
@@ -732,11 +737,7 @@ class NetperfModel:
 
     def _l0_vhost_for_l1_step(self, work: Work) -> bool:
         """L0's vhost for L1's own NIC: to the wire, and from it into L1's RX ring."""
-        n_tx = 0
-        while self.l1_txq.avail and n_tx < VHOST_PKT_WEIGHT:
-            self.l1_txq.avail.popleft()
-            n_tx += 1
-            self.to_peer.send("data", self.l3, self.wire_frames)
+        n_tx = self._to_wire(self.l1_txq)
         if n_tx:
             _add(work, self._data_work("L0", n_tx, self.frame))
         n_rx = 0

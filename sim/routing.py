@@ -129,48 +129,6 @@ class L1Controls:
     cr4_mask: int = ~CR4_PGE
 
 
-def l1_wants(
-    reason: ExitReason,
-    ctl: L1Controls,
-    *,
-    port: int = -1,
-    msr: int = -1,
-    vector: int = -1,
-    cr: int = -1,
-    bits: int = 0,
-) -> bool:
-    """Whether L1 asked for this exit (KVM: nested_vmx_l1_wants_exit).
-
-    ``port`` for I/O, ``msr`` for MSR accesses, ``vector`` for exceptions,
-    ``cr`` and the changed ``bits`` for a control-register write.
-    """
-    route = ROUTES.get(reason, DEFAULT_ROUTE)
-    rule = route.rule
-    if rule is Rule.L1:
-        return True
-    if rule is Rule.L1_IF_EXCEPTION:
-        return bool(ctl.exception_bitmap >> vector & 1) if vector >= 0 else True
-    if rule is Rule.L1_IF_CR:
-        if cr == 0:
-            return bool(bits & ctl.cr0_mask)
-        if cr == 4:
-            return bool(bits & ctl.cr4_mask)
-        return bool(ctl.cpu_based & route.control)
-    if rule is Rule.L1_IF_CPU_CONTROL:
-        return bool(ctl.cpu_based & route.control)
-    if rule is Rule.L1_IF_PIN_CONTROL:
-        return bool(ctl.pin_based & route.control)
-    if rule is Rule.L1_IF_IO_EXITING:
-        if ctl.cpu_based & CpuBased.USE_IO_BITMAPS:
-            return port not in ctl.io_passthrough
-        return bool(ctl.cpu_based & CpuBased.UNCOND_IO_EXITING)
-    if rule is Rule.L1_IF_MSR_EXITING:
-        if not ctl.cpu_based & CpuBased.USE_MSR_BITMAPS:
-            return True
-        return msr in ctl.msr_bitmap
-    return False  # Rule.L0 rows never reach here: l0 wants them first
-
-
 def route_l2_exit(
     reason: ExitReason,
     ctl: L1Controls,
@@ -181,8 +139,37 @@ def route_l2_exit(
     cr: int = -1,
     bits: int = 0,
 ) -> int:
-    """The level (0 or 1) that handles an L2 exit."""
-    rule = ROUTES.get(reason, DEFAULT_ROUTE).rule
-    if rule is Rule.L0 or (rule is Rule.L1_IF_EXCEPTION and vector == NMI_VECTOR):
-        return 0  # nested_vmx_l0_wants_exit
-    return 1 if l1_wants(reason, ctl, port=port, msr=msr, vector=vector, cr=cr, bits=bits) else 0
+    """The level (0 or 1) that handles an L2 exit.
+
+    KVM's nested_vmx_l0_wants_exit first, then nested_vmx_l1_wants_exit:
+    ``port`` for I/O, ``msr`` for MSR accesses, ``vector`` for exceptions,
+    ``cr`` and the changed ``bits`` for a control-register write.
+    """
+    route = ROUTES.get(reason, DEFAULT_ROUTE)
+    rule = route.rule
+    if rule is Rule.L0:
+        return 0
+    if rule is Rule.L1:
+        return 1
+    if rule is Rule.L1_IF_EXCEPTION:
+        if vector == NMI_VECTOR:
+            return 0  # nested_vmx_l0_wants_exit: NMIs are L0's
+        return int(bool(ctl.exception_bitmap >> vector & 1)) if vector >= 0 else 1
+    if rule is Rule.L1_IF_CR:
+        if cr == 0:
+            return int(bool(bits & ctl.cr0_mask))
+        if cr == 4:
+            return int(bool(bits & ctl.cr4_mask))
+        return int(bool(ctl.cpu_based & route.control))
+    if rule is Rule.L1_IF_CPU_CONTROL:
+        return int(bool(ctl.cpu_based & route.control))
+    if rule is Rule.L1_IF_PIN_CONTROL:
+        return int(bool(ctl.pin_based & route.control))
+    if rule is Rule.L1_IF_IO_EXITING:
+        if ctl.cpu_based & CpuBased.USE_IO_BITMAPS:
+            return int(port not in ctl.io_passthrough)
+        return int(bool(ctl.cpu_based & CpuBased.UNCOND_IO_EXITING))
+    # Rule.L1_IF_MSR_EXITING
+    if not ctl.cpu_based & CpuBased.USE_MSR_BITMAPS:
+        return 1
+    return int(msr in ctl.msr_bitmap)
