@@ -155,6 +155,19 @@ class Worker:
         self.sleeping = False
         self.wake_event: simpy.Event = env.event()
         self.wakeups = 0
+        self.timer_at = float("inf")  # a wake-up already set for this time
+
+    def wake_at(self, t: float) -> None:
+        """Wake up at ``t`` (a frame's arrival), unless a timer fires earlier."""
+        if t >= self.timer_at:
+            return
+        self.timer_at = t
+        timer = self.env.timeout(max(0.0, t - self.env.now))
+        timer.callbacks.append(self._fire)
+
+    def _fire(self, _: simpy.Event) -> None:
+        self.timer_at = float("inf")
+        self.wake()
 
     def wake(self) -> None:
         if self.sleeping:
@@ -290,7 +303,8 @@ class NetperfModel:
         self.acked_per_ack = self.payload * (2 if self.wire_frames == 1 else 1)
         rate = LINKS[opts.link]
         self.to_peer = Link(env, rate, self._peer_receive, immediate=True)
-        self.to_guest = Link(env, rate, self._wire_to_backend)
+        self.to_guest = Link(env, rate, self._wire_to_backend, immediate=True)
+        self.wire_inbox: deque[tuple[float, Any]] = deque()  # frames for the wire's worker
         # the guest's device rings and the backend that serves them
         q = opts.queue_size
         self.txq = Ring(q)
@@ -535,10 +549,8 @@ class NetperfModel:
                 if ev is not None:
                     yield ev
             woken = wk.sleep()
-            if on_sleep is not None:
-                ev = wk.cpu.hold(on_sleep())
-                if ev is not None:
-                    yield ev
+            if on_sleep is not None:  # its vCPU halts: CPU time nobody waits for
+                wk.cpu.spend(on_sleep())
             yield woken
             ev = wk.cpu.hold({wk.level: self.costs.thread_wakeup})
             if ev is not None:
@@ -553,6 +565,7 @@ class NetperfModel:
             if self.txq.irq_armed:  # the guest stopped its queue: TX interrupt
                 self.txq.irq_armed = False
                 self._run_on(self.cpus["cpu0"], self._interrupt_guest())
+        self._arrivals(self.rx_inbox)
         n_rx = self._backend_rx(work, "L0")
         return bool(n_tx or n_rx)
 
@@ -567,9 +580,11 @@ class NetperfModel:
 
     def _l0_backend_rearm(self) -> bool:
         self.txq.kick_armed = True
-        if self.txq.avail or (self.rx_inbox and self.rxq.free() > 0):
+        if self.txq.avail or self._arrived() or (self.rx_inbox and self.rxq.free() > 0):
             self.txq.kick_armed = False
             return True
+        if self.wire_inbox:  # the next frame on the wire wakes the worker
+            self.backend.wake_at(self.wire_inbox[0][0])
         return False
 
     def _backend_rx(self, work: Work, level: str) -> int:
@@ -592,12 +607,25 @@ class NetperfModel:
         return n
 
     def _wire_to_backend(self, item: Any, arrival: float) -> None:
-        if self.opts.path is Path.L1:
-            self.l1_nic_inbox.append(item)
-            self.l0_vhost.wake()
-        else:
-            self.rx_inbox.append(item)
-            self.backend.wake()
+        """A frame for the guest, arriving at ``arrival`` at the worker facing the
+        wire (called when the peer sends it): it wakes a sleeping worker then."""
+        self.wire_inbox.append((arrival, item))
+        wk = self.l0_vhost if self.opts.path is Path.L1 else self.backend
+        if wk.sleeping:
+            wk.wake_at(arrival)
+
+    def _arrivals(self, into: deque[Any]) -> int:
+        """Move the frames that have arrived into the worker's inbox."""
+        inbox = self.wire_inbox
+        now = self.env.now
+        n = 0
+        while inbox and inbox[0][0] <= now:
+            into.append(inbox.popleft()[1])
+            n += 1
+        return n
+
+    def _arrived(self) -> bool:
+        return bool(self.wire_inbox) and self.wire_inbox[0][0] <= self.env.now
 
     # ------------------------------------------------------------ the peer
     def _peer_receive(self, item: Any, arrival: float) -> None:
@@ -740,6 +768,7 @@ class NetperfModel:
         n_tx = self._to_wire(self.l1_txq)
         if n_tx:
             _add(work, self._data_work("L0", n_tx, self.frame))
+        self._arrivals(self.l1_nic_inbox)
         n_rx = 0
         while self.l1_nic_inbox and n_rx < VHOST_PKT_WEIGHT:
             self.l1_rx_pending.append(self.l1_nic_inbox.popleft())
@@ -754,9 +783,11 @@ class NetperfModel:
 
     def _l0_vhost_for_l1_rearm(self) -> bool:
         self.l1_txq.kick_armed = True
-        if self.l1_txq.avail or self.l1_nic_inbox:
+        if self.l1_txq.avail or self.l1_nic_inbox or self._arrived():
             self.l1_txq.kick_armed = False
             return True
+        if self.wire_inbox:  # the next frame on the wire wakes the worker
+            self.l0_vhost.wake_at(self.wire_inbox[0][0])
         return False
 
     def _interrupt_l1_nic(self) -> None:
@@ -784,7 +815,7 @@ class NetperfModel:
         in_guest_tx = len(self.txq.avail) + self.txq.in_device
         on_wire = self.to_peer.in_transit()
         to_peer = on_wire + in_guest_tx
-        to_guest = len(self.to_guest.fifo) + len(self.rx_inbox) + len(self.rxq.used)
+        to_guest = len(self.wire_inbox) + len(self.rx_inbox) + len(self.rxq.used)
         if self.opts.path is Path.L1:
             to_peer += len(self.l1_txq.avail)
             to_guest += len(self.l1_nic_inbox) + len(self.l1_rx_pending)
@@ -804,7 +835,7 @@ class NetperfModel:
         env.run(until=self.measure_from)
         self.m.reset_stats()
         for cpu in self.cpus.values():
-            cpu.busy = dict.fromkeys(cpu.busy, 0.0)
+            cpu.reset()
         self.to_peer.busy = self.to_guest.busy = 0.0
         self.c = Counters()
         self.measuring = True

@@ -39,20 +39,20 @@ class Cpu:
         self.name = name
         self.hz = clock_ghz * 1e9
         self.free_at = 0.0
-        self.busy = dict.fromkeys(LEVELS, 0.0)  # seconds
+        self.busy_cycles = dict.fromkeys(LEVELS, 0.0)
 
     def _book(self, work: dict[str, float]) -> float:
         total = 0.0
-        busy = self.busy
-        hz = self.hz
+        busy = self.busy_cycles
         for level, cycles in work.items():
-            total += cycles
-            busy[level] += cycles / hz
+            if cycles:
+                total += cycles
+                busy[level] += cycles
         now = self.env.now
-        if total <= 0:
+        if not total:
             return now
         free = self.free_at
-        self.free_at = (free if free > now else now) + total / hz
+        self.free_at = (free if free > now else now) + total / self.hz
         return self.free_at
 
     def hold(self, work: dict[str, float]) -> simpy.Timeout | None:
@@ -72,8 +72,18 @@ class Cpu:
         """Queue ``work`` on this CPU for another thread's sake; nobody waits for it."""
         self._book(work)
 
+    @property
+    def busy(self) -> dict[str, float]:
+        """Busy seconds by level."""
+        return {k: v / self.hz for k, v in self.busy_cycles.items()}
+
+    def reset(self) -> None:
+        """Forget the busy time so far (the end of a warm-up)."""
+        self.busy_cycles = dict.fromkeys(LEVELS, 0.0)
+
     def utilization(self, seconds: float) -> dict[str, float]:
         """Busy share of ``seconds`` by level, and ``total``."""
-        out = {k: v / seconds for k, v in self.busy.items()}
-        out["total"] = sum(self.busy.values()) / seconds
+        busy = self.busy
+        out = {k: v / seconds for k, v in busy.items()}
+        out["total"] = sum(busy.values()) / seconds
         return out
