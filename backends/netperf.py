@@ -130,18 +130,17 @@ class Ring:
     ``irq_armed``: the driver wants an interrupt for used buffers.
     """
 
-    __slots__ = ("size", "avail", "used", "in_device", "kick_armed", "irq_armed")
+    __slots__ = ("size", "avail", "used", "kick_armed", "irq_armed")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.avail: deque[Any] = deque()  # published by the driver, not yet taken
         self.used: deque[Any] = deque()  # returned by the device, not yet reaped
-        self.in_device = 0  # taken by the device, not yet returned
         self.kick_armed = True
         self.irq_armed = True
 
     def free(self) -> int:
-        return self.size - len(self.avail) - len(self.used) - self.in_device
+        return self.size - len(self.avail) - len(self.used)
 
 
 class Worker:
@@ -184,48 +183,39 @@ class Worker:
 class Link:
     """One direction of the wire: frames serialized back to back at ``rate``.
 
-    The sender's queue (the host NIC's, ``txqueuelen`` 1000) is bounded: a
-    frame that finds it full is dropped and counted.
+    Both ends of this wire are pure functions of arrival times (the peer, and
+    a backend's inbox read by timestamp), so a frame is handed over when it
+    is sent, with the time it will arrive: no event per frame. The sender's
+    queue (the host NIC's, ``txqueuelen`` 1000) is bounded: a frame that
+    finds it full is dropped and counted.
     """
 
     QUEUE = 1000
 
     def __init__(
-        self,
-        env: simpy.Environment,
-        rate: float,
-        deliver: Callable[[Any, float], None],
-        *,
-        immediate: bool = False,
+        self, env: simpy.Environment, rate: float, deliver: Callable[[Any, float], None]
     ) -> None:
-        """``deliver(item, arrival)`` at the arrival time; with ``immediate`` (a
-        receiver that is a pure function of arrival times, the bare-metal peer)
-        at send time, which saves an event per frame."""
         self.env = env
         self.rate = rate
-        self.deliver = deliver
-        self.immediate = immediate
+        self.deliver = deliver  # deliver(item, arrival time)
         self.free_at = 0.0
         self.busy = 0.0  # seconds spent serializing
         self.dropped = 0
-        self.fifo: deque[tuple[float, Any]] = deque()
-        self.idle: simpy.Event = env.event()
-        if not immediate:
-            env.process(self._run())
+        self.arrivals: deque[float] = deque()  # of frames not yet arrived
 
     def in_transit(self) -> int:
         """Frames sent and not yet arrived."""
-        fifo = self.fifo
+        arrivals = self.arrivals
         now = self.env.now
-        while fifo and fifo[0][0] <= now:
-            fifo.popleft()
-        return len(fifo)
+        while arrivals and arrivals[0] <= now:
+            arrivals.popleft()
+        return len(arrivals)
 
     def send(self, item: Any, l3_bytes: int, frames: int = 1, at: float | None = None) -> bool:
         """Queue ``frames`` frames carrying ``l3_bytes`` (from time ``at``, now by
-        default; calls must come in time order), delivered as one item at the
-        end of the last; False (and counted) when the queue is full."""
-        if (self.in_transit() if self.immediate else len(self.fifo)) >= self.QUEUE:
+        default; calls come in time order), delivered as one item at the end of
+        the last; False (and counted) when the queue is full."""
+        if self.in_transit() >= self.QUEUE:
             self.dropped += 1
             return False
         wire = max(l3_bytes + frames * ETH_WIRE_OVERHEAD, frames * MIN_FRAME)
@@ -233,34 +223,14 @@ class Link:
         start = max(self.env.now if at is None else at, self.free_at)
         self.free_at = start + t
         self.busy += t
-        self.fifo.append((self.free_at, item))
-        if self.immediate:
-            self.deliver(item, self.free_at)
-        elif not self.idle.triggered:
-            self.idle.succeed()
+        self.arrivals.append(self.free_at)
+        self.deliver(item, self.free_at)
         return True
-
-    def _run(self) -> Generator[Any, Any, None]:
-        env = self.env
-        while True:
-            if not self.fifo:
-                self.idle = env.event()
-                yield self.idle
-                continue
-            t, item = self.fifo[0]
-            if t > env.now:
-                yield env.timeout(t - env.now)
-                continue
-            self.fifo.popleft()
-            self.deliver(item, t)
 
 
 @dataclass
 class Counters:
     sent: int = 0  # packets the guest transmitted
-    received: int = 0  # packets the guest received
-    peer_tx: int = 0  # packets the peer sent
-    guest_rx_bytes: int = 0
     kicks: int = 0  # guest notifications of its device
     irqs: int = 0  # interrupts delivered to the guest
     transactions: int = 0
@@ -302,8 +272,8 @@ class NetperfModel:
         self.frame = self.payload + headers + ETH_HEADER + VNET_HDR  # bytes in guest buffers
         self.acked_per_ack = self.payload * (2 if self.wire_frames == 1 else 1)
         rate = LINKS[opts.link]
-        self.to_peer = Link(env, rate, self._peer_receive, immediate=True)
-        self.to_guest = Link(env, rate, self._wire_to_backend, immediate=True)
+        self.to_peer = Link(env, rate, self._peer_receive)
+        self.to_guest = Link(env, rate, self._wire_to_backend)
         self.wire_inbox: deque[tuple[float, Any]] = deque()  # frames for the wire's worker
         # the guest's device rings and the backend that serves them
         q = opts.queue_size
@@ -469,7 +439,6 @@ class NetperfModel:
 
     def _guest_consume(self, pkt: tuple[str, float]) -> int:
         """One received packet through the guest's stack; its payload bytes."""
-        self.c.received += 1
         self.totals["guest_received"] += 1
         kind = pkt[0]
         if kind == "ack":
@@ -481,7 +450,6 @@ class NetperfModel:
                 self.c.latencies.append(self.env.now - start)
         if kind == "ack":
             return 0
-        self.c.guest_rx_bytes += self.payload
         return self.payload
 
     def _kick(self, *, rx: bool) -> Work:
@@ -650,7 +618,6 @@ class NetperfModel:
         # the peer answers in order, after its turnaround: straight onto the wire
         at = max(arrival + turnaround, self.peer_last)
         self.peer_last = at
-        self.c.peer_tx += 1
         self.totals["peer_sent"] += 1
         self.to_guest.send((kind, at), l3, at=at)
 
@@ -812,7 +779,7 @@ class NetperfModel:
     def conservation(self) -> dict[str, int]:
         """Whole-run totals: every packet is delivered, dropped or still on its way."""
         t = self.totals
-        in_guest_tx = len(self.txq.avail) + self.txq.in_device
+        in_guest_tx = len(self.txq.avail)
         on_wire = self.to_peer.in_transit()
         to_peer = on_wire + in_guest_tx
         to_guest = len(self.wire_inbox) + len(self.rx_inbox) + len(self.rxq.used)
