@@ -153,7 +153,6 @@ class Worker:
         self.level = level
         self.sleeping = False
         self.wake_event: simpy.Event = env.event()
-        self.wakeups = 0
         self.timer_at = float("inf")  # a wake-up already set for this time
 
     def wake_at(self, t: float) -> None:
@@ -171,7 +170,6 @@ class Worker:
     def wake(self) -> None:
         if self.sleeping:
             self.sleeping = False
-            self.wakeups += 1
             self.wake_event.succeed()
 
     def sleep(self) -> simpy.Event:

@@ -102,10 +102,9 @@ class VirtualEpt:
         self._ept01_leaf: dict[int, int] = {}
         self._tcache: dict[int, int] = {}  # translation service: L2 page -> host frame
         self._wp: dict[int, int] = {}  # write-protected EPT12 table frame -> region base
-        self._unsync: dict[int, int] = {}  # kvm: unsync EPT12 leaf frame -> region base
-        # kvm: what EPT02 was built from, per unsync leaf (its entries when it
-        # went unsync, updated for entries built since)
-        self._synced: dict[int, list[int]] = {}
+        # kvm: unsync EPT12 leaf frame -> (region base, what EPT02 was built
+        # from: its entries when it went unsync, updated for entries built since)
+        self._unsync: dict[int, tuple[int, list[int]]] = {}
         self._upper: set[int] = set()  # kvm: write-tracked upper-level EPT12 frames
         # deferred rebuild: an L2 page is stale when EPT02 built it before the
         # latest INVEPT zap (generation counter: an INVEPT is O(1))
@@ -209,10 +208,10 @@ class VirtualEpt:
                     self._zap_all()
                 return
             m.l1_exit(ExitReason.EPT_VIOLATION, "unsync", cause="ept12-unsync")
-            self._unsync[frame] = self._wp.pop(frame)
-            # what EPT02 was built from: the page as it was while protected
             assert self.ept12 is not None
-            self._synced[frame] = list(self.ept12.store.read_page_qwords(frame))
+            # what EPT02 was built from: the page as it was while protected
+            entries = list(self.ept12.store.read_page_qwords(frame))
+            self._unsync[frame] = (self._wp.pop(frame), entries)
             s.lock_acquisitions += 1
             s.cycles_l0 += c.lock
             return
@@ -301,13 +300,12 @@ class VirtualEpt:
         s = self.m.stats
         c = self.costs
         shift = self.page_shift
-        for frame, region in self._unsync.items():
+        for frame, (region, synced) in self._unsync.items():
             e02 = self.ept02.read_leaves(region)
             if e02 is None:
                 self._wp[frame] = region
                 continue
             e12 = self.ept12.store.read_page_qwords(frame)
-            synced = self._synced.pop(frame)
             new = list(e02)
             first = region >> shift
             present = 0
@@ -326,7 +324,6 @@ class VirtualEpt:
             s.ept12_leaves_resynced += 1
             self._wp[frame] = region
         self._unsync.clear()
-        self._synced.clear()
         self.epoch += 1
         self._tcache.clear()
 
@@ -372,7 +369,8 @@ class VirtualEpt:
         defer = self.defer_rebuild
         prefetch = self.scheme == "kvm"
         swapped = self.swapped_out
-        synced = self._synced.get(e12_frame) if prefetch else None
+        unsync = self._unsync.get(e12_frame) if prefetch else None
+        synced = unsync[1] if unsync is not None else None
         gen = self._gen
         built_gen = self._built_gen
         while i < stop - region_first:

@@ -226,13 +226,11 @@ def _play(m: NestedVmx, step: Step) -> None:
 def _remote_wakeup(config: Config) -> float:
     """The halted target vCPU of ``ipi``: woken, takes the interrupt, EOIs."""
     r = NestedVmx(config)
-    if config.nested:  # L2's vCPU 1 halted in L1; L1's vCPU 1 halted in L0
-        r.state = L1
-        r.l1_halted = True
-    r.l2_halted = True
+    r.l2_hlt()  # it halted earlier (nested: reflected to L1, which halts too)
+    before = r.stats.cycles
     r.l0_interrupt_l2()
     r.l2_eoi()
-    return r.stats.cycles
+    return r.stats.cycles - before
 
 
 def run_test(

@@ -53,13 +53,15 @@ def _add_model_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="store_true", help="record every event (slower)")
 
 
-def _add_apic_switches(p: argparse.ArgumentParser) -> None:
+def _add_apic_switches(p: argparse.ArgumentParser, *, idle: bool = True) -> None:
     p.add_argument(
         "--apicv",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="APICv: posted interrupts, virtual-interrupt delivery (default: the preset's)",
     )
+    if not idle:
+        return
     p.add_argument(
         "--virtual-idle", action="store_true", help="L0 keeps L2's HLT (DVH's virtual idle)"
     )
@@ -156,10 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", type=int, choices=(1, 2), default=2,
         help="1: the test guest is a plain VM of L0; 2: it is L1's nested guest",
     )  # fmt: skip
-    vx.add_argument(
-        "--apicv", action=argparse.BooleanOptionalAction, default=None,
-        help="APICv (default: the preset's)",
-    )  # fmt: skip
+    _add_apic_switches(vx, idle=False)
     vx.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sv = sub.add_parser("serve", help="keep the L2 guest reachable on a real tap")
