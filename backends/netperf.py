@@ -59,6 +59,7 @@ from enum import Enum
 from typing import Any
 
 import simpy
+from simpy.events import Timeout
 
 from xlio.sim.costs import CostModel
 from xlio.sim.cpus import Cpu
@@ -160,7 +161,9 @@ class Worker:
         if t >= self.timer_at:
             return
         self.timer_at = t
-        timer = self.env.timeout(max(0.0, t - self.env.now))
+        env = self.env
+        delay = t - env._now
+        timer = Timeout(env, delay if delay > 0.0 else 0.0)
         timer.callbacks.append(self._fire)
 
     def _fire(self, _: simpy.Event) -> None:
@@ -213,16 +216,21 @@ class Link:
         """Queue ``frames`` frames carrying ``l3_bytes`` (from time ``at``, now by
         default; calls come in time order), delivered as one item at the end of
         the last; False (and counted) when the queue is full."""
-        if self.in_transit() >= self.QUEUE:
+        arrivals = self.arrivals
+        if len(arrivals) >= self.QUEUE and self.in_transit() >= self.QUEUE:
             self.dropped += 1
             return False
-        wire = max(l3_bytes + frames * ETH_WIRE_OVERHEAD, frames * MIN_FRAME)
+        wire = l3_bytes + frames * ETH_WIRE_OVERHEAD
+        if wire < frames * MIN_FRAME:
+            wire = frames * MIN_FRAME
         t = wire * 8 / self.rate
-        start = max(self.env.now if at is None else at, self.free_at)
-        self.free_at = start + t
+        start = self.env._now if at is None else at
+        if start < self.free_at:
+            start = self.free_at
+        end = self.free_at = start + t
         self.busy += t
-        self.arrivals.append(self.free_at)
-        self.deliver(item, self.free_at)
+        arrivals.append(end)
+        self.deliver(item, end)
         return True
 
 
@@ -309,14 +317,9 @@ class NetperfModel:
     def _charge(self, fn: Callable[[], Any]) -> Work:
         """Run one sans-IO step on the machine; its cycles by level."""
         s = self.m.stats
-        b = (s.cycles_switch, s.cycles_l0, s.cycles_l1)
+        sw, l0, l1 = s.cycles_switch, s.cycles_l0, s.cycles_l1
         fn()
-        s = self.m.stats
-        return {
-            "switch": s.cycles_switch - b[0],
-            "L0": s.cycles_l0 - b[1],
-            "L1": s.cycles_l1 - b[2],
-        }
+        return {"switch": s.cycles_switch - sw, "L0": s.cycles_l0 - l0, "L1": s.cycles_l1 - l1}
 
     def _data_work(self, level: str, packets: int, frame: int) -> Work:
         c = self.costs
@@ -379,16 +382,10 @@ class NetperfModel:
                         self.rxq.irq_armed = False
                         self.napi = True
             # TX: reap completions, then send what the test allows
-            while self.txq.used:
-                self.txq.used.popleft()
-            sent = 0
-            if self.txq.free() > 0 and self._may_send():
-                for _ in range(min(seg_per_send, self.txq.free())):
-                    if not self._may_send():
-                        break
-                    self._guest_send()
-                    sent += 1
-            if sent:
+            self.txq.used.clear()
+            sent = min(seg_per_send, self.txq.free(), self._may_send())
+            if sent > 0:
+                self._guest_send(sent)
                 did = True
                 work["L2"] += sent * (c.guest_tx_packet + self.payload * c.guest_copy_byte)
                 if self.txq.kick_armed:
@@ -417,23 +414,26 @@ class NetperfModel:
                 continue
             yield self.guest_wake
 
-    def _may_send(self) -> bool:
+    def _may_send(self) -> int:
+        """How many packets the test lets the guest send now."""
         t = self.test
         if t is Test.UDP_STREAM:
-            return True
+            return VHOST_PKT_WEIGHT  # never limited by the test (the ring limits it)
         if t is Test.TCP_STREAM:
-            return self.in_flight + self.payload <= self.window
-        return len(self.rr_outstanding) < self.opts.burst
+            return (self.window - self.in_flight) // self.payload
+        return self.opts.burst - len(self.rr_outstanding)
 
-    def _guest_send(self) -> None:
+    def _guest_send(self, n: int) -> None:
+        """Publish ``n`` packets on the TX ring."""
         t = self.test
+        now = self.env.now
         if t is Test.TCP_STREAM:
-            self.in_flight += self.payload
+            self.in_flight += n * self.payload
         elif t.rr:
-            self.rr_outstanding.append(self.env.now)
-        self.txq.avail.append(("data", self.env.now))
-        self.c.sent += 1
-        self.totals["guest_sent"] += 1
+            self.rr_outstanding.extend([now] * n)
+        self.txq.avail.extend([("data", now)] * n)
+        self.c.sent += n
+        self.totals["guest_sent"] += n
 
     def _guest_consume(self, pkt: tuple[str, float]) -> int:
         """One received packet through the guest's stack; its payload bytes."""
@@ -497,28 +497,24 @@ class NetperfModel:
         scheduler's latency) before its first round. A round's effects are
         visible at its start and its CPU time follows: half a round early.
         """
+        hold = wk.cpu.hold
+        wakeup = {wk.level: self.costs.thread_wakeup}
         while True:
             work: Work = {}
-            did = step(work)
-            if did and polls:
-                ev = wk.cpu.hold(work)
-                if ev is not None:
-                    yield ev
-                continue
-            if rearm() and polls:
-                ev = wk.cpu.hold(work)
+            if step(work) and polls or rearm() and polls:
+                ev = hold(work)
                 if ev is not None:
                     yield ev
                 continue
             if work:
-                ev = wk.cpu.hold(work)
+                ev = hold(work)
                 if ev is not None:
                     yield ev
             woken = wk.sleep()
             if on_sleep is not None:  # its vCPU halts: CPU time nobody waits for
                 wk.cpu.spend(on_sleep())
             yield woken
-            ev = wk.cpu.hold({wk.level: self.costs.thread_wakeup})
+            ev = hold(wakeup)
             if ev is not None:
                 yield ev
 
@@ -849,8 +845,9 @@ class NetperfModel:
 
 
 def _add(work: Work, more: Work) -> None:
+    get = work.get
     for k, v in more.items():
-        work[k] = work.get(k, 0.0) + v
+        work[k] = get(k, 0.0) + v
 
 
 def _percentile(sorted_values: list[float], q: int) -> float:

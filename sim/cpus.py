@@ -19,6 +19,7 @@ from collections.abc import Generator
 from typing import Any
 
 import simpy
+from simpy.events import Timeout
 
 LEVELS = ("L2", "L1", "L0", "switch")
 
@@ -45,10 +46,9 @@ class Cpu:
         total = 0.0
         busy = self.busy_cycles
         for level, cycles in work.items():
-            if cycles:
-                total += cycles
-                busy[level] += cycles
-        now = self.env.now
+            total += cycles
+            busy[level] += cycles
+        now = self.env._now
         if not total:
             return now
         free = self.free_at
@@ -58,9 +58,19 @@ class Cpu:
     def hold(self, work: dict[str, float]) -> simpy.Timeout | None:
         """The event that ends ``work`` on this CPU (after anything queued
         before), for the asking thread to wait on; None if it ends now."""
-        end = self._book(work)
-        now = self.env.now
-        return self.env.timeout(end - now) if end > now else None
+        # _book, inlined: this is the engine's hottest call
+        total = 0.0
+        busy = self.busy_cycles
+        for level, cycles in work.items():
+            total += cycles
+            busy[level] += cycles
+        if not total:
+            return None
+        env = self.env
+        now = env._now
+        free = self.free_at
+        end = self.free_at = (free if free > now else now) + total / self.hz
+        return Timeout(env, end - now)
 
     def run(self, work: dict[str, float]) -> Generator[Any, Any, None]:
         """Hold the CPU for ``work`` (cycles by level): ``yield from cpu.run(work)``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -241,8 +243,8 @@ class EptMachine(RuleBasedStateMachine):
             assert self.m.state == 2
 
 
-def _machine_test(scheme: str, defer: bool, avoid: bool) -> type:
-    cls = type(f"EptMachine_{scheme}_{defer}_{avoid}", (EptMachine,), {
+def _machine_test(scheme: str, defer: bool, avoid: bool) -> Any:
+    cls: Any = type(f"EptMachine_{scheme}_{defer}_{avoid}", (EptMachine,), {
         "scheme": scheme, "defer": defer, "avoid": avoid})  # fmt: skip
     cls.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     return cls.TestCase

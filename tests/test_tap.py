@@ -228,7 +228,8 @@ async def test_pcap_has_every_frame(host: NamespacedTap, tmp_path) -> None:
     assert host.info is not None
     await run_with(s, lambda: host_ping(host.info, 5))
     r = s.result()
-    from scapy.all import ICMP, rdpcap
+    from scapy.layers.inet import ICMP
+    from scapy.utils import rdpcap
 
     pkts = rdpcap(path)
     assert len(pkts) == r["pcap_frames"] == s.wire.frames_to_peer + s.wire.frames_from_peer
