@@ -55,11 +55,12 @@ from xlio.virtio import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MAC,
+    valid_queue_size,
 )
 
 from .device import NetDevice, with_rx_header
-from .direct import Delegation, DirectBackend, device_queue, queue_state
-from .virtqueue import DeviceQueue
+from .direct import Delegation, DelegationRefused, DirectBackend, device_queue, queue_state
+from .virtqueue import DeviceQueue, QueueBroken, queue_spans, span_problem
 from .wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
 
 #: The config-space I/O port of L2's NIC (legacy virtio-pci BAR0: status,
@@ -86,15 +87,21 @@ class _DeviceModel:
         kick: Callable[[int], None],
         start: Callable[[_DeviceModel], NetDevice],
         broken: Callable[[], bool],
+        mem_size: int,
+        reset: Callable[[], None] = lambda: None,
     ) -> None:
         self._access = access
         self._kick = kick
         self._start = start
         self._broken = broken
+        self._reset = reset
+        self.mem_size = mem_size
         self.status = 0
         self.features = 0
         self.queues: dict[int, tuple[int, int, int, int]] = {}
         self.device: NetDevice | None = None
+        self.setup_error: str | None = None  # why DRIVER_OK could not start the device
+        self.setup_errors = 0
 
     def device_features(self) -> int:
         return int(self._access(lambda: DEVICE_FEATURES))
@@ -102,21 +109,47 @@ class _DeviceModel:
     def set_driver_features(self, features: int) -> None:
         self._access(lambda: setattr(self, "features", features & DEVICE_FEATURES))
 
+    def needs_reset(self) -> bool:
+        return self.setup_error is not None or self._broken()
+
     def get_status(self) -> int:
-        return int(
-            self._access(lambda: self.status | (STATUS_DEVICE_NEEDS_RESET if self._broken() else 0))
-        )
+        def read() -> int:
+            return self.status | (STATUS_DEVICE_NEEDS_RESET if self.needs_reset() else 0)
+
+        return int(self._access(read))
 
     def set_status(self, status: int) -> None:
         def write() -> None:
-            if status == 0:
+            if status == 0:  # reset: the backend stops before the rings go away
+                self._reset()
                 self.device = None
                 self.queues.clear()
+                self.setup_error = None
             self.status = status
-            if status & STATUS_DRIVER_OK and self.device is None:
-                self.device = self._start(self)
+            if status & STATUS_DRIVER_OK and self.device is None and self.setup_error is None:
+                self.setup_error = self.check_queues()
+                if self.setup_error is None:
+                    self.device = self._start(self)
+                else:
+                    self.setup_errors += 1
 
         self._access(write)
+
+    def check_queues(self) -> str | None:
+        """What is wrong with the queues the driver set up (None: nothing).
+
+        At DRIVER_OK a device that cannot use what it was given sets
+        DEVICE_NEEDS_RESET instead of starting (virtio 1.x, 2.1.2)."""
+        spans = []
+        for i, name in ((RXQ, "rx"), (TXQ, "tx")):
+            q = self.queues.get(i)
+            if q is None:
+                return f"{name} queue was not set up"
+            size = q[0]
+            if not valid_queue_size(size):
+                return f"{name} queue size {size} is not a power of two up to 32768"
+            spans += queue_spans(name, *q)
+        return span_problem(spans, self.mem_size)
 
     def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
         self._access(lambda: self.queues.__setitem__(index, (size, desc, avail, used)))
@@ -124,12 +157,16 @@ class _DeviceModel:
     def notify(self, index: int) -> None:
         self._kick(index)
 
-    def make_device(self, mem: GuestMemory, name: str) -> NetDevice:
+    def make_device(self, mem: GuestMemory, name: str, mac: bytes | None) -> NetDevice:
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         qs = [DeviceQueue(mem, *self.queues[i], event_idx) for i in (RXQ, TXQ)]
+        dev = NetDevice(mem, qs[0], qs[1], name, mac=mac)
         for q in qs:
-            q.set_notify(True)
-        return NetDevice(mem, qs[0], qs[1], name)
+            try:
+                q.set_notify(True)
+            except QueueBroken as e:
+                dev._broken(e)
+        return dev
 
 
 class Datapath:
@@ -192,25 +229,27 @@ class Datapath:
         self.l1_nic: VirtioNetDriver | None = None
         nested = path != "single"
         self.model = _DeviceModel(
-            self._l2_config_access, self.kick, self._start_l2_backend, self._l2_broken
-        )
+            self._l2_config_access, self.kick, self._start_l2_backend, self._l2_broken,
+            l2_size, reset=self._l2_device_reset,
+        )  # fmt: skip
+        self._l2_irq_pending = False  # an interrupt for L2 raised while its handler runs
+        self._in_l2_handler = False
         self.driver = VirtioNetDriver(
             self.l2_view, self.model, queue_size=queue_size, event_idx=event_idx,
             buf_size=buf_size,
         )  # fmt: skip
         if nested:
             l1_model = _DeviceModel(
-                self._l1_config_access, self._l1_nic_kick, self._start_l1_nic, lambda: False
-            )
+                self._l1_config_access, self._l1_nic_kick, self._start_l1_nic, lambda: False,
+                vept.l1mem.size,
+            )  # fmt: skip
             self.l1_nic = VirtioNetDriver(
                 self.l1_view, l1_model, queue_size=queue_size, event_idx=event_idx,
                 buf_size=buf_size, base=L1_NIC_BASE,
             )  # fmt: skip
             with m.l1_background():  # L1 boots with its own NIC
                 self.l1_nic.probe()
-        self.driver.probe()  # L2 boots
-        if path == "l0":
-            self.l1_delegate()
+        self.driver.probe()  # L2 boots (on l0, L1 delegates at DRIVER_OK)
 
     # ------------------------------------------------------------- translation
     def _l2_hw(self, gpa: int) -> int:
@@ -243,24 +282,40 @@ class Datapath:
         """L2's port I/O to its NIC's config space: handled by the device model's level."""
         m = self.m
         level = m.l2_exit(ExitReason.IO_INSTRUCTION, "io_user", port=VIRTIO_CONFIG_PORT)
-        result = handler()
-        if level == L1:
-            m.l1_vmresume()
-        return result
+        try:
+            return handler()
+        finally:  # whatever the handler does, L1 resumes L2
+            if level == L1:
+                m.l1_vmresume()
 
     def _l1_config_access(self, handler: Callable[[], Any]) -> Any:
         self.m.l1_exit(ExitReason.IO_INSTRUCTION, "io_user", cause="l1-own-nic-setup")
         return handler()
 
     def _start_l2_backend(self, model: _DeviceModel) -> NetDevice:
+        """DRIVER_OK: the device model starts its backend; on ``l0`` L1 then
+        delegates the device to L0."""
         if self.path == "single":
-            self.single_dev = model.make_device(self.l0_view_of_l2, "l0")
+            self.single_dev = model.make_device(self.l0_view_of_l2, "l0", GUEST_MAC)
             return self.single_dev
-        self.l1_dev = model.make_device(self.l1_view_of_l2, "l1-backend")
-        return self.l1_dev
+        dev = self.l1_dev = model.make_device(self.l1_view_of_l2, "l1-backend", GUEST_MAC)
+        if self.path == "l0" and not dev.needs_reset:
+            try:
+                self.l1_delegate()
+            except DelegationRefused:
+                pass  # L0 said no: L1's backend keeps serving (counted in refusals)
+        return dev
+
+    def _l2_device_reset(self) -> None:
+        """L2 resets its NIC: whoever serves it stops first (L1 revokes L0's service)."""
+        if self.direct.active:
+            self.l1_revoke(resume=False)
+        self.l1_dev = None
+        self.single_dev = None
 
     def _start_l1_nic(self, model: _DeviceModel) -> NetDevice:
-        self.l0_nic = model.make_device(self.l1_view, "l0-for-l1-nic")
+        # L1's NIC carries L2's frames across L1's bridge: no source-MAC check
+        self.l0_nic = model.make_device(self.l1_view, "l0-for-l1-nic", None)
         return self.l0_nic
 
     def _l2_broken(self) -> bool:
@@ -276,7 +331,8 @@ class Datapath:
     def l1_delegate(self) -> None:
         """L1 hands L2's NIC to L0 (DELEGATE hypercall); raises DelegationRefused."""
         dev = self.l1_dev
-        assert dev is not None, "L2's driver has not brought the device up"
+        if dev is None:
+            raise DelegationRefused("L2's driver has not brought the device up")
         d = Delegation(
             VIRTIO_NOTIFY_PORT, self.model.features, GUEST_MAC,
             queue_state(dev.rxq), queue_state(dev.txq),
@@ -288,19 +344,26 @@ class Datapath:
             m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
         self.l1_dev = None
 
-    def l1_revoke(self) -> None:
-        """L1 takes L2's NIC back (REVOKE hypercall) and resumes where L0 stopped."""
+    def l1_revoke(self, *, resume: bool = True) -> bool:
+        """L1 takes L2's NIC back (REVOKE hypercall) and, with ``resume``,
+        serves on where L0 stopped; False if L0 refused (nothing delegated)."""
         m = self.m
         with m.l1_background():
             m.l1_exit(ExitReason.VMCALL, "vmcall", cause="revoke")
-            hb = self.direct.revoke()
+            try:
+                hb = self.direct.revoke()
+            except DelegationRefused:
+                return False
             m.l1_set_io_passthrough(frozenset())
+        if not resume:
+            return True
         event_idx = bool(self.model.features >> VIRTIO_F_EVENT_IDX & 1)
         self.l1_dev = NetDevice(
             self.l1_view_of_l2,
             device_queue(self.l1_view_of_l2, hb.rx, event_idx),
             device_queue(self.l1_view_of_l2, hb.tx, event_idx),
             "l1-backend",
+            mac=GUEST_MAC,
         )
         self.model.device = self.l1_dev
         # a backend that takes over a queue looks for work it was never kicked
@@ -309,6 +372,7 @@ class Datapath:
             frames, _ = self.l1_dev.tx()
             self._charge_l1(frames)
             self._l1_relay(frames)
+        return True
 
     # ------------------------------------------------------------- data plane
     def _charge_l0(self, frames: list[bytes]) -> None:
@@ -345,14 +409,18 @@ class Datapath:
                 self._charge_l0(frames)
                 self.wire.transmit(frames)
             return
-        if self.l1_dev is not None:
-            if queue == TXQ:
-                frames, _ = self.l1_dev.tx()
-                self._charge_l1(frames)
-                self._l1_relay(frames)
-            else:
-                self._l1_to_l2()
-        m.l1_vmresume()
+        try:
+            if self.l1_dev is not None:
+                if queue == TXQ:
+                    frames, _ = self.l1_dev.tx()
+                    self._charge_l1(frames)
+                    self._l1_relay(frames)
+                elif self._l1_to_l2():  # new buffers let L1 deliver what it held
+                    self._l2_irq_pending = True
+        finally:  # whatever L1's backend does, L1 resumes L2
+            m.l1_vmresume()
+        if self._l2_irq_pending and not self._in_l2_handler:
+            self.l2_interrupt()
 
     def _l1_relay(self, frames: list[bytes]) -> None:
         """L1's backend passes frames to L1's own NIC (L1 runs, L2 is out)."""
@@ -432,15 +500,26 @@ class Datapath:
     def l2_interrupt(self) -> None:
         """L2's RX interrupt handler (EOI on return from the hard interrupt), then
         its NAPI poll and its endpoint's answers."""
-        self.m.l2_eoi()
-        frames = self.driver.receive()
-        replies: list[bytes] = []
-        for f in frames:
-            if self.received is not None:
-                self.received.append(f)
-            replies.extend(self.endpoint.handle(f))
-        if replies:
-            self.send(replies)
+        if self._in_l2_handler:  # taken when the running handler returns
+            self._l2_irq_pending = True
+            return
+        self._in_l2_handler = True
+        try:
+            while True:
+                self._l2_irq_pending = False
+                self.m.l2_eoi()
+                frames = self.driver.receive()
+                replies: list[bytes] = []
+                for f in frames:
+                    if self.received is not None:
+                        self.received.append(f)
+                    replies.extend(self.endpoint.handle(f))
+                if replies:
+                    self.send(replies)
+                if not self._l2_irq_pending:
+                    break
+        finally:
+            self._in_l2_handler = False
 
     def l2_idle(self) -> None:
         """L2 has nothing left to do: it halts until the next interrupt."""
@@ -471,11 +550,7 @@ class Datapath:
             self.m.l0_interrupt_l2()
         self.m.l2_eoi()
         if self.driver.needs_reset():
-            if self.path == "l0" and self.direct.active:
-                self.l1_revoke()  # the control plane is L1's: it takes the device back first
-            self.driver.reset()
-            if self.path == "l0":
-                self.l1_delegate()
+            self.driver.reset()  # on l0, L1 revokes at the reset and delegates at DRIVER_OK
 
     def metrics(self) -> dict[str, dict[str, int]]:
         devs = {

@@ -14,8 +14,9 @@ BE"), carried by hypercalls (VMCALL from L1, handled by L0):
    MAC, and per queue its size, the L2 GPAs of its descriptor table,
    available and used rings, and L1's ``last_avail``/``used_idx``.
    L0 validates (:meth:`DirectBackend.delegate`): sizes are powers of two up
-   to 32768, features are ones L0 serves (VERSION_1, MAC, EVENT_IDX), the
-   rings are aligned, inside L2's memory and mapped by EPT12. A refusal
+   to 32768, features are ones L0 serves (VERSION_1, MAC, EVENT_IDX), the MAC
+   is one unicast address, queue positions are ring indices, the six rings
+   are aligned, inside L2's memory, mapped by EPT12 and disjoint. A refusal
    changes nothing: L1 keeps serving.
 3. On acceptance L1 clears the notify port's bit in vmcs12's I/O bitmap, so
    L2's kicks are L0's (``sim.routing``: an exit L1 did not ask for is L0's),
@@ -47,14 +48,11 @@ from xlio.virtio import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MAC,
-    avail_ring_size,
-    desc_table_size,
-    used_ring_size,
     valid_queue_size,
 )
 
 from .device import NetDevice
-from .virtqueue import DeviceQueue
+from .virtqueue import DeviceQueue, queue_spans, span_problem
 
 #: Features L0's direct backend can serve.
 DIRECT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_F_EVENT_IDX)
@@ -126,32 +124,50 @@ class DirectBackend:
     def active(self) -> bool:
         return self.device is not None
 
-    def _check_ring(self, name: str, gpa: int, length: int, align: int) -> None:
-        if gpa % align:
-            raise DelegationRefused(f"{name} at {gpa:#x} is not {align}-byte aligned")
-        if gpa < 0 or gpa + length > self.mem.size:
-            raise DelegationRefused(f"{name} lies outside L2 memory")
+    def _mapped(self, start: int, end: int, what: str) -> None:
         try:
-            for page in range(gpa >> 12, ((gpa + length - 1) >> 12) + 1):
+            for page in range(start >> 12, ((end - 1) >> 12) + 1):
                 self.mem.translate(page << 12)
         except MemoryFault:
-            raise DelegationRefused(f"{name} is not mapped by EPT12") from None
+            raise DelegationRefused(f"{what} is not mapped by EPT12") from None
+
+    def _check(self, d: Delegation) -> None:
+        if self.device is not None:
+            raise DelegationRefused("device already delegated")
+        if d.features & ~DIRECT_FEATURES:
+            raise DelegationRefused(f"features {d.features & ~DIRECT_FEATURES:#x} not served")
+        if not d.features >> VIRTIO_F_VERSION_1 & 1:
+            raise DelegationRefused("VIRTIO_F_VERSION_1 not negotiated")
+        mac = d.mac
+        if len(mac) != 6 or mac[0] & 1 or not any(mac):
+            raise DelegationRefused(f"MAC {mac.hex(':')} is not a unicast address")
+        spans = []
+        for name, q in (("rx", d.rx), ("tx", d.tx)):
+            if not valid_queue_size(q.size):
+                raise DelegationRefused(f"{name} queue size {q.size} invalid")
+            for pos in ("last_avail", "used_idx", "signalled"):
+                if not 0 <= getattr(q, pos) <= 0xFFFF:
+                    raise DelegationRefused(f"{name} {pos} {getattr(q, pos)} is not a ring index")
+            if (q.last_avail - q.used_idx) & 0xFFFF > q.size:
+                raise DelegationRefused(f"{name} has more chains in flight than entries")
+            spans += queue_spans(name, q.size, q.desc, q.avail, q.used)
+        problem = span_problem(spans, self.mem.size)
+        if problem is not None:
+            raise DelegationRefused(problem)
+        for start, end, what, _ in spans:
+            self._mapped(start, end, what)
 
     def delegate(self, d: Delegation) -> None:
-        """Validate and accept a DELEGATE; raises :class:`DelegationRefused`."""
+        """Validate and accept a DELEGATE; raises :class:`DelegationRefused`.
+
+        Refused: a device already delegated, features L0 does not serve, a MAC
+        that is not one unicast address, an invalid queue size, queue
+        positions that are not 16-bit ring indices or claim more chains in
+        flight than the queue holds, rings misaligned, outside L2 memory,
+        overlapping one another or not mapped by EPT12.
+        """
         try:
-            if self.device is not None:
-                raise DelegationRefused("device already delegated")
-            if d.features & ~DIRECT_FEATURES:
-                raise DelegationRefused(f"features {d.features & ~DIRECT_FEATURES:#x} not served")
-            if not d.features >> VIRTIO_F_VERSION_1 & 1:
-                raise DelegationRefused("VIRTIO_F_VERSION_1 not negotiated")
-            for name, q in (("rx", d.rx), ("tx", d.tx)):
-                if not valid_queue_size(q.size):
-                    raise DelegationRefused(f"{name} queue size {q.size} invalid")
-                self._check_ring(f"{name} descriptor table", q.desc, desc_table_size(q.size), 16)
-                self._check_ring(f"{name} available ring", q.avail, avail_ring_size(q.size), 2)
-                self._check_ring(f"{name} used ring", q.used, used_ring_size(q.size), 4)
+            self._check(d)
         except DelegationRefused:
             self.refusals += 1
             raise
@@ -161,14 +177,17 @@ class DirectBackend:
             device_queue(self.mem, d.rx, event_idx),
             device_queue(self.mem, d.tx, event_idx),
             "l0-direct",
+            mac=d.mac,
         )
         self.delegation = d
 
     def revoke(self) -> Handback:
-        """Stop serving; the queue positions go back to L1."""
+        """Stop serving; the queue positions go back to L1. Refused
+        (:class:`DelegationRefused`) when nothing is delegated."""
         dev = self.device
         if dev is None:
-            raise RuntimeError("nothing delegated")
+            self.refusals += 1
+            raise DelegationRefused("nothing delegated")
         hb = Handback(queue_state(dev.rxq), queue_state(dev.txq))
         self.device = None
         self.delegation = None

@@ -41,7 +41,10 @@ from xlio.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    desc_table_size,
     need_event,
+    used_ring_size,
     valid_queue_size,
 )
 
@@ -162,9 +165,13 @@ class DeviceQueue:
             idx = nxt
 
     def push(self, head: int, length: int) -> None:
-        """Return a chain to the driver (not visible until :meth:`publish`)."""
+        """Return a chain to the driver (not visible until :meth:`publish`);
+        raises :class:`QueueBroken` if the used ring cannot be written."""
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.mem.write(slot, USED_ELEM.pack(head, length))
+        try:
+            self.mem.write(slot, USED_ELEM.pack(head, length))
+        except MemoryFault:
+            raise self._break("used ring unwritable") from None
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def publish(self) -> bool:
@@ -193,8 +200,12 @@ class DeviceQueue:
             return
         try:
             if self.event_idx:
-                if enabled:
-                    self.mem.write_u16(self.used + 4 + 8 * self.size, self.last_avail)
+                # enabled: kick me at the next entry; disabled: at the entry half
+                # the index space away, which a driver cannot publish before the
+                # device has consumed what comes first (a stale event would
+                # otherwise fire again at every 16-bit wrap of the index)
+                event = self.last_avail if enabled else (self.last_avail + 0x8000) & 0xFFFF
+                self.mem.write_u16(self.used + 4 + 8 * self.size, event)
             else:
                 self.mem.write_u16(self.used, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
         except MemoryFault:
@@ -203,3 +214,31 @@ class DeviceQueue:
     def state(self) -> tuple[int, int]:
         """(last_avail, used_idx): what a hand-over between backends carries."""
         return self.last_avail, self.used_idx
+
+
+#: One ring of a queue in guest memory: (start GPA, end GPA, what, alignment).
+Span = tuple[int, int, str, int]
+
+
+def queue_spans(name: str, size: int, desc: int, avail: int, used: int) -> list[Span]:
+    """The three rings of a split virtqueue as spans (virtio 1.x, 2.7)."""
+    return [
+        (desc, desc + desc_table_size(size), f"{name} descriptor table", 16),
+        (avail, avail + avail_ring_size(size), f"{name} available ring", 2),
+        (used, used + used_ring_size(size), f"{name} used ring", 4),
+    ]
+
+
+def span_problem(spans: list[Span], mem_size: int) -> str | None:
+    """Why these rings cannot be used (None: they can): misaligned, outside
+    ``mem_size`` bytes of guest memory, or two of them overlapping."""
+    for start, end, what, align in spans:
+        if start % align:
+            return f"{what} at {start:#x} is not {align}-byte aligned"
+        if start < 0 or end > mem_size:
+            return f"{what} lies outside L2 memory"
+    ordered = sorted(spans)
+    for (_, end, a, _), (start, _, b, _) in zip(ordered, ordered[1:], strict=False):
+        if start < end:
+            return f"{a} overlaps {b}"
+    return None

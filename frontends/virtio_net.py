@@ -13,7 +13,9 @@ exits), so its cost lands in the model's set-up figures.
 Queue 0 receives, queue 1 transmits; every buffer is one descriptor holding
 the 12-byte header and the frame. :meth:`send` writes frames, publishes the
 available index once per batch and kicks only if the device asked
-(``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag). TX
+(``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag); a
+frame longer than a buffer is dropped and counted (``tx_too_big``), never
+raised: a bridge relaying a guest's jumbo frame must not stop. TX
 interrupts are suppressed; used TX buffers are reclaimed on the next send.
 :meth:`receive` (the RX interrupt handler) takes used RX buffers, re-posts
 them, kicks if the device wants to hear about new buffers, and re-arms the
@@ -166,6 +168,7 @@ class VirtioNetDriver:
         self.rx: DriverQueue | None = None
         self.tx: DriverQueue | None = None
         self.tx_busy = 0  # frames refused for want of a free TX descriptor
+        self.tx_too_big = 0  # frames longer than a TX buffer, dropped (Linux's tx_dropped)
         self.resets = 0
 
     # ------------------------------------------------------------- control
@@ -225,12 +228,13 @@ class VirtioNetDriver:
         tx.take_used()
         queued = 0
         limit = self.buf_size - NET_HDR_SIZE
-        for frame in frames:
+        for k, frame in enumerate(frames):
             if not tx.free:
-                self.tx_busy += len(frames) - queued
+                self.tx_busy += len(frames) - k
                 break
-            if len(frame) > limit:
-                raise ValueError(f"frame of {len(frame)} bytes exceeds the TX buffer")
+            if len(frame) > limit:  # longer than the MTU this driver set up: dropped
+                self.tx_too_big += 1
+                continue
             _, gpa = tx.add(self.tx_bufs, self.buf_size, NET_HDR_SIZE + len(frame), write=False)
             self.mem.write(gpa, TX_HDR + frame)  # visible to the device only at publish()
             queued += 1

@@ -8,6 +8,7 @@ Tests cross-check these frames against scapy's parser.
 from __future__ import annotations
 
 import struct
+from collections import deque
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -16,6 +17,8 @@ IPPROTO_UDP = 17
 UDP_ECHO_PORT = 7  # RFC 862
 UDP_DISCARD_PORT = 9  # RFC 863
 BROADCAST = b"\xff" * 6
+REPLIES_KEPT = 256  # echo replies an endpoint keeps (the latest), for callers waiting on one
+NEIGHBORS_MAX = 256  # ARP entries (Linux's gc_thresh1 default is 128)
 
 _ETH = struct.Struct("!6s6sH")
 _IP = struct.Struct("!BBHHHBBH4s4s")
@@ -109,9 +112,13 @@ class Endpoint:
         self.discarded = 0
         self.received_udp: list[bytes] = []  # payloads to port 9, when recording
         self.record = False
+        # what the endpoint learns and sees is bounded: a peer that floods it
+        # with ARP or with replies nobody asked for cannot grow its memory
         self.neighbors: dict[bytes, bytes] = {}  # IPv4 -> MAC, learned from ARP
-        self.icmp_replies: list[tuple[int, int, bytes]] = []  # (id, seq, payload)
-        self.udp_replies: list[tuple[int, bytes]] = []  # (our port, payload) from echo servers
+        self.icmp_replies: deque[tuple[int, int, bytes]] = deque(maxlen=REPLIES_KEPT)
+        self.udp_replies: deque[tuple[int, bytes]] = deque(maxlen=REPLIES_KEPT)
+        self.icmp_reply_count = 0  # echo replies received (id, seq, payload kept: the last few)
+        self.udp_reply_count = 0  # datagrams from port 7 received ((our port, payload) kept)
 
     # ------------------------------------------------------------- originating
     def arp_request(self, ip_addr: bytes) -> bytes:
@@ -137,6 +144,8 @@ class Endpoint:
         if etype == ETH_P_ARP and len(frame) >= 42:
             _, _, _, _, op, smac, sip, _, tip = _ARP.unpack_from(frame, 14)
             if tip == self.ip:
+                if sip not in self.neighbors and len(self.neighbors) >= NEIGHBORS_MAX:
+                    del self.neighbors[next(iter(self.neighbors))]  # forget the oldest
                 self.neighbors[sip] = smac
                 if op == 1:
                     self.answered += 1
@@ -157,6 +166,7 @@ class Endpoint:
             _, _, _, icmp_id, seq = _ICMP.unpack_from(l4)
             if l4[0] == 0:
                 self.icmp_replies.append((icmp_id, seq, l4[8:]))
+                self.icmp_reply_count += 1
                 return []
             self.answered += 1
             return [icmp_echo_frame(self.mac, src, self.ip, sip, icmp_id, seq, l4[8:], reply=True)]
@@ -168,6 +178,7 @@ class Endpoint:
                 return [udp_frame(self.mac, src, self.ip, sip, dport, sport, payload, ident)]
             if sport == UDP_ECHO_PORT:
                 self.udp_replies.append((dport, payload))
+                self.udp_reply_count += 1
                 return []
             if self.record:
                 self.received_udp.append(payload)

@@ -122,12 +122,12 @@ class TapSession:
         rtts: list[float | None] = []
         for i, p in enumerate(payloads):
             sport = 20000 + i % 20000
-            before = len(ep.udp_replies)
+            before = ep.udp_reply_count
             t0 = time.perf_counter()
             self.dp.send([ep.udp(self.host_ip, sport, UDP_ECHO_PORT, p)])
 
             def echoed(b: int = before) -> bool:
-                return len(ep.udp_replies) > b
+                return ep.udp_reply_count > b
 
             ok = await self._until(echoed, timeout)
             rtts.append(
