@@ -265,8 +265,14 @@ class Datapath:
         return hpa
 
     def _l1_vhost(self, gpa: int) -> int:
-        """L1's backend: L2 GPA through L1's own EPT12, then L1 memory (EPT01)."""
+        """L1's backend: L2 GPA through L1's own EPT12, then L1 memory (EPT01).
+
+        A page L1 swapped out is swapped back in by L1 (its vhost faults on
+        it); L0's direct backend cannot do that and counts a drop instead."""
         l1 = self.mmu.ept12.translate(gpa)
+        if l1 is None and 0 <= gpa < self.l1_view_of_l2.size:
+            self.mmu.fault_in(gpa >> PAGE_SHIFT)
+            l1 = self.mmu.ept12.translate(gpa)
         if l1 is None:
             raise MemoryFault(f"L2 GPA {gpa:#x} not mapped by EPT12")
         return self._l1_own(l1)

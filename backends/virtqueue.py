@@ -96,6 +96,7 @@ class DeviceQueue:
         self.used_idx = used_idx
         self.signalled = used_idx  # used index at the last publish
         self.broken = False
+        self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
 
     # ------------------------------------------------------------- helpers
@@ -132,6 +133,7 @@ class DeviceQueue:
         except MemoryFault:
             raise self._break("available ring unreadable") from None
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.popped += 1
         if head >= size:
             raise self._break("head descriptor index out of range")
         readable: list[tuple[int, int]] = []

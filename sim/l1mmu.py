@@ -138,6 +138,18 @@ class L1Mmu:
         self._check(l2_page)
         if self.m.state != L1:
             raise RuntimeError("L1's EPT-violation handler runs in L1")
+        self._swap_in(l2_page)
+
+    def fault_in(self, l2_page: int) -> None:
+        """L1's own access to an L2 page it swapped out (its vhost copying through
+        the VMM's mapping of L2 memory): L1's page-fault handler swaps it back in."""
+        self._check(l2_page)
+        if self.l1_page_of(l2_page) is not None:
+            return
+        with self.m.l1_background():
+            self._swap_in(l2_page)
+
+    def _swap_in(self, l2_page: int) -> None:
         if l2_page in self.swapped:
             self.swapped.discard(l2_page)
             self.m.l1_work(self.costs.swap_in)

@@ -310,10 +310,15 @@ def test_bad_tx_chains_are_dropped_counted_contained(backend: str, case: str) ->
     dev = dp.active_device()
     assert dev is not None and not dev.needs_reset
     key = "frame length out of bounds" if case.startswith("frame longer") else case
-    assert dev.errors[key] >= 1, dict(dev.errors)
-    if key == "frame length out of bounds":
+    if backend == "l1" and key == "buffer not mapped in guest memory":
+        # L1's vhost faults on the page and L1 swaps it back in (L0 cannot)
+        assert dp.unmapped >> 12 not in dp.mmu.swapped  # type: ignore[attr-defined]
+        assert dev.errors[key] == 0
+    elif key == "frame length out of bounds":
+        assert dev.errors[key] >= 1, dict(dev.errors)
         assert dev.metrics["tx_malformed_frames"] >= 1
     else:
+        assert dev.errors[key] >= 1, dict(dev.errors)
         assert dev.metrics["tx_fails"] >= 1
     # the bad chain came back to the driver, and good traffic still flows
     dp.send(guest_frames(0, 3))
@@ -364,8 +369,10 @@ def test_bad_rx_chains_are_dropped_and_counted(backend: str) -> None:
     dp.l2_view.write(rx.desc + 16 * head2, DESC.pack(dp.unmapped, n, VIRTQ_DESC_F_WRITE, 0))  # type: ignore[attr-defined]
     dp.wire.inject(peer_frames(0, 4, port=UDP_DISCARD_PORT))
     dp.pump()
-    assert dev.metrics["rx_fails"] == 2
     assert dev.errors["readable descriptor on RX"] == 1
-    assert dev.errors["buffer not mapped in guest memory"] == 1
-    assert dp.received is not None and len(dp.received) == 2  # the other two arrived
+    # L1's vhost swaps the page back in; L0 cannot, and drops the frame
+    lost = 1 if backend == "l1" else 2
+    assert dev.metrics["rx_fails"] == lost
+    assert dev.errors["buffer not mapped in guest memory"] == lost - 1
+    assert dp.received is not None and len(dp.received) == 4 - lost  # the others arrived
     assert touched and touched <= l2_frames(dp)
