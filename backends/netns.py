@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -54,6 +55,22 @@ def check_privileges() -> None:
         raise HostSetupError("/dev/net/tun is missing (no TUN/TAP support on this machine)")
     if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         raise HostSetupError("/dev/net/tun is not readable and writable")
+
+
+#: What a namespace name of ours looks like (it becomes a file in /run/netns).
+NETNS_NAME = re.compile(r"xlio-[A-Za-z0-9_.-]+")
+NAME_MAX = 255
+
+
+def netns_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a namespace name xlio may create (None: it is)."""
+    if not NETNS_NAME.fullmatch(name):
+        return f"namespace name {name!r} must be xlio- followed by letters, digits, '-', '_' or '.'"
+    if ".." in name:
+        return f"namespace name {name!r} must not contain '..'"
+    if len(name.encode()) > NAME_MAX:
+        return f"namespace name is longer than {NAME_MAX} bytes"
+    return None
 
 
 def unique_netns() -> str:
@@ -110,8 +127,9 @@ class NamespacedTap:
         prefix: int = PREFIX,
     ) -> None:
         name = netns_name or unique_netns()
-        if not name.startswith("xlio-"):
-            raise HostSetupError(f"namespace name {name!r} must start with 'xlio-'")
+        problem = netns_name_problem(name)
+        if problem:
+            raise HostSetupError(problem)
         self.name = name
         self.ifname = f"xlio{secrets.token_hex(3)}"
         self.host_ip = host_ip

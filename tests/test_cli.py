@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +123,91 @@ def test_user_mistakes_are_one_line_and_status_2(args: tuple[str, ...]) -> None:
     assert p.returncode == 2
     assert p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# ---------------------------------------------------------------- every option, malformed
+MALFORMED = ("-1", "0", "99999999999999999999", "abc", "inf", "nan", "", "1e400")
+#: (command, option) -> malformed values that are in fact valid there
+VALID_THERE = {
+    ("netperf", "--seed"): {"0"},
+    ("serve", "--pcap"): set(MALFORMED) - {""},  # file names (tested apart below)
+}
+REQUIRED = {"measure": ["--workload", "cpuid"]}
+
+
+def _value_options() -> list[tuple[str, str]]:
+    import argparse
+
+    from xlio.cli import build_parser
+
+    out = []
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, parser in sub.choices.items():
+        for act in parser._actions:
+            if act.option_strings and act.nargs is None and act.const is None:
+                opt = max(act.option_strings, key=len)
+                # every option that takes a value is checked when parsed
+                assert act.choices is not None or act.type is not None, (cmd, opt)
+                out.append((cmd, opt))
+    return out
+
+
+VALUE_OPTIONS = _value_options()
+
+
+def test_every_value_option_is_covered() -> None:
+    cmds = {c for c, _ in VALUE_OPTIONS}
+    assert cmds == {"measure", "demo", "netperf", "vmexit", "serve"}
+    assert len(VALUE_OPTIONS) >= 35
+
+
+@pytest.mark.parametrize("cmd,opt", VALUE_OPTIONS)
+def test_every_option_refuses_malformed_values_in_one_line(
+    cmd: str, opt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xlio.cli import main
+
+    for value in MALFORMED:
+        if value in VALID_THERE.get((cmd, opt), ()):
+            continue
+        with pytest.raises(SystemExit) as e:
+            main([cmd, *REQUIRED.get(cmd, []), opt, value])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2, (opt, value)
+        assert out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"xlio {cmd}: error: argument "), err
+        assert opt in lines[0] or opt.lstrip("-") in lines[0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["xlio-../etc", "xlio-a/b", "other", "xlio-", "xlio-" + "a" * 251, "xlio-a b", "xlio-\u00e9"],
+)
+def test_namespace_names_are_validated(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from xlio.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--netns", name])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("xlio serve: error: argument --netns")
+
+
+def test_an_unwritable_pcap_is_refused_before_anything_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xlio.cli import main
+
+    for bad in (str(tmp_path), str(tmp_path / "missing" / "x.pcap")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--pcap", bad, "--netns", "xlio-never-built"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith("xlio serve: error: argument --pcap")
+    assert not os.path.exists("/run/netns/xlio-never-built")
+
+
+def test_demo_tap_refuses_what_it_would_ignore() -> None:
+    for args in (("--count", "201"), ("--batch", "4"), ("--frame-size", "100")):
+        p = xlio("demo", "--tap", *args)
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr.startswith("xlio demo: error: "), p.stderr

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from xlio.backends.datapath import KICKS
+from xlio.backends.netperf import LINKS, Test
 from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
+from xlio.sim.ept import PAGE_SHIFTS
+from xlio.sim.nested import OPERANDS
 from xlio.sim.presets import PRESETS
+from xlio.sim.profiles import CACHE_MODES
+from xlio.sim.vept import SCHEMES
 from xlio.sim.workloads import PATHS
 
 
@@ -24,18 +31,43 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``lo`` to ``hi``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo:,} to {hi:,}, got {text}")
+        return v
+
+    return parse
+
+
+def _seconds(hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds above 0 and at most ``hi``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(v) and 0 < v <= hi):
+            raise argparse.ArgumentTypeError(f"must be above 0 and at most {hi:g}, got {text}")
+        return v
+
+    return parse
+
+
+MAX_COUNT = 10_000_000  # operations of one measure run (about an hour of model time here)
+MAX_DEMO_COUNT = 1_000_000
+MAX_TAP_DEMO_COUNT = 200  # guest pings and echoes are one at a time: about 3 ms each
 
 
 def _add_model_switches(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="turtles-2010", choices=PRESETS, help="cost preset")
     p.add_argument(
         "--shadow-vmcs",
         action=argparse.BooleanOptionalAction,
@@ -47,8 +79,11 @@ def _add_model_switches(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="L1's VMREAD/VMWRITE never exit (Turtles' hypothetical)",
     )
-    p.add_argument("--operand", default="register", help="VMREAD/VMWRITE operand: register|memory")
-    p.add_argument("--cache-reg", default=None, help="L1 register cache: base|extended")
+    p.add_argument("--operand", default="register", choices=OPERANDS, help="VMREAD/VMWRITE operand")
+    p.add_argument(
+        "--cache-reg", default=None, choices=CACHE_MODES,
+        help="L1 register cache (default: the preset's)",
+    )  # fmt: skip
     _add_apic_switches(p)
     p.add_argument("--trace", action="store_true", help="record every event (slower)")
 
@@ -84,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("measure", help="charge one workload on one path")
-    m.add_argument("--workload", required=True, help=f"one of: {', '.join(WORKLOADS)}")
-    m.add_argument("--path", default="l1", help=f"one of: {', '.join(PATHS)}")
+    m.add_argument("--workload", required=True, choices=WORKLOADS)
+    m.add_argument("--path", default="l1", choices=PATHS)
     m.add_argument(
         "--count",
-        type=_positive_int,
+        type=_int(1, MAX_COUNT),
         default=1000,
         help="operations (micro workloads), frames (tx, rx) or requests (echo); "
         "ept-touch and ept-churn run once (see --working-set, --seconds)",
@@ -96,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_switches(m)
     dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
-    dm.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
-    dm.add_argument("--count", type=_positive_int, default=200, help="requests per path")
-    dm.add_argument("--batch", type=_positive_int, default=None, help="requests per burst")
-    dm.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
+    dm.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    dm.add_argument(
+        "--count", type=_int(1, MAX_DEMO_COUNT), default=200,
+        help=f"requests per path (at most {MAX_TAP_DEMO_COUNT} with --tap)",
+    )  # fmt: skip
+    dm.add_argument("--batch", type=_int(1, 32768), default=None, help="requests per burst")
+    dm.add_argument("--frame-size", type=_int(60, 9000), default=None, metavar="BYTES")
     dm.add_argument("--json", action="store_true")
     dm.add_argument("--tap", action="store_true", help="over a real tap in a fresh namespace")
     _add_apic_switches(dm)
@@ -109,35 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         dest="test",
         default="TCP_STREAM",
-        help="TCP_STREAM|UDP_STREAM|TCP_RR|UDP_RR (default TCP_STREAM)",
+        choices=[t.value for t in Test],
+        help="netperf test",
     )
-    npf.add_argument("--path", default="single", help="single|l1|l0 (default single)")
-    npf.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
-    npf.add_argument("--link", default="1g", help="1g|10g|25g|100g (default 1g)")
+    npf.add_argument("--path", default="single", choices=PATHS)
+    npf.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    npf.add_argument("--link", default="1g", choices=LINKS)
     npf.add_argument(
         "--duration",
-        type=_positive_float,
+        type=_seconds(60),
         default=1.0,
         metavar="MODELED_SECONDS",
         help="modeled seconds (the first tenth is warm-up; default 1)",
     )
     npf.add_argument(
         "--size",
-        type=_positive_int,
+        type=_int(1, 1 << 20),
         default=None,
         metavar="BYTES",
         help="payload per packet (streams) or per message (RR)",
     )
-    npf.add_argument("--seed", type=int, default=1, help="seed of the peer's jitter")
-    npf.add_argument("--burst", type=_positive_int, default=1, help="RR transactions in flight")
+    npf.add_argument("--seed", type=_int(0, 2**32 - 1), default=1, help="seed of the peer's jitter")
+    npf.add_argument("--burst", type=_int(1, 1024), default=1, help="RR transactions in flight")
     npf.add_argument(
         "--l1-backend-vcpu",
         default="other",
+        choices=("same", "other"),
         help="L1's vhost on L2's vCPU (same) or another (other, default)",
     )
     npf.add_argument(
         "--l1-backend",
         default="vhost",
+        choices=("vhost", "qemu"),
         help="L1's backend: vhost (in L1's kernel, default) or qemu (userspace virtio)",
     )
     npf.add_argument(
@@ -153,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
     )
     vx.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
-    vx.add_argument("--preset", default="kvm-2019", help=f"one of: {', '.join(PRESETS)}")
+    vx.add_argument("--preset", default="kvm-2019", choices=PRESETS)
     vx.add_argument(
         "--level", type=int, choices=(1, 2), default=2,
         help="1: the test guest is a plain VM of L0; 2: it is L1's nested guest",
@@ -162,48 +203,76 @@ def build_parser() -> argparse.ArgumentParser:
     vx.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     sv = sub.add_parser("serve", help="keep the L2 guest reachable on a real tap")
-    sv.add_argument("--path", default="l1", help="l1|l0 (or single)")
-    sv.add_argument("--netns", default=None, help="namespace name, must start with xlio-")
-    sv.add_argument("--duration", type=_positive_float, default=None, metavar="S")
-    sv.add_argument("--preset", default="turtles-2010", help=f"one of: {', '.join(PRESETS)}")
-    sv.add_argument("--pcap", default=None, metavar="FILE", help="capture every frame")
+    sv.add_argument("--path", default="l1", choices=PATHS)
+    sv.add_argument(
+        "--netns", type=_netns_name, default=None,
+        help="namespace name: xlio- then letters, digits, -, _, . (default: a fresh one)",
+    )  # fmt: skip
+    sv.add_argument("--duration", type=_seconds(7 * 86400), default=None, metavar="S")
+    sv.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    sv.add_argument(
+        "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
+    )
     sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
-    e.add_argument("--virtual-ept", default=None, help="kvm|vtlb|shadow (default: the preset's)")
+    e.add_argument(
+        "--virtual-ept", default=None, choices=SCHEMES, help="EPT12 scheme (default: the preset's)"
+    )
     e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
     e.add_argument(
         "--static-ept02", action="store_true", help="L1 pre-builds EPT12 and L0 pre-builds EPT02"
     )
-    e.add_argument("--swap", default=None, help="host swap in l1|l0 (default l1)")
+    e.add_argument("--swap", default=None, choices=("l1", "l0"), help="who swaps (default l1)")
     e.add_argument(
         "--avoid-invept", action=argparse.BooleanOptionalAction, default=None,
         help="no INVEPT for new mappings (default: the preset's L1)",
     )  # fmt: skip
     e.add_argument("--defer-rebuild", action="store_true", help="L0 defers the EPT02 rebuild")
-    e.add_argument("--working-set", type=_positive_int, default=None, metavar="MiB")
-    e.add_argument("--rate", type=_positive_int, default=None, help="EPT modifications/s")
-    e.add_argument("--seconds", type=_positive_float, default=None, help="modeled duration")
-    e.add_argument("--touch-hz", type=_positive_int, default=None, help="L2 sweeps per second")
-    e.add_argument("--page-size", default=None, help="4k|2m (default 4k)")
-    e.add_argument("--l2-mem", type=_positive_int, default=None, metavar="GiB")
-    e.add_argument("--l1-mem", type=_positive_int, default=None, metavar="GiB")
+    e.add_argument("--working-set", type=_int(1, 1 << 20), default=None, metavar="MiB")
+    e.add_argument("--rate", type=_int(1, 10**7), default=None, help="EPT modifications/s")
+    e.add_argument("--seconds", type=_seconds(3600), default=None, help="modeled duration")
+    e.add_argument("--touch-hz", type=_int(1, 10**6), default=None, help="L2 sweeps per second")
+    e.add_argument("--page-size", default=None, choices=PAGE_SHIFTS, help="default 4k")
+    e.add_argument("--l2-mem", type=_int(1, 1024), default=None, metavar="GiB")
+    e.add_argument("--l1-mem", type=_int(1, 2048), default=None, metavar="GiB")
     d = m.add_argument_group("network workloads (tx, rx, echo)")
-    d.add_argument("--batch", type=_positive_int, default=None, help="frames per kick (default 1)")
-    d.add_argument("--frame-size", type=_positive_int, default=None, metavar="BYTES")
-    d.add_argument("--queue-size", type=_positive_int, default=None, help="default 256")
+    d.add_argument("--batch", type=_int(1, 32768), default=None, help="frames per kick (default 1)")
+    d.add_argument("--frame-size", type=_int(60, 9000), default=None, metavar="BYTES")
+    d.add_argument("--queue-size", type=_int(2, 32768), default=None, help="default 256")
     d.add_argument("--no-event-idx", action="store_true", help="flag-based notification")
-    d.add_argument("--kick", default=None, help="notify by pio (port I/O, default) or mmio")
+    d.add_argument(
+        "--kick", default=None, choices=KICKS, help="notify by port I/O (default) or MMIO"
+    )
     return parser
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return v
+def _netns_name(text: str) -> str:
+    """A namespace name we may create and remove: ``xlio-`` then letters,
+    digits, ``-``, ``_``, ``.``; no ``..``; at most NAME_MAX bytes (a file
+    in /run/netns)."""
+    from xlio.backends.netns import netns_name_problem
+
+    problem = netns_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _writable_file(text: str) -> str:
+    """A file we can create or overwrite, checked before anything is built."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name")
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    if not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
+    return text
 
 
 def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[a.command](a)
     except UsageError as e:
-        print(f"xlio: error: {e}", file=sys.stderr)
+        print(f"xlio {a.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `xlio ... | head`: the reader left, not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -276,15 +345,8 @@ def _tap_ready() -> None:
 def _cmd_serve(a: argparse.Namespace) -> int:
     from xlio.backends.netns import HostSetupError
     from xlio.backends.tap import TapGone
-    from xlio.sim.workloads import PATHS
     from xlio.tapsession import serve
 
-    if a.path not in PATHS:
-        raise UsageError(f"unknown path {a.path!r} (choose from {', '.join(PATHS)})")
-    if a.preset not in PRESETS:
-        raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
-    if a.netns is not None and not a.netns.startswith("xlio-"):
-        raise UsageError(f"--netns {a.netns!r} must start with 'xlio-'")
     _tap_ready()
     out = sys.stderr if a.json else sys.stdout
 
@@ -313,10 +375,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     if a.tap:
         from xlio.tapsession import demo_tap, format_demo_tap
 
-        if a.preset not in PRESETS:
-            raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
+        if a.count > MAX_TAP_DEMO_COUNT:
+            raise UsageError(f"--count with --tap must be at most {MAX_TAP_DEMO_COUNT}")
+        if a.batch is not None or a.frame_size is not None:
+            raise UsageError("--batch and --frame-size do not apply to --tap")
         _tap_ready()
-        n = min(a.count, 200)
+        n = a.count
         rows = demo_tap(a.preset, n)
         return _emit(a.json, rows, lambda: format_demo_tap(rows, a.preset, n))
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
@@ -340,8 +404,6 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
 def _cmd_vmexit(a: argparse.Namespace) -> int:
     from xlio.sim.vmexit import format_lines, run
 
-    if a.preset not in PRESETS:
-        raise UsageError(f"unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
     try:
         res = run(PRESETS[a.preset], a.level, a.tests, apicv=a.apicv)
     except KeyError as e:
