@@ -10,7 +10,11 @@ the namespace's kernel stack, frames that stack sends come out of it.
 
 Cleanup is unconditional: :meth:`NamespacedTap.close` (also on ``__exit__``,
 on any exception, on KeyboardInterrupt) closes the tap, which deletes it, and
-removes the namespace; it is idempotent. It acts only in the process that
+removes the namespace; it is idempotent, and a second signal arriving during
+it does not cut it short. Each namespace has an owner record in
+``/run/xlio`` (PID and start time): a run killed with SIGKILL cannot clean
+up, and the next run (or ``xlio cleanup``) removes namespaces whose owner
+is dead, and only those. It acts only in the process that
 built the host: pyroute2 forks helper processes (to open sockets inside a
 namespace) that inherit our state, and a helper interrupted by a signal must
 not unwind into our cleanup and remove the namespace from under its parent.
@@ -47,14 +51,92 @@ class HostSetupError(Exception):
     """What is missing to build a test host (root, /dev/net/tun, a valid name)."""
 
 
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set (CapEff of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def check_privileges() -> None:
-    """Raise :class:`HostSetupError` naming what is missing for real taps."""
-    if os.geteuid() != 0:
-        raise HostSetupError("real taps need root (network namespaces and /dev/net/tun)")
+    """Raise :class:`HostSetupError` naming what is missing for real taps.
+
+    Checked by capability, not by user id: creating a namespace needs
+    CAP_SYS_ADMIN, a tap and its addresses CAP_NET_ADMIN.
+    """
+    caps = effective_capabilities()
+    missing = [
+        name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"))
+        if not caps >> bit & 1
+    ]  # fmt: skip
+    if missing:
+        raise HostSetupError(
+            f"real taps need {' and '.join(missing)} (network namespaces and /dev/net/tun)"
+        )
     if not os.path.exists("/dev/net/tun"):
         raise HostSetupError("/dev/net/tun is missing (no TUN/TAP support on this machine)")
     if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         raise HostSetupError("/dev/net/tun is not readable and writable")
+
+
+# ---------------------------------------------------------------- owners
+#: One file per namespace xlio created, naming the process that owns it.
+OWNERS = "/run/xlio"
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): a PID plus this is unique."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _record_owner(name: str) -> None:
+    os.makedirs(OWNERS, mode=0o700, exist_ok=True)
+    pid = os.getpid()
+    with open(os.path.join(OWNERS, name), "w") as f:
+        f.write(f"{pid} {_start_time(pid)}\n")
+
+
+def _forget_owner(name: str) -> None:
+    try:
+        os.unlink(os.path.join(OWNERS, name))
+    except FileNotFoundError:
+        pass
+
+
+def owner_alive(name: str) -> bool | None:
+    """Whether the process that created namespace ``name`` still runs (None: unknown)."""
+    try:
+        with open(os.path.join(OWNERS, name)) as f:
+            pid_text, start = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return _start_time(int(pid_text)) == start
+
+
+def reap_orphans() -> list[str]:
+    """Remove the ``xlio-`` namespaces whose owner died (a SIGKILLed run), and only those.
+
+    A namespace with no owner record is not ours to judge and stays.
+    """
+    from pyroute2 import netns
+
+    removed = []
+    for name in netns.listnetns():
+        if name.startswith("xlio-") and owner_alive(name) is False:
+            netns.remove(name)
+            _forget_owner(name)
+            removed.append(name)
+    return removed
 
 
 #: What a namespace name of ours looks like (it becomes a file in /run/netns).
@@ -144,11 +226,13 @@ class NamespacedTap:
         from pyroute2 import IPRoute, NetNS, netns
 
         check_privileges()
+        reap_orphans()  # what a killed run left behind
         if self.name in netns.listnetns():
             raise HostSetupError(f"namespace {self.name} already exists")
         try:
+            self._created_ns = True  # set first: a signal right after create cannot leak it
+            _record_owner(self.name)
             netns.create(self.name)
-            self._created_ns = True
             _disable_ipv6(self.name)
             self.fd = open_tap(self.ifname)
             with IPRoute() as ipr:
@@ -177,17 +261,27 @@ class NamespacedTap:
         """
         if os.getpid() != self._owner:
             return
-        if self.fd >= 0:
+        interrupted: BaseException | None = None
+        for _ in range(10):  # a signal during cleanup: finish the cleanup, then re-raise
             try:
-                os.close(self.fd)
-            finally:
-                self.fd = -1
+                self._close_once()
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
+
+    def _close_once(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
         if self._created_ns:
             from pyroute2 import netns
 
-            self._created_ns = False
             if self.name in netns.listnetns():
                 netns.remove(self.name)
+            _forget_owner(self.name)
+            self._created_ns = False
 
     def __enter__(self) -> HostInfo:
         return self.open()

@@ -12,12 +12,19 @@ differs. Frames cross with their 12-byte virtio-net header (IFF_VNET_HDR).
   flushes it when the fd is writable; past ``BACKLOG_MAX`` frames a frame is
   dropped and counted in ``tap_write_fails``.
 * Receive: the reader task waits with ``trio.lowlevel.wait_readable``,
-  drains with ``os.read`` until EAGAIN (a batch), and lets the datapath pump
+  reads with ``os.read`` until EAGAIN (a batch), and lets the datapath pump
   the batch toward L2. A guest with no RX buffers is counted by the device
-  (``no_rx_avail_buffer``) and the frames wait here, up to ``INBOX_MAX``,
-  beyond which they are dropped and counted in ``rx_dropped``.
-* A tap that disappears (its link deleted) makes reads and writes fail with
-  EBADFD or EIO: :class:`TapGone`, a clean error, never a hang.
+  (``no_rx_avail_buffer``) and the frames wait here, up to ``INBOX_MAX``.
+* The tap's link set down: writes fail with EIO; the frame is dropped and
+  counted (``tx_link_down``) and the wire keeps going, so traffic resumes
+  when the link comes back up.
+* A tap that disappears (its link deleted, or its namespace) makes reads and
+  writes fail with EBADFD: :class:`TapGone`, a clean error, never a hang.
+* The reader takes from the kernel only what the inbox has room for and
+  leaves the rest queued in the tap (the kernel's own limit, ``txqueuelen``,
+  then decides), so a burst larger than the inbox is delivered, not dropped.
+* Accounting: every frame handed to :meth:`TapWire.transmit` is written,
+  waiting in the backlog, or counted as dropped (``tap_write_fails``).
 * ``--pcap``: every frame crossing the tap, both directions, is kept as
   bytes and written to the file in batches with scapy's ``RawPcapWriter``,
   outside the per-frame path.
@@ -45,7 +52,7 @@ BACKLOG_MAX = 4096
 INBOX_MAX = 4096
 READ_SIZE = 65536 + NET_HDR_SIZE
 PCAP_BATCH = 256
-_GONE = (errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF)
+_GONE = (errno.EBADFD, errno.ENXIO, errno.ENODEV, errno.EBADF)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -92,17 +99,19 @@ class TapWire(Inbox):
         self.fd = fd
         self.pcap = pcap
         self.backlog: deque[bytes] = deque()
+        self.offered = 0  # frames handed to transmit()
         self.frames_to_peer = 0
         self.frames_from_peer = 0
-        self.tap_write_fails = 0
+        self.tap_write_fails = 0  # frames dropped on the way out (any reason)
+        self.tx_link_down = 0  # of those, dropped because the link was down (EIO)
         self.tap_read_fails = 0
-        self.rx_dropped = 0
         self.seen_by_peer: list[bytes] | None = None
         self.read_batches: list[list[bytes]] | None = [] if record_batches else None
         self.want_write = trio.Event()
 
     # ------------------------------------------------------------- transmit
     def transmit(self, hdr_frames: list[bytes]) -> None:
+        self.offered += len(hdr_frames)
         for hf in hdr_frames:
             if self.pcap is not None:
                 self.pcap.add(hf[NET_HDR_SIZE:])
@@ -115,9 +124,15 @@ class TapWire(Inbox):
             except BlockingIOError:
                 self._queue(hf)
             except OSError as e:
-                self.tap_write_fails += 1
-                if e.errno in _GONE:
-                    raise TapGone(f"tap write failed: {os.strerror(e.errno)}") from None
+                self._write_failed(e)
+
+    def _write_failed(self, e: OSError) -> None:
+        """A frame could not be written: counted; a vanished tap ends the run."""
+        self.tap_write_fails += 1
+        if e.errno == errno.EIO:
+            self.tx_link_down += 1  # link down: drop, and go on
+        elif e.errno in _GONE:
+            raise TapGone(f"tap write failed: {os.strerror(e.errno)} (tap deleted?)") from None
 
     def _queue(self, hf: bytes) -> None:
         if len(self.backlog) >= BACKLOG_MAX:
@@ -134,10 +149,8 @@ class TapWire(Inbox):
             except BlockingIOError:
                 return False
             except OSError as e:
-                self.tap_write_fails += 1
                 self.backlog.popleft()
-                if e.errno in _GONE:
-                    raise TapGone(f"tap write failed: {os.strerror(e.errno)}") from None
+                self._write_failed(e)
                 continue
             self.backlog.popleft()
             self.frames_to_peer += 1
@@ -145,9 +158,10 @@ class TapWire(Inbox):
 
     # ------------------------------------------------------------- receive
     def read_available(self) -> int:
-        """Drain the tap until EAGAIN; returns frames read."""
-        batch = []
-        while True:
+        """Read until EAGAIN or until the inbox is full; returns frames read."""
+        batch: list[bytes] = []
+        room = INBOX_MAX - len(self.to_guest)
+        while len(batch) < room:
             try:
                 hf = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
@@ -155,7 +169,9 @@ class TapWire(Inbox):
             except OSError as e:
                 self.tap_read_fails += 1
                 if e.errno in _GONE:
-                    raise TapGone(f"tap read failed: {os.strerror(e.errno)}") from None
+                    raise TapGone(
+                        f"tap read failed: {os.strerror(e.errno)} (tap deleted?)"
+                    ) from None
                 break
             if len(hf) <= NET_HDR_SIZE:
                 self.tap_read_fails += 1
@@ -170,20 +186,19 @@ class TapWire(Inbox):
                 self.pcap.add(hf[NET_HDR_SIZE:])
         if self.read_batches is not None:
             self.read_batches.append([hf[NET_HDR_SIZE:] for hf in batch])
-        room = INBOX_MAX - len(self.to_guest)
-        if room < len(batch):
-            self.rx_dropped += len(batch) - max(room, 0)
-            batch = batch[: max(room, 0)]
         self.to_guest.extend(batch)
         return len(batch)
+
+    def inbox_full(self) -> bool:
+        return len(self.to_guest) >= INBOX_MAX
 
     def metrics(self) -> dict[str, int]:
         return {
             "frames_to_peer": self.frames_to_peer,
             "frames_from_peer": self.frames_from_peer,
             "tap_write_fails": self.tap_write_fails,
+            "tx_link_down": self.tx_link_down,
             "tap_read_fails": self.tap_read_fails,
-            "rx_dropped": self.rx_dropped,
             "backlog": len(self.backlog),
         }
 
@@ -210,8 +225,11 @@ async def serve_tap(
             nursery.start_soon(_writer, wire)
             task_status.started()
             while True:
-                await trio.lowlevel.wait_readable(wire.fd)
-                wire.read_available()
+                if wire.inbox_full():  # L2 takes nothing now: leave frames in the kernel
+                    await trio.sleep(0.001)
+                else:
+                    await trio.lowlevel.wait_readable(wire.fd)
+                    wire.read_available()
                 dp.pump()
                 await trio.sleep(0)  # let the writer and the guest's tasks run
     except BaseExceptionGroup as group:

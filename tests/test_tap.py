@@ -170,13 +170,8 @@ async def test_burst_larger_than_the_ring_is_delivered_or_counted(host: Namespac
     assert dev is not None
     delivered = len(s.dp.endpoint.received_udp)
     assert len(set(s.dp.endpoint.received_udp)) == delivered  # no duplicates
-    drops = send_errors + stats["tx_dropped"] + s.wire.rx_dropped + dev.metrics["rx_fails"]
-    assert delivered + drops == burst, (
-        delivered,
-        send_errors,
-        stats["tx_dropped"],
-        s.wire.rx_dropped,
-    )
+    drops = send_errors + stats["tx_dropped"] + dev.metrics["rx_fails"]
+    assert delivered + drops == burst, (delivered, send_errors, stats["tx_dropped"])
     assert dev.metrics["no_rx_avail_buffer"] > 0  # the 32-entry ring ran dry, and it was counted
     assert delivered > 32
 
@@ -265,7 +260,7 @@ def _serve(path: str, name: str, sig: int) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + sig, err  # stopped by a signal: 130 for SIGINT
     assert name in err  # the namespace was announced on stderr, stdout is JSON
     return json.loads(out)
 
@@ -296,14 +291,17 @@ def test_a_forked_child_never_tears_down_its_parents_host(host: NamespacedTap) -
     assert host.name in spaces and host.fd >= 0  # still ours, still there
 
 
-def test_without_root_one_line_and_status_2(monkeypatch, capsys) -> None:
+def test_without_capabilities_one_line_and_status_2(monkeypatch, capsys) -> None:
     from xlio import cli
+    from xlio.backends import netns
 
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns, "effective_capabilities", lambda: 1 << netns.CAP_NET_ADMIN)
     assert cli.main(["serve", "--path", "l1"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.strip().splitlines() == [
-        "xlio: error: real taps need root (network namespaces and /dev/net/tun)"
+        "xlio serve: error: real taps need CAP_SYS_ADMIN (network namespaces and /dev/net/tun)"
     ]
+    monkeypatch.setattr(netns, "effective_capabilities", lambda: 0)
     assert cli.main(["demo", "--tap"]) == 2
+    assert "CAP_NET_ADMIN and CAP_SYS_ADMIN" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
     )
     sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    cl = sub.add_parser(
+        "cleanup", help="remove xlio- namespaces whose owner died (a run killed by SIGKILL)"
+    )
+    cl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
     e.add_argument(
         "--virtual-ept", default=None, choices=SCHEMES, help="EPT12 scheme (default: the preset's)"
@@ -328,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"xlio {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP during a tap run
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"xlio {a.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # `xlio ... | head`: the reader left, not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -358,7 +367,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     except HostSetupError as e:
         raise UsageError(str(e)) from None
     except TapGone as e:
-        print(f"xlio: error: {e}; namespace removed", file=sys.stderr)
+        print(f"xlio serve: error: {e}; namespace removed", file=sys.stderr)
         return 1
 
     def text() -> str:
@@ -368,7 +377,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             lines.append(f"device {name}: {shown or 'idle'}")
         return "\n".join(lines)
 
-    return _emit(a.json, r, text)
+    _emit(a.json, r, text)
+    stopped = r["stopped_by"]
+    return 128 + signal.Signals[stopped] if stopped else 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -418,12 +429,28 @@ def _cmd_vmexit(a: argparse.Namespace) -> int:
     return _emit(a.json, obj, lambda: format_lines(res))
 
 
+def _cmd_cleanup(a: argparse.Namespace) -> int:
+    from xlio.backends.netns import reap_orphans
+
+    _tap_ready()
+    removed = reap_orphans()
+    return _emit(
+        a.json,
+        {"removed": removed},
+        lambda: (
+            "\n".join(f"removed {n} (its owner is dead)" for n in removed)
+            or "nothing to remove: every xlio- namespace has a live owner"
+        ),
+    )
+
+
 COMMANDS = {
     "measure": _cmd_measure,
     "demo": _cmd_demo,
     "serve": _cmd_serve,
     "vmexit": _cmd_vmexit,
     "netperf": _cmd_netperf,
+    "cleanup": _cmd_cleanup,
 }
 
 

@@ -17,7 +17,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -182,6 +183,83 @@ async def run_with(session: TapSession, body: Callable[[], Awaitable[Any]]) -> A
     return result
 
 
+# ---------------------------------------------------------------- signals
+#: Signals that stop a run cleanly: what it measured is reported, what it
+#: built is removed, and the exit status is 128 + the signal (130 for SIGINT).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopState:
+    """Whether a stop signal was seen; after the first, the others are ignored."""
+
+    seen = False
+    signum = 0
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise the stop now if a signal came but its exception was lost (raised
+        inside a finalizer or a weakref callback, where Python swallows it)."""
+        if cls.seen:
+            raise Stopped(cls.signum)
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Outside trio, the first stop signal raises :class:`Stopped` (cleanup runs);
+    any later one is ignored, also after this block: the process is on its
+    way out, and a second Ctrl-C must not cut its cleanup or its report short.
+
+    A forked child (pyroute2 forks helpers, and terminates them with SIGTERM)
+    inherits the handler; there the signal gets its default action back, so
+    the child just ends instead of unwinding into its parent's cleanup.
+    """
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if _StopState.seen:
+            return
+        _StopState.seen = True
+        _StopState.signum = signum
+        raise Stopped(signum)
+
+    def unraisable(u: Any) -> None:
+        if not isinstance(u.exc_value, Stopped):  # a lost stop: _StopState.check finds it
+            hook(u)
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, signal.SIG_IGN if _StopState.seen else h)
+        sys.unraisablehook = hook
+
+
+async def _cancel_on_signal(scope: trio.CancelScope, received: list[int]) -> None:
+    """Inside trio: the first stop signal cancels ``scope`` and is recorded."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async for signum in signals:
+            received.append(signum)
+            _StopState.seen = True  # later signals: ignored
+            _StopState.signum = signum
+            scope.cancel()
+            return
+
+
 # ---------------------------------------------------------------- xlio serve
 def serve(
     path: str,
@@ -191,69 +269,67 @@ def serve(
     pcap: str | None,
     announce: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Build the namespace, keep L2 reachable until the duration, SIGINT or SIGTERM."""
-    host = NamespacedTap(netns_name)
-    previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
-    try:
-        info = host.open()
-        session = TapSession(path, host, preset=preset, pcap=pcap)
-        announce(
-            f"xlio serve: path {path}, namespace {info.netns}, host {info.host_ip}/{info.prefix} "
-            f"on {info.ifname}, L2 guest {info.guest_ip}\n"
-            f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
-        )
-        try:
-            trio.run(_serve_main, session, duration)
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C (or SIGTERM) while stopping: we are stopping anyway
-        except BaseExceptionGroup as group:
-            raise_first(group, TapGone)
-            raise
-        return session.result()
-    finally:
-        host.close()
-        signal.signal(signal.SIGTERM, previous)
+    """Build the namespace, keep L2 reachable until the duration or a stop signal.
 
-
-def _interrupt_in(owner: int) -> Callable[[int, Any], None]:
-    """A SIGTERM handler that stops ``owner`` like Ctrl-C does (cleanup runs).
-
-    A forked child (pyroute2 forks helpers, and terminates them with SIGTERM)
-    inherits the handler; there the signal gets its default action back, so
-    the child just ends instead of unwinding into its parent's cleanup.
+    The result's ``stopped_by`` names the signal that ended the run (None:
+    the duration did).
     """
+    with stopping_on_signals():
+        host = NamespacedTap(netns_name)
+        try:
+            announce(f"xlio serve: building namespace {host.name}")
+            info = host.open()
+            session = TapSession(path, host, preset=preset, pcap=pcap)
+            announce(
+                f"xlio serve: path {path}, namespace {info.netns}, host {info.host_ip}/"
+                f"{info.prefix} on {info.ifname}, L2 guest {info.guest_ip}\n"
+                f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
+            )
+            received: list[int] = []
+            _StopState.check()
+            try:
+                trio.run(_serve_main, session, duration, received)
+            except BaseExceptionGroup as group:
+                raise_first(group, TapGone)
+                raise
+            if not received:
+                _StopState.check()
+            r = session.result()
+            r["stopped_by"] = signal.Signals(received[0]).name if received else None
+            return r
+        finally:
+            host.close()
 
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt
 
-    return handler
-
-
-async def _serve_main(session: TapSession, duration: float | None) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
-            await nursery.start(session.run)
-            if duration is not None:
-                await trio.sleep(duration)
-                nursery.cancel_scope.cancel()
+async def _serve_main(session: TapSession, duration: float | None, received: list[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
+        await nursery.start(session.run)
+        if duration is not None:
+            await trio.sleep(duration)
+            nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- xlio demo --tap
-async def _demo_path(session: TapSession, host: HostInfo, n: int) -> dict[str, Any]:
+async def _demo_path(
+    session: TapSession, host: HostInfo, n: int, received: list[int]
+) -> dict[str, Any] | None:
     sock = trio.socket.from_stdlib_socket(socket_in_netns(host.netns))
     await sock.bind((host.host_ip, UDP_ECHO_PORT))
+    try:
+        with trio.CancelScope() as stop:
+            return await _demo_requests(session, host, n, sock, stop, received)
+        return None  # stopped by a signal
+    finally:
+        sock.close()
+
+
+async def _demo_requests(
+    session: TapSession, host: HostInfo, n: int, sock: trio.socket.SocketType,
+    stop: trio.CancelScope, received: list[int],
+) -> dict[str, Any]:  # fmt: skip
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signal, stop, received)
         nursery.start_soon(udp_echo_server, sock)
         await nursery.start(session.run)
         await session.resolve()
@@ -263,7 +339,6 @@ async def _demo_path(session: TapSession, host: HostInfo, n: int) -> dict[str, A
         udp = await session.guest_udp_echo([os.urandom(16 + (37 * i) % 1401) for i in range(n)])
         hp = await host_ping(host, n)
         nursery.cancel_scope.cancel()
-    sock.close()
     requests = 2 * n + hp["transmitted"]
     lost = sum(r is None for r in pings + udp) + hp["transmitted"] - hp["received"]
     r = session.result(units=requests, per="request")
@@ -279,15 +354,23 @@ async def _demo_path(session: TapSession, host: HostInfo, n: int) -> dict[str, A
 
 
 def demo_tap(preset: str, n: int) -> dict[str, Any]:
+    """The demo over real taps, one fresh namespace per path; a stop signal
+    raises :class:`Stopped` after the namespace is removed."""
     rows: dict[str, Any] = {}
-    for path in ("single", "l1", "l0"):
-        host = NamespacedTap()
-        try:
-            info = host.open()
-            session = TapSession(path, host, preset=preset)
-            rows[path] = trio.run(_demo_path, session, info, n)
-        finally:
-            host.close()
+    with stopping_on_signals():
+        for path in ("single", "l1", "l0"):
+            host = NamespacedTap()
+            try:
+                info = host.open()
+                session = TapSession(path, host, preset=preset)
+                received: list[int] = []
+                _StopState.check()
+                row = trio.run(_demo_path, session, info, n, received)
+                if received or row is None:
+                    raise Stopped(received[0] if received else signal.SIGINT)
+                rows[path] = row
+            finally:
+                host.close()
     return rows
 
 

@@ -1,0 +1,171 @@
+"""Signals at the worst moment, and a run killed outright: nothing left behind.
+
+``xlio serve`` runs as a user runs it (a subprocess); SIGINT, SIGTERM and
+SIGHUP arrive during namespace set-up, while serving, during a ping flood,
+and twice within milliseconds. Each ends with no traceback, exit status
+128 + the signal (130 for SIGINT) and no namespace or tap left. A run
+killed with SIGKILL leaves its namespace, which ``xlio cleanup`` (or the
+next run) removes because its owner is dead, and only it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xlio.backends.netns import HostSetupError, check_privileges, leftovers, owner_alive
+
+try:
+    check_privileges()
+    SKIP = ""
+except HostSetupError as e:
+    SKIP = str(e)
+
+pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
+GUEST = "198.18.0.2"
+
+
+class Serve:
+    """``xlio serve`` in a subprocess, its stderr read line by line."""
+
+    def __init__(self, *extra: str) -> None:
+        self.name = f"xlio-s{secrets.token_hex(3)}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "xlio.cli", "serve", "--netns", self.name, "--json", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.err = ""
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while text not in self.err:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.proc.poll() is None, (text, self.err)
+            ready, _, _ = select.select([self.proc.stderr], [], [], left)
+            if ready:  # unbuffered: a line must not hide in a reader's buffer
+                self.err += os.read(self.proc.stderr.fileno(), 65536).decode()
+
+    def stop(self, *signals: int, gap: float = 0.0) -> tuple[int, str, str]:
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(gap)
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, self.err + err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _clean(name: str) -> None:
+    spaces, links = leftovers()
+    assert name not in spaces and not links, (spaces, links)
+
+
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.1])
+def test_a_signal_during_namespace_setup(sig: int, delay: float) -> None:
+    s = Serve()
+    try:
+        s.wait_for("building namespace")
+        time.sleep(delay)
+        code, out, err = s.stop(sig)
+    finally:
+        s.kill()
+    assert code == 128 + sig, err
+    assert "Traceback" not in err
+    _clean(s.name)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_while_serving_reports_what_was_measured(sig: int) -> None:
+    s = Serve("--path", "l0", "--preset", "kvm-2019")
+    try:
+        s.wait_for("L2 guest")
+        ping = subprocess.run(
+            ["ip", "netns", "exec", s.name, "ping", "-c", "3", "-i", "0.05", "-w", "5", GUEST],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert ping.returncode == 0, ping.stdout
+        code, out, err = s.stop(sig)
+    finally:
+        s.kill()
+    assert code == 128 + sig and "Traceback" not in err, err
+    r = json.loads(out)
+    assert r["stopped_by"] == signal.Signals(sig).name and r["tap"]["frames_from_peer"] >= 3
+    _clean(s.name)
+
+
+def test_a_signal_during_a_flood() -> None:
+    s = Serve("--path", "l1")
+    flood = None
+    try:
+        s.wait_for("L2 guest")
+        flood = subprocess.Popen(
+            ["ip", "netns", "exec", s.name, "ping", "-f", "-c", "20000", "-s", "1000", GUEST],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.7)
+        code, out, err = s.stop(signal.SIGTERM)
+    finally:
+        s.kill()
+        if flood is not None:
+            flood.kill()
+            flood.wait()
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert json.loads(out)["tap"]["frames_from_peer"] > 0
+    _clean(s.name)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.002, 0.02])
+def test_two_signals_within_milliseconds(gap: float) -> None:
+    s = Serve("--path", "l1")
+    try:
+        s.wait_for("L2 guest")
+        code, out, err = s.stop(signal.SIGINT, signal.SIGTERM, gap=gap)
+    finally:
+        s.kill()
+    assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM), err
+    assert "Traceback" not in err
+    _clean(s.name)
+
+
+def test_sigkill_leaves_a_namespace_that_cleanup_removes_and_only_it() -> None:
+    killed = Serve("--path", "l1")
+    live = Serve("--path", "l0")
+    try:
+        killed.wait_for("L2 guest")
+        live.wait_for("L2 guest")
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait()
+        spaces, _ = leftovers()
+        assert killed.name in spaces and owner_alive(killed.name) is False
+        assert owner_alive(live.name) is True
+        p = subprocess.run([sys.executable, "-m", "xlio.cli", "cleanup", "--json"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["removed"] == [killed.name]
+        spaces, _ = leftovers()
+        assert killed.name not in spaces and live.name in spaces
+        code, _, err = live.stop(signal.SIGINT)
+        assert code == 130, err
+    finally:
+        killed.kill()
+        live.kill()
+    _clean(live.name)
+    assert not os.path.exists(f"/run/xlio/{killed.name}")
