@@ -108,6 +108,9 @@ class TapWire(Inbox):
         self.seen_by_peer: list[bytes] | None = None
         self.read_batches: list[list[bytes]] | None = [] if record_batches else None
         self.want_write = trio.Event()
+        # the system calls, as attributes: a test injects EAGAIN, ENOBUFS, EIO here
+        self.write = os.write
+        self.read = os.read
 
     # ------------------------------------------------------------- transmit
     def transmit(self, hdr_frames: list[bytes]) -> None:
@@ -119,7 +122,7 @@ class TapWire(Inbox):
                 self._queue(hf)
                 continue
             try:
-                os.write(self.fd, hf)
+                self.write(self.fd, hf)
                 self.frames_to_peer += 1
             except BlockingIOError:
                 self._queue(hf)
@@ -145,7 +148,7 @@ class TapWire(Inbox):
         """Write what waits; True when the backlog is empty."""
         while self.backlog:
             try:
-                os.write(self.fd, self.backlog[0])
+                self.write(self.fd, self.backlog[0])
             except BlockingIOError:
                 return False
             except OSError as e:
@@ -163,7 +166,7 @@ class TapWire(Inbox):
         room = INBOX_MAX - len(self.to_guest)
         while len(batch) < room:
             try:
-                hf = os.read(self.fd, READ_SIZE)
+                hf = self.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 break
             except OSError as e:
