@@ -34,12 +34,12 @@ fixed for a machine's life), so an exit costs a few additions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .accounting import Stats
+from .accounting import SUMMARY_KEYS, Stats
 from .costs import CostModel
 from .profiles import (
     CACHE_MODES,
@@ -189,6 +189,107 @@ class _Executed:
     dirties: bool
 
 
+_COUNTERS = (*SUMMARY_KEYS, "cycles_switch", "cycles_l0", "cycles_l1")
+
+
+class _Replay:
+    """The recorded effect of one operation on a machine (see NestedVmx.replay)."""
+
+    __slots__ = ("counters", "reasons", "causes", "charges", "accesses", "values", "changes",
+                 "delivered", "eager", "levels", "result")  # fmt: skip
+
+    counters: tuple[tuple[str, float], ...]
+    reasons: tuple[tuple[tuple[int, int], tuple[float, float]], ...]
+    causes: tuple[tuple[str, int], ...]
+    charges: tuple[tuple[int, bool, tuple[int, ...], int], ...]  # VMCS by index (_vmcss)
+    accesses: tuple[tuple[int, bool, int, int], ...]
+    values: tuple[tuple[int, int, int], ...]
+    changes: tuple[tuple[int, Any], ...]  # signature fields the operation changes: (index, value)
+    delivered: int  # interrupts the operation delivered (VirtualApicPage.delivered)
+    eager: bool  # values or deliveries to apply at once, not when counters are read
+    levels: dict[str, float]  # cycles by level: switch, L0, L1
+    result: Any
+
+    @classmethod
+    def record(cls, m: NestedVmx, operation: Callable[[], Any]) -> _Replay:
+        """Run ``operation`` on ``m`` (applied to its counters) and record its effect."""
+        s = m.stats  # flushed
+        before = [getattr(s, k) for k in _COUNTERS]
+        reasons = {k: tuple(v) for k, v in s.by_reason.items()}
+        causes = dict(s.by_cause)
+        vmcss = m._vmcss()
+        snap = [
+            (dict(v._read_batches), dict(v._write_batches), dict(v._reads), dict(v._writes),
+             dict(v.values)) for v in vmcss
+        ]  # fmt: skip
+        rec = cls()
+        sig = m._signature()
+        delivered = m.l2_apic.delivered
+        rec.result = operation()
+        s = m._stats
+        rec.counters = tuple(
+            (k, getattr(s, k) - b) for k, b in zip(_COUNTERS, before, strict=True)
+            if getattr(s, k) != b
+        )  # fmt: skip
+        rec.reasons = tuple(
+            (k, (v[0] - reasons.get(k, (0, 0.0))[0], v[1] - reasons.get(k, (0, 0.0))[1]))
+            for k, v in s.by_reason.items()
+            if tuple(v) != reasons.get(k)
+        )
+        rec.causes = tuple(
+            (k, v - causes.get(k, 0)) for k, v in s.by_cause.items() if v != causes.get(k, 0)
+        )
+        charges = []
+        accesses = []
+        values: list[tuple[int, int, int]] = []
+        for i, (v, (rb, wb, r, w, vals)) in enumerate(zip(vmcss, snap, strict=True)):
+            for write, now, old in ((False, v._read_batches, rb), (True, v._write_batches, wb)):
+                for k, times in now.items():
+                    if times != old.get(k, 0):
+                        charges.append((i, write, v._lists[k], times - old.get(k, 0)))
+            for write, now, old in ((False, v._reads, r), (True, v._writes, w)):
+                for f, n in now.items():
+                    if n != old.get(f, 0):
+                        accesses.append((i, write, f, n - old.get(f, 0)))
+            values.extend((i, f, x) for f, x in v.values.items() if vals.get(f) != x)
+        rec.charges = tuple(charges)
+        rec.accesses = tuple(accesses)
+        rec.values = tuple(values)
+        after = m._signature()
+        rec.changes = tuple(
+            (i, a) for i, (b, a) in enumerate(zip(sig, after, strict=True)) if a != b
+        )
+        rec.delivered = m.l2_apic.delivered - delivered
+        rec.eager = bool(rec.values or rec.delivered)
+        d = dict(rec.counters)
+        rec.levels = {
+            "switch": d.get("cycles_switch", 0.0),
+            "L0": d.get("cycles_l0", 0.0),
+            "L1": d.get("cycles_l1", 0.0),
+        }
+        return rec
+
+    @classmethod
+    def traced(cls, m: NestedVmx, operation: Callable[[], Any]) -> _Replay:
+        """Run ``operation`` (tracing: nothing is recorded); only its cycles by level."""
+        s = m.stats
+        sw, l0, l1 = s.cycles_switch, s.cycles_l0, s.cycles_l1
+        rec = cls()
+        rec.result = operation()
+        rec.levels = {
+            "switch": s.cycles_switch - sw,
+            "L0": s.cycles_l0 - l0,
+            "L1": s.cycles_l1 - l1,
+        }
+        return rec
+
+    def apply_eager(self, m: NestedVmx) -> None:
+        vmcss = m._vmcss()
+        for i, field, value in self.values:
+            vmcss[i].values[field] = value
+        m.l2_apic.delivered += self.delivered
+
+
 class NestedVmx:
     """L0's view of one L2 vCPU and its L1: see the module docstring."""
 
@@ -196,7 +297,11 @@ class NestedVmx:
         self.cfg = config
         c = config.costs
         self.costs = c
-        self.stats = Stats(trace=config.trace)
+        self._stats = Stats(trace=config.trace)
+        # recorded effects of whole operations (see replay) and how many
+        # replays of each the counters do not show yet
+        self._replays: dict[Any, dict[tuple[Any, ...], _Replay]] = {}
+        self._pending: dict[_Replay, int] = {}
         self._new_vmcs()
         apicv = config.apicv
         pin = KVM_L1_PIN_BASED | (KVM_L1_PIN_APICV if apicv else 0)
@@ -246,9 +351,17 @@ class NestedVmx:
         self._entry_l0 = c.vmresume + c.vmcs_native * ENTRY_NATIVE_ACCESSES + c.msr_bitmap_merge
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def stats(self) -> Stats:
+        """The counters, with every replayed operation applied."""
+        if self._pending:
+            self._flush()
+        return self._stats
+
     def reset_stats(self) -> None:
         """Start counting afresh (after set-up that a measurement excludes)."""
-        self.stats = Stats(trace=self.cfg.trace)
+        self._pending.clear()
+        self._stats = Stats(trace=self.cfg.trace)
         values = self.vmcs12.values
         self._new_vmcs()
         self.vmcs12.load(values.items())
@@ -296,6 +409,109 @@ class NestedVmx:
             yield
         finally:
             self._l1_background -= 1
+
+    # ------------------------------------------------------------- replay
+    def _signature(self) -> tuple[Any, ...]:
+        """Everything an operation's effect depends on, besides its arguments
+        (the virtual-APIC page's ``delivered`` is a counter: a delta, not state)."""
+        pid = self.l2_pid
+        apic = self.l2_apic
+        return (
+            self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
+            self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr, apic.isr,
+        )  # fmt: skip
+
+    _SIG_FIELDS = ("state", "_cache", "vmcs12_dirty", "l2_halted", "l1_halted", "_l1_background")
+
+    def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
+        """Set the signature's fields that a replayed operation changes."""
+        pid = self.l2_pid
+        apic = self.l2_apic
+        for i, value in changes:
+            if i < 6:
+                setattr(self, self._SIG_FIELDS[i], value)
+            elif i == 6:
+                self.l1_controls.restore(value)
+            elif i == 7:
+                pid.on = value
+            elif i == 8:
+                pid.pir = value
+            elif i == 9:
+                apic.irr = value
+            else:
+                apic.isr = value
+
+    def replay(self, key: Any, operation: Callable[[], Any]) -> _Replay:
+        """Run ``operation`` (machine calls only) or replay what it did before.
+
+        The model is deterministic: an operation with the same ``key`` from
+        the same machine state (:meth:`_signature`) always charges the same
+        exits and cycles and leaves the same state. The first time, it runs
+        and its effect is recorded (counter deltas, VMCS access counts, the
+        state after); afterwards the state is set and the effect is counted
+        as pending, applied to the counters when they are next read. A whole
+        nested exit becomes a lookup and a few assignments. With tracing on,
+        operations always run (the trace needs their events).
+        """
+        return self.replayer(key, operation)()
+
+    def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], _Replay]:
+        """:meth:`replay` of one ``key`` and ``operation``, as a function to call often."""
+        if self._stats.trace is not None:  # run it: the trace needs its events
+            return lambda: _Replay.traced(self, operation)
+        table = self._replays.setdefault(key, {})
+        pid = self.l2_pid
+        apic = self.l2_apic
+
+        def run() -> _Replay:
+            sig = (  # _signature(), inlined: this is the model's hottest line
+                self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
+                self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr,
+                apic.isr,
+            )  # fmt: skip
+            rec = table.get(sig)
+            if rec is None:
+                rec = table[sig] = _Replay.record(self, operation)
+                return rec
+            if rec.eager:  # rare: VMCS values, APIC deliveries
+                rec.apply_eager(self)
+            if rec.changes:
+                self._restore(rec.changes)
+            pending = self._pending
+            pending[rec] = pending.get(rec, 0) + 1
+            return rec
+
+        return run
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for rec, n in pending.items():
+            self._stats_add(rec, n)
+
+    def _stats_add(self, rec: _Replay, n: int) -> None:
+        s = self._stats
+        for name, d in rec.counters:
+            setattr(s, name, getattr(s, name) + d * n)
+        for key, (count, cycles) in rec.reasons:
+            row = s.by_reason.get(key)
+            if row is None:
+                s.by_reason[key] = [count * n, cycles * n]
+            else:
+                row[0] += count * n
+                row[1] += cycles * n
+        for cause, d in rec.causes:
+            s.by_cause[cause] += d * n
+        vmcss = self._vmcss()
+        for i, write, fields, times in rec.charges:
+            v = vmcss[i]
+            v._charge(v._write_batches if write else v._read_batches, fields, times * n)
+        for i, write, field, d in rec.accesses:
+            v = vmcss[i]
+            (v._writes if write else v._reads)[field] += d * n
+
+    def _vmcss(self) -> tuple[Vmcs, Vmcs, Vmcs, Vmcs]:
+        """The VMCS objects a replay record refers to by index."""
+        return self.vmcs01, self.vmcs12, self.vmcs02, self.shadow_vmcs
 
     # ------------------------------------------------------------- L2 side
     def l2_exit(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from .vmx import CpuBased, ExitReason, PinBased
 
@@ -127,6 +128,23 @@ class L1Controls:
     # Linux 6.4) and the CR4 bits outside KVM_POSSIBLE_CR4_GUEST_BITS.
     cr0_mask: int = ~CR0_TS
     cr4_mask: int = ~CR4_PGE
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_state", None)  # the cached state() is stale
+
+    def state(self) -> tuple[Any, ...]:
+        """All fields as one tuple, cached until a field changes (for replays)."""
+        st: tuple[Any, ...] | None = self.__dict__.get("_state")
+        if st is None:
+            st = (self.cpu_based, self.pin_based, self.io_passthrough, self.msr_bitmap,
+                  self.exception_bitmap, self.cr0_mask, self.cr4_mask)  # fmt: skip
+            object.__setattr__(self, "_state", st)
+        return st
+
+    def restore(self, st: tuple[Any, ...]) -> None:
+        (self.cpu_based, self.pin_based, self.io_passthrough, self.msr_bitmap,
+         self.exception_bitmap, self.cr0_mask, self.cr4_mask) = st  # fmt: skip
 
 
 def route_l2_exit(

@@ -34,14 +34,25 @@ Op = Callable[[], "float | None"]  # returns the units it performed (None: one)
 Builder = Callable[[NestedVmx, str, dict[str, Any]], Op]
 
 
-def _reflectable(m: NestedVmx, reason: ExitReason, handler: str, **kw: Any) -> None:
-    if m.l2_exit(reason, handler, **kw) == L1:
-        m.l1_vmresume()
+def _reflectable(m: NestedVmx, reason: ExitReason, handler: str, **kw: Any) -> Op:
+    """L2's exit, and L1's VMRESUME if it was reflected: one replayed operation."""
+    key = (reason, handler, tuple(sorted(kw.items())))
+
+    def operation() -> None:
+        if m.l2_exit(reason, handler, **kw) == L1:
+            m.l1_vmresume()
+
+    run = m.replayer(key, operation)
+
+    def op() -> None:
+        run()
+
+    return op
 
 
 def _simple(reason: ExitReason, handler: str) -> Builder:
     def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
-        return lambda: _reflectable(m, reason, handler)
+        return _reflectable(m, reason, handler)
 
     return build
 
@@ -50,7 +61,7 @@ def _port_io(handler: str) -> Builder:
     def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
         if path == "l0":  # control plane: L1 delegates the notify port to L0
             m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
-        return lambda: _reflectable(m, ExitReason.IO_INSTRUCTION, handler, port=VIRTIO_NOTIFY_PORT)
+        return _reflectable(m, ExitReason.IO_INSTRUCTION, handler, port=VIRTIO_NOTIFY_PORT)
 
     return build
 
@@ -79,9 +90,14 @@ def mmio_kick_exit(m: NestedVmx, to_l1: bool) -> int:
 
 
 def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
-    def op() -> None:
+    def operation() -> None:
         if mmio_kick_exit(m, path == "l1") == L1:
             m.l1_vmresume()
+
+    run = m.replayer(("mmio-kick", path), operation)
+
+    def op() -> None:
+        run()
 
     return op
 
