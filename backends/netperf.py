@@ -314,12 +314,11 @@ class NetperfModel:
         env.process(self._guest())
 
     # ------------------------------------------------------------ accounting
-    def _charge(self, fn: Callable[[], Any]) -> Work:
-        """Run one sans-IO step on the machine; its cycles by level."""
-        s = self.m.stats
-        sw, l0, l1 = s.cycles_switch, s.cycles_l0, s.cycles_l1
-        fn()
-        return {"switch": s.cycles_switch - sw, "L0": s.cycles_l0 - l0, "L1": s.cycles_l1 - l1}
+    def _charge(self, key: Any, fn: Callable[[], Any]) -> Work:
+        """One sans-IO step on the machine (replayed after its first run: ``key``
+        names everything ``fn`` depends on besides the machine's state); its
+        cycles by level."""
+        return self.m.replay(key, fn).levels
 
     def _data_work(self, level: str, packets: int, frame: int) -> Work:
         c = self.costs
@@ -335,7 +334,7 @@ class NetperfModel:
         """L0's backend raises the guest's interrupt (single level, direct path)."""
         self.c.irqs += 1
         self.irq_pending = True
-        w = self._charge(self.m.l0_interrupt_l2)
+        w = self._charge("l0_interrupt_l2", self.m.l0_interrupt_l2)
         self._wake_guest()
         return w
 
@@ -357,7 +356,7 @@ class NetperfModel:
             did = False
             if self.irq_pending:  # the interrupt handler: EOI, NAPI scheduled
                 self.irq_pending = False
-                w = self._charge(self.m.l2_eoi)
+                w = self._charge("l2_eoi", self.m.l2_eoi)
                 _add(work, w)
                 self.rxq.irq_armed = False
                 self.napi = True
@@ -403,7 +402,7 @@ class NetperfModel:
                 yield ev
             if self.irq_pending or self.rxq.used:
                 continue
-            w = self._charge(self.m.l2_hlt)
+            w = self._charge("l2_hlt", self.m.l2_hlt)
             self.guest_halted = True
             self.guest_wake = env.event()
             ev = cpu.hold(w)
@@ -469,11 +468,17 @@ class NetperfModel:
                     m.l1_exit(R.MSR_WRITE, "msr_write", cause="l1-ipi")
                 m.l1_vmresume()
 
-        w = self._charge(exit_)
+        w = self._charge(("kick", profile, ipi), exit_)
         if ipi:
             halted = self.l1_vcpu1_halted
             self.l1_vcpu1_halted = False
-            self._run_on(self.l1_cpu, self._charge(lambda: m.l0_interrupt_l1_vcpu(halted=halted)))
+            self._run_on(
+                self.l1_cpu,
+                self._charge(
+                    ("l0_interrupt_l1_vcpu", halted),
+                    lambda: m.l0_interrupt_l1_vcpu(halted=halted),
+                ),
+            )
         (self.l1_vhost if l1 else self.backend).wake()
         return w
 
@@ -662,9 +667,10 @@ class NetperfModel:
                 _add(
                     work,
                     self._charge(
+                        "l1_nic_kick",
                         lambda: m.l1_exit(
                             R.IO_INSTRUCTION, "io_kick", cause="l1-backend", background=True
-                        )
+                        ),
                     ),
                 )
                 self.l0_vhost.wake()
@@ -690,9 +696,9 @@ class NetperfModel:
         """L1's vhost sleeps: its vCPU halts, if nothing else runs there."""
         if self.opts.l1_backend_vcpu == "other":  # L1's vCPU 1: an L1 HLT exit
             self.l1_vcpu1_halted = True
-            return self._charge(self.m.l1_vcpu_halt)
+            return self._charge("l1_vcpu_halt", self.m.l1_vcpu_halt)
         if self.m.state != L2:  # vCPU 0 woke for its NIC while L2 stays halted
-            return self._charge(self.m.l1_halt_again)
+            return self._charge("l1_halt_again", self.m.l1_halt_again)
         return {}
 
     def _l1_interrupt_l2(self) -> Work:
@@ -703,19 +709,19 @@ class NetperfModel:
         if self.opts.l1_backend_vcpu == "other":
             # an IPI from L1's vCPU 1 (its exit), then delivery on vCPU 0: a
             # nested posted interrupt, or (halted) L0 wakes L1, which wakes L2
-            w = self._charge(m.l1_ipi_exit)
-            self._run_on(self.cpus["cpu0"], self._charge(m.l0_interrupt_l2))
+            w = self._charge("l1_ipi_exit", m.l1_ipi_exit)
+            self._run_on(self.cpus["cpu0"], self._charge("l0_interrupt_l2", m.l0_interrupt_l2))
         elif m.state == L2:
             # same vCPU, L2 not halted: L1's vhost ran in an exit that already
             # took L2 out; the interrupt is posted and taken at re-entry
-            w = self._charge(m.l0_interrupt_l2)
+            w = self._charge("l0_interrupt_l2", m.l0_interrupt_l2)
         else:  # same vCPU, L1 woken for its NIC while L2 was halted
 
             def deliver() -> None:
                 m.l1_interrupt_l2()
                 m.l1_vmresume()
 
-            w = self._charge(deliver)
+            w = self._charge("l1_interrupt_l2", deliver)
         self._wake_guest()
         return w
 
@@ -757,7 +763,13 @@ class NetperfModel:
         if self.opts.l1_backend_vcpu == "other":
             halted = self.l1_vcpu1_halted
             self.l1_vcpu1_halted = False
-            self._run_on(self.l1_cpu, self._charge(lambda: m.l0_interrupt_l1_vcpu(halted=halted)))
+            self._run_on(
+                self.l1_cpu,
+                self._charge(
+                    ("l0_interrupt_l1_vcpu", halted),
+                    lambda: m.l0_interrupt_l1_vcpu(halted=halted),
+                ),
+            )
             return
 
         # vCPU 0 runs L2: a forced reflected exit, handled in L1, back to L2; or
@@ -767,7 +779,7 @@ class NetperfModel:
             if not m.l2_halted:
                 m.l1_vmresume()
 
-        self._run_on(self.cpus["cpu0"], self._charge(irq))
+        self._run_on(self.cpus["cpu0"], self._charge("l0_interrupt_l1", irq))
 
     # ------------------------------------------------------------ running
     def conservation(self) -> dict[str, int]:

@@ -386,8 +386,8 @@ class NestedVmx:
             self.shadow_vmcs.bind(False, SHADOW_COPY_BACK, entries)
 
     def _trace(self, *event: Any) -> None:
-        if self.stats.trace is not None:
-            self.stats.trace.append(event)
+        if self._stats.trace is not None:
+            self._stats.trace.append(event)
 
     def _require(self, state: int, what: str) -> None:
         if self.state != state:
@@ -453,13 +453,37 @@ class NestedVmx:
         nested exit becomes a lookup and a few assignments. With tracing on,
         operations always run (the trace needs their events).
         """
-        return self.replayer(key, operation)()
+        if self._stats.trace is not None:  # run it: the trace needs its events
+            return _Replay.traced(self, operation)
+        table = self._replays.get(key)
+        if table is None:
+            table = self._replays[key] = {}
+        return self._replay_in(table, self._signature(), operation)
+
+    def _replay_in(
+        self,
+        table: dict[tuple[Any, ...], _Replay],
+        sig: tuple[Any, ...],
+        operation: Callable[[], Any],
+    ) -> _Replay:
+        rec = table.get(sig)
+        if rec is None:
+            rec = table[sig] = _Replay.record(self, operation)
+            return rec
+        if rec.eager:  # rare: VMCS values, APIC deliveries
+            rec.apply_eager(self)
+        if rec.changes:
+            self._restore(rec.changes)
+        pending = self._pending
+        pending[rec] = pending.get(rec, 0) + 1
+        return rec
 
     def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], _Replay]:
         """:meth:`replay` of one ``key`` and ``operation``, as a function to call often."""
-        if self._stats.trace is not None:  # run it: the trace needs its events
+        if self._stats.trace is not None:
             return lambda: _Replay.traced(self, operation)
         table = self._replays.setdefault(key, {})
+        replay_in = self._replay_in
         pid = self.l2_pid
         apic = self.l2_apic
 
@@ -469,17 +493,7 @@ class NestedVmx:
                 self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr,
                 apic.isr,
             )  # fmt: skip
-            rec = table.get(sig)
-            if rec is None:
-                rec = table[sig] = _Replay.record(self, operation)
-                return rec
-            if rec.eager:  # rare: VMCS values, APIC deliveries
-                rec.apply_eager(self)
-            if rec.changes:
-                self._restore(rec.changes)
-            pending = self._pending
-            pending[rec] = pending.get(rec, 0) + 1
-            return rec
+            return replay_in(table, sig, operation)
 
         return run
 
@@ -544,7 +558,7 @@ class NestedVmx:
         :meth:`l1_vmresume`.
         """
         self._require(L2, "an L2 exit")
-        s = self.stats
+        s = self._stats
         c = self.costs
         hw = c.hw_exit if hardware else 0
         if hardware:
@@ -569,7 +583,7 @@ class NestedVmx:
             s.crossings += 1
             if hardware:
                 s.exit(L2, reason, hw + h + l0_extra)
-            if self.stats.trace is not None:
+            if self._stats.trace is not None:
                 self._trace("L2", "exit", reason.name, "L0 handles", handler)
             return L0
         self._reflect(reflect_as or reason, handler, l0_extra, hw, reason)
@@ -585,7 +599,7 @@ class NestedVmx:
     ) -> None:
         """nested_vmx_vmexit, then L1's handler up to (not including) its entry epilogue."""
         profile = PROFILES[profile_name]
-        s = self.stats
+        s = self._stats
         c = self.costs
         s.reflected += 1
         l0 = self._reflect_l0 + (self._shadow_refresh if self.cfg.shadow_vmcs else 0)
@@ -596,7 +610,7 @@ class NestedVmx:
         self.state = L1
         self._cache = EMPTY_CACHE
         how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
-        if self.stats.trace is not None:
+        if self._stats.trace is not None:
             self._trace("L2", "exit", hw_reason.name, how, profile_name)
         # the pollution factor applies here only: handler work in L1's exit path
         s.cycles_l1 += c.l1_exit_framework + self._l1_handler[profile.handler]
@@ -665,7 +679,7 @@ class NestedVmx:
         if ex is None:
             ex = self._classify(instrs)
             self._executed[instrs] = ex
-        s = self.stats
+        s = self._stats
         c = self.costs
         nr = len(ex.trapped_reads)
         nw = len(ex.trapped_writes)
@@ -715,7 +729,7 @@ class NestedVmx:
         """
         if not background:
             self._require_l1("an L1 exit")
-        s = self.stats
+        s = self._stats
         c = self.costs
         h = c.handlers[handler]
         s.l1_exits += count
@@ -727,12 +741,12 @@ class NestedVmx:
         s.by_cause[cause] += count
         if cause == "l1-backend":
             s.l1_be_exits += count
-        if self.stats.trace is not None:
+        if self._stats.trace is not None:
             self._trace("L1", "exit", reason.name, cause, count)
 
     def l1_work(self, cycles: float) -> None:
         """Cycles L1 spends without exiting (its backend copying a frame)."""
-        self.stats.cycles_l1 += cycles
+        self._stats.cycles_l1 += cycles
 
     def l1_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L1 (running on L2's vCPU, L2 out) raises an interrupt for L2.
@@ -751,10 +765,10 @@ class NestedVmx:
             self.l2_apic.irr |= 1 << vector
         if self.l2_halted:
             self.l2_halted = False
-            self.stats.wakeups += 1
-            self.stats.cycles_l1 += self.costs.vcpu_wakeup
-        self.stats.irqs_injected_l2 += 1
-        if self.stats.trace is not None:
+            self._stats.wakeups += 1
+            self._stats.cycles_l1 += self.costs.vcpu_wakeup
+        self._stats.irqs_injected_l2 += 1
+        if self._stats.trace is not None:
             self._trace("L1", "inject", "L2")
 
     def l1_vmresume(self) -> None:
@@ -767,7 +781,7 @@ class NestedVmx:
         instrs, self._cache = plan
         if instrs:
             self._execute(instrs, "entry")
-        s = self.stats
+        s = self._stats
         c = self.costs
         full = self.vmcs12_dirty or not c.dirty_tracking
         l0 = self._entry_l0 + (c.merge_rare if full else 0)
@@ -786,13 +800,13 @@ class NestedVmx:
         self.vmcs12_dirty = False
         self.state = L2
         self.l2_apic.accept(self.l2_pid)  # vmcs02's PI descriptor is processed on entry
-        if self.stats.trace is not None:
+        if self._stats.trace is not None:
             self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
 
     # ------------------------------------------------------------- L0 side
     def l0_work(self, cycles: float) -> None:
         """Cycles L0 spends outside any exit handler (its backend thread)."""
-        self.stats.cycles_l0 += cycles
+        self._stats.cycles_l0 += cycles
 
     def l0_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L0's backend thread raises an interrupt for L2 (single level, or the direct path).
@@ -813,7 +827,7 @@ class NestedVmx:
           external-interrupt exit, or a wake-up of a halted L1) and L1
           injects through vmcs12.
         """
-        s = self.stats
+        s = self._stats
         c = self.costs
         apicv = self.cfg.apicv
         if not self.cfg.nested:
@@ -829,7 +843,7 @@ class NestedVmx:
                 s.cycles_l0 += c.handlers["inject"]
             self.l2_apic.irr |= 1 << vector
             s.irqs_injected_l2 += 1
-            if self.stats.trace is not None:
+            if self._stats.trace is not None:
                 self._trace("L0", "inject", "L2")
             return
         if apicv:
@@ -839,22 +853,22 @@ class NestedVmx:
             s.irqs_injected_l2 += 1
             if self.state == L2 and not self.l2_halted:
                 self.l2_apic.accept(self.l2_pid)  # nested posted interrupt, no exit
-                if self.stats.trace is not None:
+                if self._stats.trace is not None:
                     self._trace("L0", "post", "L2 running")
             elif self.state == L2:  # virtual idle: L0 holds L2's HLT
                 self._wake_l2_in_l0()
                 self.l2_apic.accept(self.l2_pid)
-                if self.stats.trace is not None:
+                if self._stats.trace is not None:
                     self._trace("L0", "post", "L2 halted in L0")
             elif not self.l1_halted:  # L1 runs on L2's vCPU: taken at its VMRESUME
-                if self.stats.trace is not None:
+                if self._stats.trace is not None:
                     self._trace("L0", "post", "L1 running")
             else:  # L2 halted in L1: the notification vector wakes L1
                 self._wake_l1(notify=True)
                 self.l2_halted = False
                 s.wakeups += 1
                 s.cycles_l1 += c.vcpu_wakeup  # L1 unblocks L2's vCPU thread
-                if self.stats.trace is not None:
+                if self._stats.trace is not None:
                     self._trace("L0", "post", "L2 halted in L1: notify L1")
                 self.l1_vmresume()
             return
@@ -865,12 +879,12 @@ class NestedVmx:
 
     def _wake_l2_in_l0(self) -> None:
         self.l2_halted = False
-        self.stats.wakeups += 1
-        self.stats.cycles_l0 += self.costs.vcpu_wakeup
+        self._stats.wakeups += 1
+        self._stats.cycles_l0 += self.costs.vcpu_wakeup
 
     def _wake_l1(self, *, notify: bool) -> None:
         """L0 wakes L1's halted vCPU and delivers L1's interrupt on entry."""
-        s = self.stats
+        s = self._stats
         c = self.costs
         self.l1_halted = False
         s.wakeups += 1
@@ -879,7 +893,7 @@ class NestedVmx:
         # L1's interrupt handler (the PI wake-up vector, or its NIC's), in L1's
         # own kernel: not exit-path work, so no pollution factor
         s.cycles_l1 += c.handlers["external_interrupt"]
-        if self.stats.trace is not None:
+        if self._stats.trace is not None:
             self._trace("L0", "wake", "L1", "notification" if notify else "interrupt")
 
     def l0_interrupt_l1(self) -> None:
@@ -893,7 +907,7 @@ class NestedVmx:
         in L0 (virtual idle) L0 synthesizes the reflection. With L1 running,
         a posted interrupt (APICv) costs no exit, else L1 takes one.
         """
-        s = self.stats
+        s = self._stats
         c = self.costs
         if self.state == L2:
             if self.l2_halted:  # virtual idle
@@ -933,7 +947,7 @@ class NestedVmx:
         a posted interrupt without an exit (APICv) or an external-interrupt
         exit.
         """
-        s = self.stats
+        s = self._stats
         c = self.costs
         s.irqs_injected_l1 += 1
         if halted:
