@@ -42,6 +42,10 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 VNET_HDR_SIZE = 12
 
+#: The tap's queue toward our reader, in frames (Linux's default is 1,000): a
+#: burst from the namespace waits there while L2's inbox is full.
+TAP_TXQUEUELEN = 10_000
+
 HOST_IP = "198.18.0.1"
 GUEST_IP = "198.18.0.2"
 PREFIX = 24
@@ -241,7 +245,8 @@ class NamespacedTap:
             with NetNS(self.name) as ns:
                 idx = ns.link_lookup(ifname=self.ifname)[0]
                 ns.addr("add", index=idx, address=self.host_ip, prefixlen=self.prefix)
-                ns.link("set", index=idx, state="up")
+                # room for a burst: the kernel queues what the guest has not read yet
+                ns.link("set", index=idx, state="up", txqlen=TAP_TXQUEUELEN)
                 ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
                 mac = ns.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         except BaseException:

@@ -10,12 +10,13 @@ VMRESUME, its own host-state switching, its backend's device I/O, ...).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from .vmx import ExitReason
 
 LEVEL_NAMES = ("L0", "L1", "L2")
+TRACE_MAX = 100_000  # trace events kept (the latest): memory stays bounded on long runs
 
 #: Keys of the summary dicts, in report order; the EPT and datapath models add theirs.
 SUMMARY_KEYS = (
@@ -59,7 +60,8 @@ class Stats:
         self.cycles_l1 = 0.0
         self.by_reason: dict[tuple[int, int], list[float]] = {}
         self.by_cause: Counter[str] = Counter()
-        self.trace: list[tuple[Any, ...]] | None = [] if trace else None
+        # bounded: the last TRACE_MAX events (about 200 bytes each); trace_events counts all
+        self.trace: deque[tuple[Any, ...]] | None = deque(maxlen=TRACE_MAX) if trace else None
 
     # the counters are set dynamically from SUMMARY_KEYS; declare for type checkers
     l0_exits: int

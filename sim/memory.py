@@ -26,6 +26,7 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 QWORDS_PER_PAGE = PAGE_SIZE // 8
 _PAGE_Q = struct.Struct(f"<{QWORDS_PER_PAGE}Q")
 _U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -220,13 +221,25 @@ class GuestMemory:
             self.touched.add(frame)
         return buf, off
 
+    def _hit(self, gpa: int) -> bytearray | None:
+        """The cached page holding ``gpa``, or None (then :meth:`_page` resolves it)."""
+        if self.touched is not None:
+            return None
+        epoch = self.epoch
+        if epoch is None or epoch() != self._seen:
+            return None
+        hit = self._cache.get(gpa >> PAGE_SHIFT)
+        return None if hit is None else hit[0]
+
     def read(self, gpa: int, n: int) -> bytes:
         if gpa < 0 or n < 0 or gpa + n > self.size:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            page, o = self._page(gpa)
-            return bytes(page[o : o + n])
+            page = self._hit(gpa)
+            if page is None:
+                page, off = self._page(gpa)
+            return bytes(page[off : off + n])
         out = bytearray()
         while n:
             page, o = self._page(gpa)
@@ -242,8 +255,10 @@ class GuestMemory:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            page, o = self._page(gpa)
-            page[o : o + n] = data
+            page = self._hit(gpa)
+            if page is None:
+                page, off = self._page(gpa)
+            page[off : off + n] = data
             return
         view = memoryview(data)
         pos = 0
@@ -254,8 +269,21 @@ class GuestMemory:
             pos += k
 
     def read_u16(self, gpa: int) -> int:
-        b = self.read(gpa, 2)
-        return b[0] | b[1] << 8
+        if gpa & 1 or gpa < 0 or gpa + 2 > self.size:  # unaligned or out of range: general path
+            b = self.read(gpa, 2)
+            return b[0] | b[1] << 8
+        page = self._hit(gpa)
+        off = gpa & (PAGE_SIZE - 1)
+        if page is None:
+            page, off = self._page(gpa)
+        return int(_U16.unpack_from(page, off)[0])
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self.write(gpa, (value & 0xFFFF).to_bytes(2, "little"))
+        if gpa & 1 or gpa < 0 or gpa + 2 > self.size:
+            self.write(gpa, (value & 0xFFFF).to_bytes(2, "little"))
+            return
+        page = self._hit(gpa)
+        off = gpa & (PAGE_SIZE - 1)
+        if page is None:
+            page, off = self._page(gpa)
+        _U16.pack_into(page, off, value & 0xFFFF)

@@ -34,6 +34,7 @@ fixed for a machine's life), so an exit costs a few additions.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ class NestedVmx:
         self.l2_halted = False  # L2 executed HLT and waits for an interrupt
         self.l1_halted = False  # nested: L1 blocked L2's vCPU and halted its own
         self.memory: Any = None  # (VirtualEpt, L1Mmu) when a workload models memory
-        self.datapath: Any = None  # the Datapath, for the network workloads
+        self._datapath: Any = None  # a weak reference to the Datapath (network workloads)
         self.state = L2
         self._l1_background = 0
         self.vmcs12_dirty = False
@@ -351,6 +352,18 @@ class NestedVmx:
         self._entry_l0 = c.vmresume + c.vmcs_native * ENTRY_NATIVE_ACCESSES + c.msr_bitmap_merge
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def datapath(self) -> Any:
+        """The Datapath driving this machine (network workloads), or None.
+
+        Held weakly: the Datapath holds the machine, and a sweep must not keep
+        dead machines until the cyclic collector runs."""
+        return None if self._datapath is None else self._datapath()
+
+    @datapath.setter
+    def datapath(self, dp: Any) -> None:
+        self._datapath = None if dp is None else weakref.ref(dp)
+
     @property
     def stats(self) -> Stats:
         """The counters, with every replayed operation applied."""

@@ -247,3 +247,44 @@ async def test_the_tap_or_its_namespace_deleted_mid_run_is_a_clean_stop(
         n.start_soon(delete_soon)
         with pytest.raises(TapGone, match="tap deleted"), trio.fail_after(5):
             await s.run()
+
+
+@root
+async def test_a_burst_of_8000_frames_into_l2_over_the_tap_is_all_delivered(
+    host: NamespacedTap,
+) -> None:
+    """The reader leaves what its inbox cannot hold in the kernel's queue
+    (the tap's txqueuelen is 10,000): nothing is dropped anywhere."""
+    import socket as so
+
+    from pyroute2 import NetNS, netns
+
+    s = TapSession("l0", host, preset="kvm-2019")
+    s.dp.received = None
+    n = 8000
+    frames = [
+        udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, UDP_DISCARD_PORT, 64, i)
+        for i in range(n)
+    ]
+    netns.pushns(host.name)
+    try:
+        sock = so.socket(so.AF_PACKET, so.SOCK_RAW)
+    finally:
+        netns.popns()
+    with sock:
+        sock.bind((host.ifname, 0))
+        for f in frames:  # queued in the tap before L2 reads any
+            sock.send(f)
+    dev = s.dp.active_device()
+    assert dev is not None
+
+    async def drained() -> None:
+        while dev.metrics["rx_packets_count"] < n:
+            await trio.sleep(0.01)
+
+    with trio.fail_after(60):
+        await run_with(s, drained)
+    with NetNS(host.name) as ns:
+        stats = ns.get_links(ns.link_lookup(ifname=host.ifname)[0])[0].get_attr("IFLA_STATS64")
+    assert dev.metrics["rx_packets_count"] == n and dev.metrics["rx_fails"] == 0
+    assert stats["tx_dropped"] == 0 and s.wire.frames_from_peer == n

@@ -1,0 +1,386 @@
+"""Every speed target in one run: the tap datapath against bare Python, the model's rate.
+
+Tap rows compare a subject with a baseline doing the least the same job
+needs, interleaved (A B A B: these machines are shared and noisy), and
+report the median ratio with its min-max over the pairs:
+
+* tap TX: 64-byte frames, L2 sending in batches of 64 through ``l0`` (and
+  ``l1``), against a bare ``os.write`` loop on a tap of the same kind
+  (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header), frames per second;
+* tap RX: a burst of 4,000 64-byte frames queued in the tap by a packet
+  socket in the namespace, drained into L2 on ``l0``, against a bare
+  ``os.read`` loop, frames per second;
+* UDP echo: round trips from a socket in the namespace to the L2 guest on
+  ``l0`` (and ``l1``), against a bare Python responder on the raw tap that
+  swaps addresses, mean time per round trip (ratio: subject over baseline).
+
+Model rows are absolute: modeled exits per wall second (cpuid under
+shadow-vmcs, tracing off, and the slowest workload and preset), 1,000
+``measure`` configurations in one process, and one modeled second of 1 GbE
+TCP_STREAM per path (issue 9). A bare Python loop's rate is printed as the
+machine's speed of the day.
+
+Tap rows build their own ``xlio-`` namespaces and remove them, also on
+failure. Needs CAP_NET_ADMIN and CAP_SYS_ADMIN for the tap rows.
+
+    python scripts/bench.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from xlio.backends.netns import NamespacedTap
+from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
+from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
+from xlio.tapsession import TapSession, socket_in_netns
+from xlio.virtio import NET_HDR_SIZE
+
+HDR = bytes(NET_HDR_SIZE)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    t = time.perf_counter()
+    n = 0
+    for i in range(2_000_000):
+        n += i
+    loop = 2_000_000 / (time.perf_counter() - t)
+    return {
+        "cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "kernel": platform.release(), "bare_loop_iterations_per_s": round(loop),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers
+@contextmanager
+def tap_session(path: str) -> Iterator[TapSession]:
+    host = NamespacedTap()
+    try:
+        host.open()
+        yield TapSession(path, host, preset="kvm-2019" if path == "l0" else "turtles-2010")
+    finally:
+        host.close()
+
+
+def write_all(fd: int, frames: list[bytes]) -> None:
+    """The bare baseline: os.write each frame, waiting when the tap is full."""
+    for f in frames:
+        while True:
+            try:
+                os.write(fd, f)
+                break
+            except BlockingIOError:
+                select.select([], [fd], [], 1.0)
+
+
+def pairs(
+    base: Callable[[], float], subject: Callable[[], float], n: int
+) -> list[tuple[float, float]]:
+    out = []
+    for _ in range(n):
+        out.append((base(), subject()))
+    return out
+
+
+def summarize(name: str, unit: str, ps: list[tuple[float, float]], target: str,
+              higher_is_better: bool = True) -> dict[str, Any]:  # fmt: skip
+    ratios = [s / b for b, s in ps]
+    return {
+        "row": name, "unit": unit, "baseline": statistics.median(b for b, _ in ps),
+        "subject": statistics.median(s for _, s in ps), "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios), "ratio_max": max(ratios), "target": target,
+        "pairs": len(ps), "higher_is_better": higher_is_better,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- tap TX
+def tap_tx(path: str, n: int, n_pairs: int) -> dict[str, Any]:
+    frames = [
+        udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, UDP_DISCARD_PORT, 64, i)
+        for i in range(n)
+    ]  # the namespace's kernel drops them at once: not its MAC
+    raw = [HDR + f for f in frames]
+    with tap_session(path) as s:
+        fd = s.wire.fd
+
+        def base() -> float:
+            t = time.perf_counter()
+            write_all(fd, raw)
+            return n / (time.perf_counter() - t)
+
+        def subject() -> float:
+            dp = s.dp
+            t = time.perf_counter()
+            for i in range(0, n, 64):
+                dp.send(frames[i : i + 64])
+            while not s.wire.flush_backlog():
+                select.select([], [fd], [], 1.0)
+            return n / (time.perf_counter() - t)
+
+        subject()  # warm-up: every ring slot used once
+        ps = pairs(base, subject, n_pairs)
+    target = ">= 0.45" if path == "l0" else ">= 0.28"
+    return summarize(f"tap TX, 64-byte frames, batch 64, {path} / bare os.write", "frames/s",
+                     ps, target)  # fmt: skip
+
+
+# ---------------------------------------------------------------- tap RX
+def inject(s: TapSession, frames: list[bytes]) -> None:
+    """Queue frames in the tap from the namespace side (a packet socket there)."""
+    from pyroute2 import netns
+
+    netns.pushns(s.info.netns)
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    finally:
+        netns.popns()
+    with sock:
+        sock.bind((s.info.ifname, 0))
+        for f in frames:
+            sock.send(f)
+
+
+def tap_rx(n: int, n_pairs: int) -> dict[str, Any]:
+    frames = [
+        udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, UDP_DISCARD_PORT, 64, i)
+        for i in range(n)
+    ]
+    with tap_session("l0") as s:
+        fd = s.wire.fd
+        dp = s.dp
+        dev = dp.active_device()
+        assert dev is not None
+
+        def base() -> float:
+            inject(s, frames)
+            got = 0
+            t = time.perf_counter()
+            while got < n:
+                try:
+                    os.read(fd, 65536)
+                    got += 1
+                except BlockingIOError:
+                    select.select([fd], [], [], 1.0)
+            return n / (time.perf_counter() - t)
+
+        def subject() -> float:
+            inject(s, frames)
+            before = dev.metrics["rx_packets_count"]
+            t = time.perf_counter()
+            while dev.metrics["rx_packets_count"] - before < n:
+                if not s.wire.read_available():
+                    select.select([fd], [], [], 1.0)
+                dp.pump()
+            return n / (time.perf_counter() - t)
+
+        subject()
+        ps = pairs(base, subject, n_pairs)
+    return summarize(f"tap RX, burst of {n:,} 64-byte frames into L2, l0 / bare os.read",
+                     "frames/s", ps, ">= 0.30")  # fmt: skip
+
+
+# ---------------------------------------------------------------- UDP echo
+def bare_responder(fd: int) -> None:
+    """Answer UDP echo on the raw tap: swap MACs, IPs and ports (checksums hold)."""
+    while True:
+        select.select([fd], [], [])
+        while True:
+            try:
+                hf = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            f = hf[NET_HDR_SIZE:]
+            if len(f) < 42 or f[12:14] != b"\x08\x00" or f[23] != 17:
+                continue
+            ihl = (f[14] & 15) * 4
+            u = 14 + ihl
+            out = f[6:12] + f[0:6] + f[12:26] + f[30:34] + f[26:30] + f[34:u] + f[u + 2 : u + 4]
+            out += f[u : u + 2] + f[u + 4 :]
+            os.write(fd, HDR + out)
+
+
+def serve_child(s: TapSession, bare: bool) -> int:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            if bare:
+                bare_responder(s.wire.fd)
+            else:
+                trio.run(s.run)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def round_trips(s: TapSession, k: int) -> float:
+    sock = socket_in_netns(s.info.netns)
+    with sock:
+        sock.settimeout(2.0)
+        sock.bind((s.info.host_ip, 0))
+        payload = b"p" * 32
+        for _ in range(20):  # warm-up
+            sock.sendto(payload, (s.info.guest_ip, UDP_ECHO_PORT))
+            sock.recvfrom(2048)
+        t = time.perf_counter()
+        for _ in range(k):
+            sock.sendto(payload, (s.info.guest_ip, UDP_ECHO_PORT))
+            sock.recvfrom(2048)
+        return (time.perf_counter() - t) / k
+
+
+def echo(path: str, k: int, n_pairs: int) -> dict[str, Any]:
+    with tap_session(path) as s:
+        subprocess.run(
+            ["ip", "netns", "exec", s.info.netns, "ip", "neigh", "replace", s.info.guest_ip,
+             "lladdr", GUEST_MAC.hex(":"), "dev", s.info.ifname], check=True,
+        )  # fmt: skip
+
+        def measure(bare: bool) -> float:
+            pid = serve_child(s, bare)
+            try:
+                time.sleep(0.2)
+                return round_trips(s, k)
+            finally:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+
+        ps = pairs(lambda: measure(True), lambda: measure(False), n_pairs)
+    target = "<= 3" if path == "l0" else "<= 5"
+    row = summarize(f"UDP echo round trip over the tap, {path} / bare responder", "s per trip",
+                    ps, target, higher_is_better=False)  # fmt: skip
+    return row
+
+
+# ---------------------------------------------------------------- the model
+def model_rates(seconds: float) -> list[dict[str, Any]]:
+    from xlio.sim.nested import Config, NestedVmx
+    from xlio.sim.presets import PRESETS
+    from xlio.sim.workloads import WORKLOADS
+
+    rates = {}
+    for preset in ("turtles-2010", "shadow-vmcs", "kvm-2019"):
+        for w in ("cpuid", "vmcall", "io-kick", "io-user", "mmio-kick"):
+            best = 0.0
+            for _ in range(3):
+                m = NestedVmx(Config.from_preset(PRESETS[preset]))
+                op = WORKLOADS[w].build(m, "l1", {})
+                m.reset_stats()
+                n = 0
+                t = time.perf_counter()
+                while time.perf_counter() - t < seconds:
+                    for _ in range(1000):
+                        op()
+                    n += 1000
+                best = max(best, m.stats.l0_exits / (time.perf_counter() - t))
+            rates[(w, preset)] = best
+    slowest = min(rates, key=lambda k: rates[k])
+    return [
+        {"row": "modeled exits/s, cpuid under shadow-vmcs, tracing off", "unit": "exits/s",
+         "subject": rates[("cpuid", "shadow-vmcs")], "target": ">= 1,500,000"},
+        {"row": f"modeled exits/s, slowest workload and preset ({slowest[0]}, {slowest[1]})",
+         "unit": "exits/s", "subject": rates[slowest], "target": ">= 1,000,000"},
+    ]  # fmt: skip
+
+
+def measure_configs(n: int) -> dict[str, Any]:
+    from xlio.measure import measure
+
+    micro = ("cpuid", "vmcall", "io-kick", "io-user", "mmio-kick")
+    paths = ("single", "l1", "l0")
+    presets = ("turtles-2010", "kvm-2019", "shadow-vmcs")
+    t = time.perf_counter()
+    for i in range(n):
+        measure(micro[i % 5], paths[i // 5 % 3], presets[i // 15 % 3], count=1000)
+    wall = time.perf_counter() - t
+    return {"row": f"{n:,} measure configurations in one process (micro, 1,000 ops each)",
+            "unit": "s", "subject": wall, "target": "<= 5"}  # fmt: skip
+
+
+def netperf_l1() -> dict[str, Any]:
+    from xlio.backends.netperf import NetperfModel, NetperfOptions, Path, Test
+    from xlio.sim.presets import PRESETS
+
+    out = {}
+    for path in Path:
+        m = NetperfModel(
+            PRESETS["turtles-2010"], NetperfOptions(Test.TCP_STREAM, path, duration=1.0)
+        )
+        t = time.perf_counter()
+        m.run()
+        out[path.value] = time.perf_counter() - t
+    slowest = max(out, key=lambda k: out[k])
+    return {"row": f"1 modeled s of 1 GbE TCP_STREAM, slowest path ({slowest})", "unit": "s",
+            "subject": out[slowest], "target": "<= 5", "by_path": out}  # fmt: skip
+
+
+def _number_format(v: float) -> Callable[[float], str]:
+    if v > 100:
+        return lambda x: f"{x:,.0f}"
+    if v < 0.01:
+        return lambda x: f"{x * 1e6:.1f} us"
+    return lambda x: f"{x:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer frames and pairs (under 60 s)")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--no-tap", action="store_true", help="model rows only")
+    a = ap.parse_args()
+    q = a.quick
+    mach = machine()
+    print(f"machine: {mach['cpu']}, {mach['cpus']} CPUs, Python {mach['python']}, "
+          f"kernel {mach['kernel']}; bare loop {mach['bare_loop_iterations_per_s']:,} "
+          "iterations/s", flush=True)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    n_pairs = 3 if q else 5
+    if not a.no_tap:
+        tx_n = 8_192 if q else 40_960
+        rows.append(tap_tx("l0", tx_n, n_pairs))
+        rows.append(tap_tx("l1", tx_n, n_pairs))
+        rows.append(tap_rx(4_000, n_pairs))
+        k = 200 if q else 1000
+        rows.append(echo("l0", k, n_pairs))
+        rows.append(echo("l1", k, n_pairs))
+    rows.extend(model_rates(0.2 if q else 0.5))
+    rows.append(measure_configs(1000))
+    rows.append(netperf_l1())
+    print(f"\n{'row':<78}{'subject':>14}{'baseline':>14}{'ratio (min-max)':>26}  target")
+    for r in rows:
+        subj = r["subject"]
+        fmt = _number_format(subj)
+        line = f"{r['row']:<78}{fmt(subj):>14}"
+        if "ratio" in r:
+            line += f"{fmt(r['baseline']):>14}"
+            line += f"{r['ratio']:>10.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})".rjust(26)
+        else:
+            line += " " * 40
+        print(line + f"  {r['target']} ({r['unit']})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": mach, "quick": q, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
