@@ -8,6 +8,7 @@ from xlio.backends.datapath import Datapath, datapath_options, make_datapath
 from xlio.backends.direct import DelegationRefused, QueueState
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.frontends.virtio_net import TXQ
+from xlio.guestfuzz import l2_host_frames
 from xlio.measure import make_config, measure
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
 from xlio.sim.nested import NestedVmx
@@ -262,12 +263,7 @@ class Hostile:
 
 def l2_frames(dp: Datapath) -> set[int]:
     """The host frames backing L2's memory right now."""
-    out = set()
-    for p in range(dp.mmu.l2_pages):
-        l1 = dp.mmu.l1_page_of(p)
-        if l1 is not None:
-            out.add(dp.vept.resolve_l1_frame(l1))
-    return out
+    return l2_host_frames(dp)
 
 
 def audit(dp: Datapath) -> set[int]:

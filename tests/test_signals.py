@@ -20,16 +20,11 @@ import sys
 import time
 
 import pytest
+from taphosts import needs_taps
 
-from xlio.backends.netns import HostSetupError, check_privileges, leftovers, owner_alive
+from xlio.backends.netns import leftovers, owner_alive
 
-try:
-    check_privileges()
-    SKIP = ""
-except HostSetupError as e:
-    SKIP = str(e)
-
-pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
+pytestmark = needs_taps
 GUEST = "198.18.0.2"
 
 

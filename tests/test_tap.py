@@ -17,9 +17,10 @@ import time
 
 import pytest
 import trio
+from taphosts import needs_taps
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
-from xlio.backends.netns import HostSetupError, NamespacedTap, check_privileges, leftovers
+from xlio.backends.netns import NamespacedTap, leftovers
 from xlio.backends.tap import TapGone
 from xlio.measure import make_config
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT
@@ -32,26 +33,8 @@ from xlio.tapsession import (
     udp_echo_server,
 )
 
-try:
-    check_privileges()
-    SKIP = ""
-except HostSetupError as e:
-    SKIP = str(e)
-
-pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
+pytestmark = needs_taps
 NESTED = ("l1", "l0")
-
-
-@pytest.fixture
-def host():
-    h = NamespacedTap()
-    h.open()
-    try:
-        yield h
-    finally:
-        h.close()
-        spaces, links = leftovers()
-        assert h.name not in spaces and h.ifname not in links
 
 
 def test_no_namespace_or_tap_outlives_the_suite_so_far() -> None:

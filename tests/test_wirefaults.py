@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import trio
+from taphosts import needs_taps
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
-from xlio.backends.netns import HostSetupError, NamespacedTap, check_privileges, leftovers
+from xlio.backends.netns import NamespacedTap
 from xlio.backends.tap import TapGone, TapWire, serve_tap
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.measure import make_config
@@ -174,26 +175,6 @@ async def test_a_burst_larger_than_the_inbox_stays_in_the_kernel_until_l2_has_ro
 
 
 # ---------------------------------------------------------------- real taps
-try:
-    check_privileges()
-    ROOT_SKIP = ""
-except HostSetupError as e:
-    ROOT_SKIP = str(e)
-root = pytest.mark.skipif(bool(ROOT_SKIP), reason=ROOT_SKIP or "ok")
-
-
-@pytest.fixture
-def host() -> Iterator[NamespacedTap]:
-    h = NamespacedTap()
-    h.open()
-    try:
-        yield h
-    finally:
-        h.close()
-        spaces, links = leftovers()
-        assert h.name not in spaces and h.ifname not in links
-
-
 def _link(host: NamespacedTap, state: str) -> None:
     assert host.info is not None
     subprocess.run(
@@ -201,7 +182,7 @@ def _link(host: NamespacedTap, state: str) -> None:
     )
 
 
-@root
+@needs_taps
 async def test_link_down_drops_are_counted_and_traffic_resumes_when_it_comes_back(
     host: NamespacedTap,
 ) -> None:
@@ -224,7 +205,7 @@ async def test_link_down_drops_are_counted_and_traffic_resumes_when_it_comes_bac
     assert s.wire.tx_link_down == 5 and accounted(s.wire)
 
 
-@root
+@needs_taps
 @pytest.mark.parametrize("what", ["tap", "namespace"])
 async def test_the_tap_or_its_namespace_deleted_mid_run_is_a_clean_stop(
     host: NamespacedTap, what: str
@@ -249,7 +230,7 @@ async def test_the_tap_or_its_namespace_deleted_mid_run_is_a_clean_stop(
             await s.run()
 
 
-@root
+@needs_taps
 async def test_a_burst_of_8000_frames_into_l2_over_the_tap_is_all_delivered(
     host: NamespacedTap,
 ) -> None:

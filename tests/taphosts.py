@@ -1,0 +1,16 @@
+"""What every test on real taps shares: the skip reason (the ``host`` fixture is in conftest)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xlio.backends.netns import HostSetupError, check_privileges
+
+try:
+    check_privileges()
+    SKIP = ""
+except HostSetupError as e:
+    SKIP = str(e)
+
+#: Mark a test (or a module, as ``pytestmark``) that needs real taps.
+needs_taps = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
