@@ -102,7 +102,8 @@ class NetDevice:
             if chain.writable:
                 self._drop_tx(chain.head, "device-writable descriptor on TX")
                 continue
-            total = sum(n for _, n in chain.readable)
+            readable = chain.readable
+            total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
             if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
                 m["tx_malformed_frames"] += 1
                 self._drop_tx(chain.head, "frame length out of bounds", fail=False)

@@ -93,6 +93,7 @@ class DeviceQueue:
         self.used = used
         self.event_idx = event_idx
         self.last_avail = last_avail
+        self.avail_idx = last_avail  # the driver's available index as last read
         self.used_idx = used_idx
         self.signalled = used_idx  # used index at the last publish
         self.broken = False
@@ -109,13 +110,17 @@ class DeviceQueue:
         """Available entries not consumed yet; a jump beyond the size breaks the queue."""
         if self.broken:
             return 0
-        try:
+        n = (self.avail_idx - self.last_avail) & 0xFFFF
+        if n:  # entries seen at the last read of the index: no need to read it again
+            return n
+        try:  # caught up: read the driver's index (once per batch, as vhost does)
             idx = self.mem.read_u16(self.avail + 2)
         except MemoryFault:
             raise self._break("available ring unreadable") from None
         n = (idx - self.last_avail) & 0xFFFF
         if n > self.size:
             raise self._break("available index moved by more than the queue size")
+        self.avail_idx = idx
         return n
 
     # ------------------------------------------------------------- consuming
@@ -145,7 +150,7 @@ class DeviceQueue:
             if seen > size:
                 raise ChainError("descriptor loop or chain longer than the queue", head)
             try:
-                addr, length, flags, nxt = DESC.unpack(mem.read(self.desc + 16 * idx, 16))
+                addr, length, flags, nxt = mem.unpack_from(DESC, self.desc + 16 * idx)
             except MemoryFault:
                 raise self._break("descriptor table unreadable") from None
             if flags & VIRTQ_DESC_F_INDIRECT:
@@ -171,7 +176,7 @@ class DeviceQueue:
         raises :class:`QueueBroken` if the used ring cannot be written."""
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
         try:
-            self.mem.write(slot, USED_ELEM.pack(head, length))
+            self.mem.pack_into(USED_ELEM, slot, head, length)
         except MemoryFault:
             raise self._break("used ring unwritable") from None
         self.used_idx = (self.used_idx + 1) & 0xFFFF

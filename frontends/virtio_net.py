@@ -101,8 +101,8 @@ class DriverQueue:
         i = self.free.pop()
         self.in_flight.add(i)
         gpa = base + i * stride
-        self.mem.write(
-            self.desc + 16 * i, DESC.pack(gpa, length, VIRTQ_DESC_F_WRITE if write else 0, 0)
+        self.mem.pack_into(
+            DESC, self.desc + 16 * i, gpa, length, VIRTQ_DESC_F_WRITE if write else 0, 0
         )
         self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), i)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -127,7 +127,7 @@ class DriverQueue:
         idx = self.mem.read_u16(self.used + 2)
         while self.last_used != idx:
             slot = self.used + 4 + 8 * (self.last_used % self.size)
-            i, n = USED_ELEM.unpack(self.mem.read(slot, 8))
+            i, n = self.mem.unpack_from(USED_ELEM, slot)
             self.last_used = (self.last_used + 1) & 0xFFFF
             if i in self.in_flight:  # a device returning a buffer twice is ignored
                 self.in_flight.discard(i)

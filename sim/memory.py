@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from typing import Any
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -267,6 +268,29 @@ class GuestMemory:
             k = min(n - pos, PAGE_SIZE - o)
             page[o : o + k] = view[pos : pos + k]
             pos += k
+
+    def unpack_from(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
+        """``st`` unpacked from guest memory at ``gpa``, with no intermediate copy."""
+        n = st.size
+        off = gpa & (PAGE_SIZE - 1)
+        if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
+            return st.unpack(self.read(gpa, n))  # out of range (raises) or across pages
+        page = self._hit(gpa)
+        if page is None:
+            page, off = self._page(gpa)
+        return st.unpack_from(page, off)
+
+    def pack_into(self, st: struct.Struct, gpa: int, *values: Any) -> None:
+        """``values`` packed by ``st`` into guest memory at ``gpa``, in place."""
+        n = st.size
+        off = gpa & (PAGE_SIZE - 1)
+        if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
+            self.write(gpa, st.pack(*values))
+            return
+        page = self._hit(gpa)
+        if page is None:
+            page, off = self._page(gpa)
+        st.pack_into(page, off, *values)
 
     def read_u16(self, gpa: int) -> int:
         if gpa & 1 or gpa < 0 or gpa + 2 > self.size:  # unaligned or out of range: general path
