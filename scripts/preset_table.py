@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from xlio.sim.presets import PRESETS
+from xlio.sim.presets import PRESETS, format_value, parameter_rows
 
 
 def main() -> None:
@@ -16,14 +16,8 @@ def main() -> None:
     print(f"`{name}`: {p.description}\n")
     print("| parameter | value | unit | kind | source or basis |")
     print("|---|---|---|---|---|")
-    for key, param in sorted(p.params.items(), key=lambda kv: (kv[1].kind, kv[0])):
-        v = param.value
-        if isinstance(v, (bool, str)):
-            value = str(v)
-        elif isinstance(v, float) and not v.is_integer():
-            value = f"{v:,.2f}"
-        else:
-            value = f"{v:,}"
+    for key, param in parameter_rows(p):
+        value = format_value(param.value)
         print(f"| `{key}` | {value} | {param.unit} | {param.kind} | {param.source} |")
 
 

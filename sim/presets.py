@@ -25,6 +25,8 @@ prediction.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .costs import BASE_PRESETS, P, Param, build
 from .costs import CostModel as CostModel
 from .nested import Config, NestedVmx
@@ -204,3 +206,18 @@ def calibrate_kvm_2019() -> CostModel:
 KVM_2019 = calibrate_kvm_2019()
 
 PRESETS: dict[str, CostModel] = {**BASE_PRESETS, KVM_2019.name: KVM_2019}
+
+
+def format_value(value: Any) -> str:
+    """A parameter's value as people read it: 1,060 cycles, 3.33 x, True."""
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.2f}"
+    return f"{value:,}"
+
+
+def parameter_rows(costs: CostModel) -> list[tuple[str, Param]]:
+    """Every parameter of a preset, grouped by kind (published, calibrated,
+    derived, estimate), then by name."""
+    return sorted(costs.params.items(), key=lambda kv: (kv[1].kind, kv[0]))

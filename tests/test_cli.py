@@ -211,3 +211,28 @@ def test_demo_tap_refuses_what_it_would_ignore() -> None:
         p = xlio("demo", "--tap", *args)
         assert p.returncode == 2 and p.stdout == ""
         assert p.stderr.startswith("xlio demo: error: "), p.stderr
+
+
+def test_presets_list_every_parameter_with_its_source() -> None:
+    from xlio.sim.presets import PRESETS
+
+    p = xlio("presets", "kvm-2019", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert set(r["params"]) == set(PRESETS["kvm-2019"].params)
+    assert r["params"]["hw_exit"] == {
+        "value": 910, "unit": "cycles", "kind": "calibrated",
+        "source": "calibrated: single-level cpuid = 1,060 (REFERENCE 5)",
+    }  # fmt: skip
+    assert all(v["source"] for v in r["params"].values())
+    listing = xlio("presets")
+    assert listing.returncode == 0 and all(name in listing.stdout for name in PRESETS)
+    text = xlio("presets", "turtles-2010").stdout
+    assert "hw_exit" in text and "Turtles" in text
+
+
+def test_version() -> None:
+    from xlio import __version__
+
+    p = xlio("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"xlio {__version__}"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from xlio import __version__
 from xlio.backends.datapath import KICKS
 from xlio.backends.netperf import LINKS, Test
 from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
@@ -117,6 +118,7 @@ def _switches(a: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xlio", description="Cross-layer paravirtual I/O for nested VMX")
+    parser.add_argument("--version", action="version", version=f"xlio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("measure", help="charge one workload on one path")
@@ -215,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
     )
     sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    pr = sub.add_parser(
+        "presets", help="the cost presets, or every parameter of one with its source"
+    )
+    pr.add_argument("name", nargs="?", choices=PRESETS, help="a preset (default: list them)")
+    pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
     cl = sub.add_parser(
         "cleanup", help="remove xlio- namespaces whose owner died (a run killed by SIGKILL)"
     )
@@ -429,6 +436,36 @@ def _cmd_vmexit(a: argparse.Namespace) -> int:
     return _emit(a.json, obj, lambda: format_lines(res))
 
 
+def _cmd_presets(a: argparse.Namespace) -> int:
+    from xlio.sim.presets import format_value, parameter_rows
+
+    if a.name is None:
+        listing = {name: p.description for name, p in PRESETS.items()}
+        return _emit(
+            a.json, {"presets": listing},
+            lambda: "\n".join(f"{name:<14}{text}" for name, text in listing.items()),
+        )  # fmt: skip
+    p = PRESETS[a.name]
+    rows = parameter_rows(p)
+    obj = {
+        "preset": a.name, "description": p.description, "clock_ghz": p.clock_ghz,
+        "params": {k: {"value": v.value, "unit": v.unit, "kind": v.kind, "source": v.source}
+                   for k, v in rows},
+    }  # fmt: skip
+
+    def text() -> str:
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{a.name}: {p.description}", ""]
+        lines += [f"{'parameter':<{width}}  {'value':>12} {'unit':<7} {'kind':<10} source", ""]
+        for k, v in rows:
+            lines.append(
+                f"{k:<{width}}  {format_value(v.value):>12} {v.unit:<7} {v.kind:<10} {v.source}"
+            )
+        return "\n".join(lines)
+
+    return _emit(a.json, obj, text)
+
+
 def _cmd_cleanup(a: argparse.Namespace) -> int:
     from xlio.backends.netns import reap_orphans
 
@@ -451,6 +488,7 @@ COMMANDS = {
     "vmexit": _cmd_vmexit,
     "netperf": _cmd_netperf,
     "cleanup": _cmd_cleanup,
+    "presets": _cmd_presets,
 }
 
 
