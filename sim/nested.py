@@ -29,7 +29,13 @@ workload's guest) so that single-level and nested runs line up column by column.
 
 Pure and deterministic: no I/O, no clocks. For speed, compiled handler
 fragments and their costs are memoized per machine (the configuration is
-fixed for a machine's life), so an exit costs a few additions.
+fixed for a machine's life), and a whole operation (an exit, L1's handler,
+its VMRESUME; an interrupt; a HLT) can be *replayed* (:meth:`replay`): its
+effect from a given machine state (:meth:`_signature`) is recorded the
+first time and, afterwards, the state is set and the effect is counted as
+pending, applied to the counters when :attr:`stats` is next read. The
+machine's own methods add to the counters directly (adding commutes with
+pending replays); only readers go through :attr:`stats`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,13 @@ tap; the coroutines here drive traffic from the L2 side (guest-originated
 ping and UDP) and from the namespace's side (a UDP echo server on a socket
 created inside the namespace, the real ``ping``). Exits are charged by the
 same model as on the loopback wire.
+
+Stopping: SIGINT, SIGTERM and SIGHUP stop ``serve`` and ``demo --tap``
+cleanly. Inside trio a signal receiver cancels the run; outside it (while
+pyroute2 builds or removes the namespace) a handler raises :class:`Stopped`.
+The first signal counts; later ones are ignored, so a second Ctrl-C cannot
+cut the cleanup or the report short. The command exits with 128 + the
+signal (130 for SIGINT).
 """
 
 from __future__ import annotations
