@@ -334,15 +334,21 @@ class Datapath:
             return self.single_dev
         return self.direct.device if self.direct.active else self.l1_dev
 
-    def l1_delegate(self) -> None:
-        """L1 hands L2's NIC to L0 (DELEGATE hypercall); raises DelegationRefused."""
+    def delegation(self) -> Delegation:
+        """What L1 would hand L0 for L2's NIC now (its backend's queue state)."""
         dev = self.l1_dev
         if dev is None:
             raise DelegationRefused("L2's driver has not brought the device up")
-        d = Delegation(
+        return Delegation(
             VIRTIO_NOTIFY_PORT, self.model.features, GUEST_MAC,
             queue_state(dev.rxq), queue_state(dev.txq),
         )  # fmt: skip
+
+    def l1_delegate(self, d: Delegation | None = None) -> None:
+        """L1 hands L2's NIC to L0 (DELEGATE hypercall, by default with what
+        :meth:`delegation` says); raises DelegationRefused."""
+        if d is None:
+            d = self.delegation()
         m = self.m
         with m.l1_background():
             m.l1_exit(ExitReason.VMCALL, "vmcall", cause="delegate")

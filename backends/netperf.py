@@ -470,15 +470,7 @@ class NetperfModel:
 
         w = self._charge(("kick", profile, ipi), exit_)
         if ipi:
-            halted = self.l1_vcpu1_halted
-            self.l1_vcpu1_halted = False
-            self._run_on(
-                self.l1_cpu,
-                self._charge(
-                    ("l0_interrupt_l1_vcpu", halted),
-                    lambda: m.l0_interrupt_l1_vcpu(halted=halted),
-                ),
-            )
+            self._interrupt_l1_vcpu1()
         (self.l1_vhost if l1 else self.backend).wake()
         return w
 
@@ -757,19 +749,21 @@ class NetperfModel:
             self.l0_vhost.wake_at(self.wire_inbox[0][0])
         return False
 
+    def _interrupt_l1_vcpu1(self) -> None:
+        """L0 interrupts L1's vCPU 1 (its vhost's): waking it if it halted."""
+        halted = self.l1_vcpu1_halted
+        self.l1_vcpu1_halted = False
+        m = self.m
+        work = self._charge(
+            ("l0_interrupt_l1_vcpu", halted), lambda: m.l0_interrupt_l1_vcpu(halted=halted)
+        )
+        self._run_on(self.l1_cpu, work)
+
     def _interrupt_l1_nic(self) -> None:
         """L0's vhost interrupts L1 where its NIC's NAPI runs (the vhost's vCPU)."""
         m = self.m
         if self.opts.l1_backend_vcpu == "other":
-            halted = self.l1_vcpu1_halted
-            self.l1_vcpu1_halted = False
-            self._run_on(
-                self.l1_cpu,
-                self._charge(
-                    ("l0_interrupt_l1_vcpu", halted),
-                    lambda: m.l0_interrupt_l1_vcpu(halted=halted),
-                ),
-            )
+            self._interrupt_l1_vcpu1()
             return
 
         # vCPU 0 runs L2: a forced reflected exit, handled in L1, back to L2; or

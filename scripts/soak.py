@@ -67,6 +67,20 @@ class Soak:
     def snapshot(self) -> tuple[dict[str, float], int]:
         return dict(self.s.m.stats.summary()), self.frames()
 
+    async def echo(self, sock: trio.socket.SocketType, seq: int) -> None:
+        """One request to the guest's echo port; its echo checked byte for byte."""
+        data = payload(seq)
+        await sock.sendto(data, (self.s.info.guest_ip, UDP_ECHO_PORT))
+        with trio.move_on_after(1.0):
+            while True:
+                got, _ = await sock.recvfrom(2048)
+                if got[:8] == data[:8]:
+                    break  # (a late echo of an earlier one is skipped)
+            self.echoes += 1
+            self.mismatched += got != data
+            return
+        self.lost += 1
+
     async def run(self, frames: int, seconds: float) -> None:
         info = self.s.info
         sock = trio.socket.from_stdlib_socket(socket_in_netns(info.netns))
@@ -83,30 +97,12 @@ class Soak:
                 if self.echoes == WARMUP + WINDOW:
                     marks["first_end"] = self.snapshot()
                 seq += 1
-                data = payload(seq)
-                await sock.sendto(data, (info.guest_ip, UDP_ECHO_PORT))
-                with trio.move_on_after(1.0):
-                    while True:
-                        got, _ = await sock.recvfrom(2048)
-                        if got[:8] == data[:8]:
-                            break  # (a late echo of an earlier one is skipped)
-                    self.echoes += 1
-                    self.mismatched += got != data
-                    continue
-                self.lost += 1
-            last = self.snapshot()
+                await self.echo(sock, seq)
             # the last window: as many echoes again, then compare
-            marks["last"] = last
+            marks["last"] = self.snapshot()
             for _ in range(WINDOW):
                 seq += 1
-                data = payload(seq)
-                await sock.sendto(data, (info.guest_ip, UDP_ECHO_PORT))
-                with trio.move_on_after(1.0):
-                    got, _ = await sock.recvfrom(2048)
-                    self.echoes += 1
-                    self.mismatched += got != data
-                    continue
-                self.lost += 1
+                await self.echo(sock, seq)
             marks["last_end"] = self.snapshot()
             self.rss.append(rss_kib())
             nursery.cancel_scope.cancel()

@@ -24,12 +24,14 @@ def _host_frame(dp, l2_page: int) -> int:  # type: ignore[no-untyped-def]
     return int(dp.vept.resolve_l1_frame(l1))
 
 
-def _post_tx(dp, gpa: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
-    """L2 posts one descriptor at ``gpa`` (it may cross a page) and publishes."""
+def _post_tx(dp, gpa: int, data: bytes, *, fill: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """L2 posts one descriptor at ``gpa`` (it may cross a page) and publishes;
+    ``fill=False``: without writing the buffer (L0 alone touches it)."""
     tx = dp.driver.tx
     i = tx.free.pop()
     tx.in_flight.add(i)
-    dp.l2_view.write(gpa, data)
+    if fill:
+        dp.l2_view.write(gpa, data)
     dp.l2_view.write(tx.desc + 16 * i, DESC.pack(gpa, len(data), 0, 0))
     dp.l2_view.write_u16(tx.avail + 4 + 2 * (tx.avail_idx % tx.size), i)
     tx.avail_idx = (tx.avail_idx + 1) & 0xFFFF
@@ -87,13 +89,7 @@ def test_after_an_ept12_change_l0_never_uses_the_old_translation(change: str) ->
     old = _host_frame(dp, page)
     getattr(dp.mmu, "evict" if change == "evict" else "remap_page")(page)
     touched = audit(dp)
-    tx = dp.driver.tx
-    assert tx is not None
-    i = tx.free.pop()  # L2 reposts without touching the page (L0 alone reads it)
-    dp.l2_view.write(tx.desc + 16 * i, DESC.pack(gpa, len(data), 0, 0))
-    dp.l2_view.write_u16(tx.avail + 4 + 2 * (tx.avail_idx % tx.size), i)
-    tx.avail_idx = (tx.avail_idx + 1) & 0xFFFF
-    tx.publish()
+    _post_tx(dp, gpa, data, fill=False)  # L2 reposts without touching the page
     dp.kick(TXQ)
     dev = dp.active_device()
     assert dev is not None

@@ -39,14 +39,13 @@ from dataclasses import dataclass, field, replace
 
 from xlio.backends.datapath import Datapath
 from xlio.backends.device import NetDevice
-from xlio.backends.direct import Delegation, DelegationRefused, QueueState, queue_state
+from xlio.backends.direct import DelegationRefused, QueueState
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.frontends.virtio_net import RXQ, TXQ, DriverQueue
 from xlio.measure import make_config
 from xlio.packets import UDP_DISCARD_PORT, udp_frame_of_size
 from xlio.sim.memory import PAGE_SHIFT
 from xlio.sim.nested import L2, NestedVmx
-from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
 from xlio.virtio import (
     DESC,
     NET_HDR,
@@ -241,7 +240,8 @@ class Fuzzer:
             return
         if dp.l1_dev is None:
             return
-        rx, tx = queue_state(dp.l1_dev.rxq), queue_state(dp.l1_dev.txq)
+        d = dp.delegation()
+        rx, tx = d.rx, d.tx
 
         def odd(q: QueueState) -> QueueState:
             field_ = rng.choice(("size", "desc", "avail", "used", "last_avail", "used_idx"))
@@ -249,15 +249,11 @@ class Fuzzer:
             return replace(q, **{field_: value})
 
         mac = rng.choice((GUEST_MAC, bytes(6), b"\xff" * 6, rng.randbytes(rng.randrange(8))))
-        d = Delegation(VIRTIO_NOTIFY_PORT, dp.model.features, mac, rx, tx)
+        d = replace(d, mac=mac)
         if rng.random() < 0.7:
             d = replace(d, rx=odd(rx)) if rng.random() < 0.5 else replace(d, tx=odd(tx))
         try:
-            m = dp.m
-            with m.l1_background():
-                dp.direct.delegate(d)
-                m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
-            dp.l1_dev = None
+            dp.l1_delegate(d)
         except DelegationRefused:
             self.tally.refusals += 1
 
