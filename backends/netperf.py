@@ -55,7 +55,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import simpy
@@ -71,7 +71,7 @@ R = ExitReason
 Work = dict[str, float]
 
 
-class Test(str, Enum):
+class Test(StrEnum):
     TCP_STREAM = "TCP_STREAM"
     UDP_STREAM = "UDP_STREAM"
     TCP_RR = "TCP_RR"
@@ -86,7 +86,7 @@ class Test(str, Enum):
         return self in (Test.TCP_RR, Test.UDP_RR)
 
 
-class Path(str, Enum):
+class Path(StrEnum):
     SINGLE = "single"
     L1 = "l1"
     L0 = "l0"
@@ -322,12 +322,12 @@ class NetperfModel:
 
     def _data_work(self, level: str, packets: int, frame: int) -> Work:
         c = self.costs
-        cycles = packets * (c.backend_frame + c.copy_byte * frame)
-        if level == "L0":
-            self.m.l0_work(cycles)
-        else:
-            self.m.l1_work(cycles)
-        return {level: cycles}
+        backend = packets * c.backend_frame
+        copies = packets * c.copy_byte * frame
+        work = self.m.l0_work if level == "L0" else self.m.l1_work
+        work(backend, "backend")
+        work(copies, "copies")
+        return {level: backend + copies}
 
     # ------------------------------------------------------------ the guest
     def _interrupt_guest(self) -> Work:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -53,9 +52,6 @@ INBOX_MAX = 4096
 READ_SIZE = 65536 + NET_HDR_SIZE
 PCAP_BATCH = 256
 _GONE = (errno.EBADFD, errno.ENXIO, errno.ENODEV, errno.EBADF)
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 
 class TapGone(Exception):
@@ -242,7 +238,7 @@ async def serve_tap(
 
 def raise_first(group: BaseExceptionGroup, kind: type[BaseException]) -> None:
     """Re-raise the first ``kind`` inside a (nested) exception group, unwrapped."""
-    match = group.subgroup(kind)
+    match: BaseException | None = group.subgroup(kind)
     while isinstance(match, BaseExceptionGroup):
         match = match.exceptions[0]
     if match is not None:

@@ -8,7 +8,8 @@ whose ``kind`` says where its value comes from:
                 preset is calibrated on (and only those: everything else the
                 model says is a prediction);
 ``derived``     computed from other parameters by a rule stated in ``source``;
-``estimate``    no source exists; ``source`` states the basis of the guess.
+``estimate``    no source exists; ``source`` states the basis of the guess;
+``user``        set by a user (``--set``, ``--costs FILE.toml``); ``source`` says where.
 
 ``turtles-2010`` is calibrated on Turtles (Ben-Yehuda et al., "The Turtles
 Project", OSDI 2010, section 4.1; 2.9 GHz Nehalem-era Xeon, KVM at L0 and L1,
@@ -35,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-KINDS = ("published", "calibrated", "derived", "estimate")
+KINDS = ("published", "calibrated", "derived", "estimate", "user")
 
 
 @dataclass(frozen=True)

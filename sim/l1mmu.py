@@ -152,7 +152,7 @@ class L1Mmu:
     def _swap_in(self, l2_page: int) -> None:
         if l2_page in self.swapped:
             self.swapped.discard(l2_page)
-            self.m.l1_work(self.costs.swap_in)
+            self.m.l1_work(self.costs.swap_in, "swapping")
         self._map(l2_page)
         if self.avoid_invept:
             self.m.stats.invept_skipped += 1  # not present -> present: nothing can be stale
@@ -195,7 +195,7 @@ class L1Mmu:
         if l1_page is None:
             return
         with self.m.l1_background():
-            self.m.l1_work(self.costs.swap_evict)
+            self.m.l1_work(self.costs.swap_evict, "swapping")
             self.epoch += 1
             self.ept12.unmap(l2_page << self.page_shift)
             self.flush()  # present -> not present always needs one

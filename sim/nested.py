@@ -46,7 +46,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .accounting import SUMMARY_KEYS, Stats
+from .accounting import (
+    L0_DELIVERY,
+    L0_WAKEUPS,
+    L1_EXITLESS,
+    L1_HANDLERS,
+    L1_IRQ,
+    L1_WAKEUPS,
+    SUMMARY_KEYS,
+    SYNTHESIZED,
+    Stats,
+)
 from .costs import CostModel
 from .profiles import (
     CACHE_MODES,
@@ -182,6 +192,10 @@ class Config:
             "dirty_tracking": self.costs.dirty_tracking,
             "apicv": self.apicv,
             "virtual_idle": self.virtual_idle,
+            "costs": {k: p.value for k, p in sorted(self.costs.params.items())},
+            "costs_set": {
+                k: p.source for k, p in sorted(self.costs.params.items()) if p.kind == "user"
+            },
         }
 
 
@@ -199,15 +213,35 @@ class _Executed:
 _COUNTERS = (*SUMMARY_KEYS, "cycles_switch", "cycles_l0", "cycles_l1")
 
 
+def _merge_reasons(
+    into: dict[tuple[int, int], list[float]],
+    rows: tuple[tuple[tuple[int, int], tuple[float, ...]], ...],
+    n: int,
+) -> None:
+    """Add ``n`` times the exit rows of one operation to a by_reason table."""
+    for key, (count, cycles, lo, hi) in rows:
+        row = into.get(key)
+        if row is None:
+            into[key] = [count * n, cycles * n, lo, hi]
+        else:
+            row[0] += count * n
+            row[1] += cycles * n
+            if lo < row[2]:
+                row[2] = lo
+            if hi > row[3]:
+                row[3] = hi
+
+
 class _Replay:
     """The recorded effect of one operation on a machine (see NestedVmx.replay)."""
 
-    __slots__ = ("counters", "reasons", "causes", "charges", "accesses", "values", "changes",
-                 "delivered", "eager", "levels", "result")  # fmt: skip
+    __slots__ = ("counters", "reasons", "causes", "work", "charges", "accesses", "values",
+                 "changes", "delivered", "eager", "levels", "result")  # fmt: skip
 
     counters: tuple[tuple[str, float], ...]
-    reasons: tuple[tuple[tuple[int, int], tuple[float, float]], ...]
+    reasons: tuple[tuple[tuple[int, int], tuple[float, ...]], ...]  # by_reason rows
     causes: tuple[tuple[str, int], ...]
+    work: tuple[tuple[str, float], ...]
     charges: tuple[tuple[int, bool, tuple[int, ...], int], ...]  # VMCS by index (_vmcss)
     accesses: tuple[tuple[int, bool, int, int], ...]
     values: tuple[tuple[int, int, int], ...]
@@ -222,8 +256,11 @@ class _Replay:
         """Run ``operation`` on ``m`` (applied to its counters) and record its effect."""
         s = m.stats  # flushed
         before = [getattr(s, k) for k in _COUNTERS]
-        reasons = {k: tuple(v) for k, v in s.by_reason.items()}
+        # the operation's exits go to a fresh table (its cheapest and dearest
+        # exit are its own), merged into the machine's afterwards
+        reasons, s.by_reason = s.by_reason, {}
         causes = dict(s.by_cause)
+        work = dict(s.work)
         vmcss = m._vmcss()
         snap = [
             (dict(v._read_batches), dict(v._write_batches), dict(v._reads), dict(v._writes),
@@ -238,13 +275,14 @@ class _Replay:
             (k, getattr(s, k) - b) for k, b in zip(_COUNTERS, before, strict=True)
             if getattr(s, k) != b
         )  # fmt: skip
-        rec.reasons = tuple(
-            (k, (v[0] - reasons.get(k, (0, 0.0))[0], v[1] - reasons.get(k, (0, 0.0))[1]))
-            for k, v in s.by_reason.items()
-            if tuple(v) != reasons.get(k)
-        )
+        mine, s.by_reason = s.by_reason, reasons
+        rec.reasons = tuple((k, tuple(v)) for k, v in mine.items())
+        _merge_reasons(reasons, rec.reasons, 1)
         rec.causes = tuple(
             (k, v - causes.get(k, 0)) for k, v in s.by_cause.items() if v != causes.get(k, 0)
+        )
+        rec.work = tuple(
+            (k, v - work.get(k, 0.0)) for k, v in s.work.items() if v != work.get(k, 0.0)
         )
         charges = []
         accesses = []
@@ -525,15 +563,11 @@ class NestedVmx:
         s = self._stats
         for name, d in rec.counters:
             setattr(s, name, getattr(s, name) + d * n)
-        for key, (count, cycles) in rec.reasons:
-            row = s.by_reason.get(key)
-            if row is None:
-                s.by_reason[key] = [count * n, cycles * n]
-            else:
-                row[0] += count * n
-                row[1] += cycles * n
+        _merge_reasons(s.by_reason, rec.reasons, n)
         for cause, d in rec.causes:
             s.by_cause[cause] += d * n
+        for what, w in rec.work:
+            s.work[what] += w * n
         vmcss = self._vmcss()
         for i, write, fields, times in rec.charges:
             v = vmcss[i]
@@ -602,6 +636,8 @@ class NestedVmx:
             s.crossings += 1
             if hardware:
                 s.exit(L2, reason, hw + h + l0_extra)
+            else:
+                s.work[SYNTHESIZED] += h + l0_extra
             if self._stats.trace is not None:
                 self._trace("L2", "exit", reason.name, "L0 handles", handler)
             return L0
@@ -625,6 +661,8 @@ class NestedVmx:
         s.cycles_l0 += l0
         if hw:  # a synthesized reflection (L2 was halted in L0) is no hardware exit
             s.exit(L2, hw_reason, hw + l0 + l0_extra)
+        else:
+            s.work[SYNTHESIZED] += l0 + l0_extra
         s.crossings += 1  # L0 -> L1 at L1's host RIP
         self.state = L1
         self._cache = EMPTY_CACHE
@@ -632,7 +670,9 @@ class NestedVmx:
         if self._stats.trace is not None:
             self._trace("L2", "exit", hw_reason.name, how, profile_name)
         # the pollution factor applies here only: handler work in L1's exit path
-        s.cycles_l1 += c.l1_exit_framework + self._l1_handler[profile.handler]
+        h1 = c.l1_exit_framework + self._l1_handler[profile.handler]
+        s.cycles_l1 += h1
+        s.work[L1_HANDLERS] += h1
         # a reflection always starts from an empty register cache, so the
         # handler's fragments compile once per profile into one plan
         plan = self._handler_plans.get(profile_name)
@@ -721,6 +761,7 @@ class NestedVmx:
         if m:
             s.vmcs_exitless += m
             s.cycles_l1 += m * c.vmcs_exitless
+            s.work[L1_EXITLESS] += m * c.vmcs_exitless
             self.shadow_vmcs.charge_reads(ex.exitless_reads)
             self.shadow_vmcs.charge_writes(ex.exitless_writes)
         if ex.dirties:
@@ -763,9 +804,10 @@ class NestedVmx:
         if self._stats.trace is not None:
             self._trace("L1", "exit", reason.name, cause, count)
 
-    def l1_work(self, cycles: float) -> None:
-        """Cycles L1 spends without exiting (its backend copying a frame)."""
+    def l1_work(self, cycles: float, what: str) -> None:
+        """Cycles L1 spends without exiting: ``what`` names the work (a report row)."""
         self._stats.cycles_l1 += cycles
+        self._stats.work["L1 " + what] += cycles
 
     def l1_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L1 (running on L2's vCPU, L2 out) raises an interrupt for L2.
@@ -786,6 +828,7 @@ class NestedVmx:
             self.l2_halted = False
             self._stats.wakeups += 1
             self._stats.cycles_l1 += self.costs.vcpu_wakeup
+            self._stats.work[L1_WAKEUPS] += self.costs.vcpu_wakeup
         self._stats.irqs_injected_l2 += 1
         if self._stats.trace is not None:
             self._trace("L1", "inject", "L2")
@@ -823,9 +866,10 @@ class NestedVmx:
             self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
 
     # ------------------------------------------------------------- L0 side
-    def l0_work(self, cycles: float) -> None:
-        """Cycles L0 spends outside any exit handler (its backend thread)."""
+    def l0_work(self, cycles: float, what: str) -> None:
+        """Cycles L0 spends outside any exit handler: ``what`` names the work (a report row)."""
         self._stats.cycles_l0 += cycles
+        self._stats.work["L0 " + what] += cycles
 
     def l0_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L0's backend thread raises an interrupt for L2 (single level, or the direct path).
@@ -853,13 +897,17 @@ class NestedVmx:
             self._require(L2, "L0 interrupting the guest")
             if self.l2_halted:
                 self._wake_l2_in_l0()
-                s.cycles_l0 += c.posted_intr if apicv else c.handlers["inject"]
+                d = c.posted_intr if apicv else c.handlers["inject"]
+                s.cycles_l0 += d
+                s.work[L0_DELIVERY] += d
             elif apicv:
                 s.cycles_l0 += c.posted_intr
+                s.work[L0_DELIVERY] += c.posted_intr
                 s.posted_interrupts += 1
             else:
                 self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt")
                 s.cycles_l0 += c.handlers["inject"]
+                s.work[L0_DELIVERY] += c.handlers["inject"]
             self.l2_apic.irr |= 1 << vector
             s.irqs_injected_l2 += 1
             if self._stats.trace is not None:
@@ -868,6 +916,7 @@ class NestedVmx:
         if apicv:
             self.l2_pid.post(vector)
             s.cycles_l0 += c.posted_intr
+            s.work[L0_DELIVERY] += c.posted_intr
             s.posted_interrupts += 1
             s.irqs_injected_l2 += 1
             if self.state == L2 and not self.l2_halted:
@@ -887,6 +936,7 @@ class NestedVmx:
                 self.l2_halted = False
                 s.wakeups += 1
                 s.cycles_l1 += c.vcpu_wakeup  # L1 unblocks L2's vCPU thread
+                s.work[L1_WAKEUPS] += c.vcpu_wakeup
                 if self._stats.trace is not None:
                     self._trace("L0", "post", "L2 halted in L1: notify L1")
                 self.l1_vmresume()
@@ -900,6 +950,7 @@ class NestedVmx:
         self.l2_halted = False
         self._stats.wakeups += 1
         self._stats.cycles_l0 += self.costs.vcpu_wakeup
+        self._stats.work[L0_WAKEUPS] += self.costs.vcpu_wakeup
 
     def _wake_l1(self, *, notify: bool) -> None:
         """L0 wakes L1's halted vCPU and delivers L1's interrupt on entry."""
@@ -907,11 +958,15 @@ class NestedVmx:
         c = self.costs
         self.l1_halted = False
         s.wakeups += 1
-        s.cycles_l0 += c.vcpu_wakeup + (c.posted_intr if self.cfg.apicv else c.handlers["inject"])
+        d = c.posted_intr if self.cfg.apicv else c.handlers["inject"]
+        s.cycles_l0 += c.vcpu_wakeup + d
+        s.work[L0_WAKEUPS] += c.vcpu_wakeup
+        s.work[L0_DELIVERY] += d
         s.irqs_injected_l1 += 1
         # L1's interrupt handler (the PI wake-up vector, or its NIC's), in L1's
         # own kernel: not exit-path work, so no pollution factor
         s.cycles_l1 += c.handlers["external_interrupt"]
+        s.work[L1_IRQ] += c.handlers["external_interrupt"]
         if self._stats.trace is not None:
             self._trace("L0", "wake", "L1", "notification" if notify else "interrupt")
 
@@ -936,15 +991,18 @@ class NestedVmx:
                 self.l2_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", to_l1=True)
             s.irqs_injected_l1 += 1
             s.cycles_l0 += c.handlers["inject"]
+            s.work[L0_DELIVERY] += c.handlers["inject"]
         elif self.l1_halted:
             self._wake_l1(notify=False)
         elif self.cfg.apicv:
             s.irqs_injected_l1 += 1
             s.posted_interrupts += 1
             s.cycles_l0 += c.posted_intr
+            s.work[L0_DELIVERY] += c.posted_intr
         else:
             s.irqs_injected_l1 += 1
             s.cycles_l0 += c.handlers["inject"]
+            s.work[L0_DELIVERY] += c.handlers["inject"]
             self.l1_exit(R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq")
 
     # ------------------------------------------------------------- L1's other vCPUs
@@ -971,14 +1029,17 @@ class NestedVmx:
         s.irqs_injected_l1 += 1
         if halted:
             s.wakeups += 1
-            s.cycles_l0 += c.vcpu_wakeup + (
-                c.posted_intr if self.cfg.apicv else c.handlers["inject"]
-            )
+            d = c.posted_intr if self.cfg.apicv else c.handlers["inject"]
+            s.cycles_l0 += c.vcpu_wakeup + d
+            s.work[L0_WAKEUPS] += c.vcpu_wakeup
+            s.work[L0_DELIVERY] += d
         elif self.cfg.apicv:
             s.posted_interrupts += 1
             s.cycles_l0 += c.posted_intr
+            s.work[L0_DELIVERY] += c.posted_intr
         else:
             s.cycles_l0 += c.handlers["inject"]
+            s.work[L0_DELIVERY] += c.handlers["inject"]
             self.l1_exit(
                 R.EXTERNAL_INTERRUPT, "external_interrupt", cause="l1-irq", background=True
             )

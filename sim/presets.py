@@ -25,6 +25,9 @@ prediction.
 
 from __future__ import annotations
 
+import math
+import os
+import tomllib
 from typing import Any
 
 from .costs import BASE_PRESETS, P, Param, build
@@ -221,3 +224,116 @@ def parameter_rows(costs: CostModel) -> list[tuple[str, Param]]:
     """Every parameter of a preset, grouped by kind (published, calibrated,
     derived, estimate), then by name."""
     return sorted(costs.params.items(), key=lambda kv: (kv[1].kind, kv[0]))
+
+
+#: Parameters whose value is one of a few names, and those names.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "cache_reg": ("base", "extended"),
+    "virtual_ept": ("kvm", "vtlb", "shadow"),
+}
+USER = "user"  # the kind of a parameter a user set (--set, --costs)
+
+
+def parse_value(name: str, text: str, like: Any) -> Any:
+    """``text`` from ``--set NAME=TEXT`` as the type of ``like`` (the preset's value)."""
+    if isinstance(like, bool):
+        if text.lower() in ("true", "yes", "on", "1"):
+            return True
+        if text.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {text!r}")
+    if isinstance(like, str):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} takes a number, got {text!r}") from None
+
+
+def _checked(name: str, value: Any, like: Any) -> Any:
+    if isinstance(like, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} takes true or false, got {value!r}")
+        return value
+    if isinstance(like, str):
+        if value not in CHOICES.get(name, (like,)):
+            raise ValueError(f"{name} takes one of {', '.join(CHOICES[name])}, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} takes a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (name == "clock_ghz" and value == 0):
+        least = "above" if name == "clock_ghz" else "at least"
+        raise ValueError(f"{name} must be a finite number {least} 0, got {value!r}")
+    if isinstance(like, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def override(costs: CostModel, values: dict[str, Any], source: str) -> CostModel:
+    """``costs`` with some parameters set by a user (kind ``user``, ``source`` saying where).
+
+    Unknown names, wrong types and negative numbers raise ValueError. Derived
+    and calibrated parameters are not recomputed: a user who sets
+    ``vmcs_native`` on kvm-2019 keeps its ``merge_rare`` and calibration.
+    """
+    params = dict(costs.params)
+    for name, value in values.items():
+        if name not in params:
+            raise ValueError(f"unknown parameter {name!r} (see `xlio presets {costs.name}`)")
+        old = params[name]
+        params[name] = Param(_checked(name, value, old.value), source, USER, old.unit)
+    return build(costs.name, costs.description, params)
+
+
+def costs_from_toml(text: str, where: str) -> CostModel:
+    """A user's own preset from a TOML file.
+
+    ``base = "NAME"`` (a preset) gives every parameter the file does not set;
+    without a base, the file must set every parameter of ``turtles-2010``'s
+    table. Parameters sit in ``[params]`` as ``name = value`` or
+    ``name = {value = V, source = "..."}``; ``name`` and ``description`` are
+    optional. Every problem raises ValueError naming the parameter.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where}: not TOML: {e}") from None
+    extra = set(doc) - {"base", "name", "description", "params"}
+    if extra:
+        raise ValueError(f"{where}: unknown keys {', '.join(sorted(extra))}")
+    base_name = doc.get("base")
+    if base_name is not None and base_name not in PRESETS:
+        raise ValueError(f"{where}: unknown base preset {base_name!r}")
+    raw = doc.get("params", {})
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: [params] must be a table")
+    base = PRESETS[base_name or "turtles-2010"]
+    if base_name is None:
+        missing = sorted(set(base.params) - set(raw))
+        if missing:
+            raise ValueError(
+                f"{where}: no base preset, so every parameter is needed; {len(missing)} "
+                f"missing: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+            )
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, v in raw.items():
+        if isinstance(v, dict):
+            if "value" not in v:
+                raise ValueError(f"{where}: {name}: a table needs value = ...")
+            values[name] = v["value"]
+            sources[name] = str(v.get("source", where))
+        else:
+            values[name] = v
+    model = override(base, values, where)
+    params = {
+        k: (Param(p.value, sources[k], p.kind, p.unit) if k in sources else p)
+        for k, p in model.params.items()
+    }
+    name = str(doc.get("name", f"{base.name}+{os.path.basename(where)}"))
+    description = str(doc.get("description", f"{base.name} with the parameters of {where}"))
+    return build(name, description, params)

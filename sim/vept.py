@@ -70,6 +70,7 @@ from .memory import PAGE_SHIFT, HostMemory, L1Memory, MemoryFault
 from .nested import NestedVmx
 from .vmx import ExitReason
 
+MMU = "MMU"  # the work row of L0's EPT upkeep (EPT12 walks, EPT01/EPT02 builds, zaps, locks)
 SCHEMES = ("kvm", "vtlb", "shadow")
 PREFETCH = 8  # KVM: PTE_PREFETCH_NUM
 
@@ -152,7 +153,7 @@ class VirtualEpt:
         self.m.stats.ept01_entries_built += 1
         if l1_page in self.swapped_out:  # host swap in L0: L0 brings the page back
             self.swapped_out.discard(l1_page)
-            self.m.stats.cycles_l0 += self.costs.swap_in + self.costs.lock
+            self.m.l0_work(self.costs.swap_in + self.costs.lock, "swapping")
             self.m.stats.lock_acquisitions += 1
         return base
 
@@ -174,10 +175,10 @@ class VirtualEpt:
         self.epoch += 1
         s = self.m.stats
         s.lock_acquisitions += 1
-        s.cycles_l0 += c.swap_evict + c.lock
+        self.m.l0_work(c.swap_evict + c.lock, "swapping")
         if is_present(self.ept02.unmap(l2_page << self.page_shift)):
             s.ept02_entries_zapped += 1
-            s.cycles_l0 += c.ept02_zap
+            self.m.l0_work(c.ept02_zap, MMU)
         self._tcache.pop(l2_page, None)
 
     # ------------------------------------------------------------- EPT12 hooks
@@ -213,13 +214,13 @@ class VirtualEpt:
             entries = list(self.ept12.store.read_page_qwords(frame))
             self._unsync[frame] = (self._wp.pop(frame), entries)
             s.lock_acquisitions += 1
-            s.cycles_l0 += c.lock
+            self.m.l0_work(c.lock, MMU)
             return
         m.l1_exit(ExitReason.EPT_VIOLATION, "ept12_write", cause="ept12-write-protect")
         s = m.stats
         s.ept12_writes_trapped += 1
         s.lock_acquisitions += 1
-        s.cycles_l0 += c.lock
+        self.m.l0_work(c.lock, MMU)
         region = self._wp[frame]
         self.epoch += 1
         l2_page = (region >> self.page_shift) + index
@@ -229,10 +230,10 @@ class VirtualEpt:
             host = self.resolve_l1_frame(entry_pa(new) >> PAGE_SHIFT)
             self.ept02.map(gpa2, host << PAGE_SHIFT, new & EPT_RWX)
             s.ept02_entries_built += 1
-            s.cycles_l0 += c.ept02_build
+            self.m.l0_work(c.ept02_build, MMU)
         elif is_present(self.ept02.unmap(gpa2)):
             s.ept02_entries_zapped += 1
-            s.cycles_l0 += c.ept02_zap
+            self.m.l0_work(c.ept02_zap, MMU)
 
     def _shadow_region(self, gpa: int) -> int:
         """Walk EPT12 to the leaf table covering ``gpa`` (L0 reads L1 memory);
@@ -240,7 +241,7 @@ class VirtualEpt:
         assert self.ept12 is not None
         region = gpa & ~((1 << (self.page_shift + 9)) - 1)
         frame, reads = self.ept12.leaf_table(region)
-        self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
+        self.m.l0_work(reads * self.costs.ept12_walk_level, MMU)
         if frame and self.scheme != "vtlb" and frame not in self._wp:
             if self.scheme == "kvm":
                 if frame in self._unsync:
@@ -267,7 +268,7 @@ class VirtualEpt:
         s = self.m.stats
         zapped = self.ept02.drop_all()
         s.ept02_entries_zapped += zapped
-        s.cycles_l0 += zapped * self.costs.ept02_zap
+        self.m.l0_work(zapped * self.costs.ept02_zap, MMU)
         self._gen += 1
         self.epoch += 1
         self._tcache.clear()
@@ -283,7 +284,7 @@ class VirtualEpt:
         if self.scheme == "shadow":
             return  # EPT02 already follows every EPT12 write
         s.lock_acquisitions += 1
-        s.cycles_l0 += c.lock
+        self.m.l0_work(c.lock, MMU)
         if self.scheme == "kvm":
             self._resync()
             return
@@ -316,9 +317,9 @@ class VirtualEpt:
                 if e12[i] != synced[i]:  # L1 changed it since the page went unsync
                     new[i] = 0
                     s.ept02_entries_zapped += 1
-                    s.cycles_l0 += c.ept02_zap
+                    self.m.l0_work(c.ept02_zap, MMU)
                     self._tcache.pop(first + i, None)
-            s.cycles_l0 += present * c.ept12_walk_level
+            self.m.l0_work(present * c.ept12_walk_level, MMU)
             if new != list(e02):
                 self.ept02.write_leaves(region, new)
             s.ept12_leaves_resynced += 1
@@ -478,7 +479,7 @@ class VirtualEpt:
         frame = self._tcache.get(page)
         if frame is None:
             e, reads = self.ept12.walk(l2_gpa)
-            self.m.stats.cycles_l0 += reads * self.costs.ept12_walk_level
+            self.m.l0_work(reads * self.costs.ept12_walk_level, MMU)
             if not is_present(e) or is_misconfig(e):
                 raise MemoryFault(f"L2 GPA {l2_gpa:#x} not mapped by EPT12")
             if self.scheme == "shadow":

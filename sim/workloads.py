@@ -226,7 +226,7 @@ def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
         c = m.costs
 
         def op_single() -> float:
-            m.l0_work(evictions * c.swap_evict)
+            m.l0_work(evictions * c.swap_evict, "swapping")
             for _ in range(evictions):
                 m.l2_exit(ExitReason.EPT_VIOLATION, "ept_violation", l0_extra=c.swap_in)
             return seconds

@@ -21,13 +21,28 @@ from xlio.backends.netperf import LINKS, Test
 from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
 from xlio.sim.ept import PAGE_SHIFTS
 from xlio.sim.nested import OPERANDS
-from xlio.sim.presets import PRESETS
+from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
 from xlio.sim.vept import SCHEMES
 from xlio.sim.workloads import PATHS
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default (argparse's own shows "None" too)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -68,8 +83,62 @@ MAX_DEMO_COUNT = 1_000_000
 MAX_TAP_DEMO_COUNT = 200  # guest pings and echoes are one at a time: about 3 ms each
 
 
+def _add_costs(p: argparse.ArgumentParser, default: str = "turtles-2010") -> None:
+    """--preset, --set PARAM=VALUE (repeatable) and --costs FILE.toml."""
+    g = p.add_argument_group("cost model (see `xlio presets NAME`)")
+    g.add_argument("--preset", default=default, choices=PRESETS, help="cost preset")
+    g.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="PARAM=VALUE", type=_setting,
+        help="set one cost parameter of the preset (repeatable)",
+    )  # fmt: skip
+    g.add_argument(
+        "--costs", default=None, metavar="FILE.toml", type=_readable_file,
+        help="a cost model of your own: base = \"PRESET\" and a [params] table",
+    )  # fmt: skip
+
+
+def _setting(text: str) -> str:
+    """An argparse type: PARAM=VALUE with a parameter the presets have."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"takes PARAM=VALUE, got {text!r}")
+    if name.strip() not in PRESETS["turtles-2010"].params:
+        raise argparse.ArgumentTypeError(
+            f"unknown parameter {name.strip()!r} (see `xlio presets NAME`)"
+        )
+    return text
+
+
+def _readable_file(text: str) -> str:
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}")
+    return text
+
+
+def _costs(a: argparse.Namespace) -> CostModel:
+    """The cost model the user asked for: a preset or a TOML file, then --set."""
+    base = PRESETS[a.preset]
+    if a.costs is not None:
+        try:
+            with open(a.costs, encoding="utf-8") as f:
+                base = costs_from_toml(f.read(), a.costs)
+        except OSError as e:
+            raise UsageError(f"argument --costs: cannot read {a.costs}: {e.strerror}") from None
+        except ValueError as e:
+            raise UsageError(f"argument --costs: {e}") from None
+    try:
+        values = {}
+        for item in a.sets:
+            name, _, text = item.partition("=")
+            name = name.strip()
+            values[name] = parse_value(name, text.strip(), base.params[name].value)
+        return override(base, values, "--set") if values else base
+    except ValueError as e:
+        raise UsageError(f"argument --set: {e}") from None
+
+
 def _add_model_switches(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="turtles-2010", choices=PRESETS, help="cost preset")
+    _add_costs(p)
     p.add_argument(
         "--shadow-vmcs",
         action=argparse.BooleanOptionalAction,
@@ -132,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ept-touch and ept-churn run once (see --working-set, --seconds)",
     )
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    m.add_argument("--explain", action="store_true", help="say what each column and counter means")
     _add_model_switches(m)
     dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
-    dm.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    _add_costs(dm)
     dm.add_argument(
         "--count", type=_int(1, MAX_DEMO_COUNT), default=200,
         help=f"requests per path (at most {MAX_TAP_DEMO_COUNT} with --tap)",
@@ -154,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="netperf test",
     )
     npf.add_argument("--path", default="single", choices=PATHS)
-    npf.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    _add_costs(npf)
     npf.add_argument("--link", default="1g", choices=LINKS)
     npf.add_argument(
         "--duration",
@@ -197,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
     )
     vx.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
-    vx.add_argument("--preset", default="kvm-2019", choices=PRESETS)
+    _add_costs(vx, "kvm-2019")
     vx.add_argument(
         "--level", type=int, choices=(1, 2), default=2,
         help="1: the test guest is a plain VM of L0; 2: it is L1's nested guest",
@@ -212,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="namespace name: xlio- then letters, digits, -, _, . (default: a fresh one)",
     )  # fmt: skip
     sv.add_argument("--duration", type=_seconds(7 * 86400), default=None, metavar="S")
-    sv.add_argument("--preset", default="turtles-2010", choices=PRESETS)
+    _add_costs(sv)
     sv.add_argument(
         "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
     )
@@ -327,9 +397,9 @@ def _emit(as_json: bool, obj: Any, text: Callable[[], str]) -> int:
 
 def _cmd_measure(a: argparse.Namespace) -> int:
     r = measure(
-        a.workload, a.path, a.preset, count=a.count, options=_workload_options(a), **_switches(a)
+        a.workload, a.path, _costs(a), count=a.count, options=_workload_options(a), **_switches(a)
     )
-    return _emit(a.json, r, lambda: format_report(r))
+    return _emit(a.json, r, lambda: format_report(r, a.explain))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,7 +440,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         print(text, file=out, flush=True)
 
     try:
-        r = serve(a.path, a.netns, a.duration, a.preset, a.pcap, announce)
+        r = serve(a.path, a.netns, a.duration, _costs(a), a.pcap, announce)
     except HostSetupError as e:
         raise UsageError(str(e)) from None
     except TapGone as e:
@@ -397,13 +467,14 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             raise UsageError(f"--count with --tap must be at most {MAX_TAP_DEMO_COUNT}")
         if a.batch is not None or a.frame_size is not None:
             raise UsageError("--batch and --frame-size do not apply to --tap")
+        costs = _costs(a)
         _tap_ready()
         n = a.count
-        rows = demo_tap(a.preset, n)
-        return _emit(a.json, rows, lambda: format_demo_tap(rows, a.preset, n))
+        rows = demo_tap(costs, n)
+        return _emit(a.json, rows, lambda: format_demo_tap(rows, costs.name, n))
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
     switches = {"apicv": a.apicv, "virtual_idle": a.virtual_idle}
-    d = demo(a.preset, a.count, switches=switches, **opts)
+    d = demo(_costs(a), a.count, switches=switches, **opts)
     return _emit(a.json, d, lambda: format_demo(d))
 
 
@@ -411,7 +482,7 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
     from xlio.netperf import format_netperf, netperf
 
     r = netperf(
-        a.test, a.path, a.preset, link=a.link, duration=a.duration, size=a.size, seed=a.seed,
+        a.test, a.path, _costs(a), link=a.link, duration=a.duration, size=a.size, seed=a.seed,
         burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, l1_backend=a.l1_backend, tso=a.tso,
         apicv=a.apicv,
         virtual_idle=a.virtual_idle,
@@ -422,14 +493,15 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
 def _cmd_vmexit(a: argparse.Namespace) -> int:
     from xlio.sim.vmexit import format_lines, run
 
+    costs = _costs(a)
     try:
-        res = run(PRESETS[a.preset], a.level, a.tests, apicv=a.apicv)
+        res = run(costs, a.level, a.tests, apicv=a.apicv)
     except KeyError as e:
         raise UsageError(f"unknown test {e.args[0]}") from None
     obj = {
-        "preset": a.preset,
+        "preset": costs.name,
         "level": a.level,
-        "apicv": PRESETS[a.preset].apicv if a.apicv is None else a.apicv,
+        "apicv": costs.apicv if a.apicv is None else a.apicv,
         "tests": {k: v["cycles"] for k, v in res.items()},
         "detail": res,
     }

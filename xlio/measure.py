@@ -7,13 +7,13 @@ the spirit of ``perf kvm stat report``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from xlio.backends.datapath import BUILDERS
-from xlio.sim.accounting import SUMMARY_KEYS
+from xlio.backends.datapath import BUILDERS, DATAPATH_DEFAULTS, datapath_options
 from xlio.sim.nested import Config, NestedVmx
-from xlio.sim.presets import PRESETS
-from xlio.sim.workloads import L0_CHANGES, PATHS, Workload
+from xlio.sim.presets import PRESETS, CostModel
+from xlio.sim.workloads import EPT_DEFAULTS, L0_CHANGES, PATHS, Workload, ept_options
 from xlio.sim.workloads import WORKLOADS as MODEL_WORKLOADS
 
 #: Every workload ``xlio measure`` runs: the model's micro and memory workloads,
@@ -32,8 +32,17 @@ class UsageError(ValueError):
     """A user's mistake: reported in one line, exit status 2."""
 
 
+def costs_of(preset: str | CostModel) -> CostModel:
+    """A preset by name, or a user's cost model as it is."""
+    if isinstance(preset, CostModel):
+        return preset
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    return PRESETS[preset]
+
+
 def make_config(
-    preset: str,
+    preset: str | CostModel,
     path: str,
     *,
     shadow_vmcs: bool | None = None,
@@ -44,13 +53,12 @@ def make_config(
     virtual_idle: bool = False,
     trace: bool = False,
 ) -> Config:
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    costs = costs_of(preset)
     if path not in PATHS:
         raise UsageError(f"unknown path {path!r} (choose from {', '.join(PATHS)})")
     try:
         return Config.from_preset(
-            PRESETS[preset],
+            costs,
             nested=path != "single",
             shadow_vmcs=shadow_vmcs,
             vmcs_exits=vmcs_exits,
@@ -64,34 +72,114 @@ def make_config(
         raise UsageError(str(e)) from None
 
 
+#: Which workload options apply to which workloads (anything else is refused).
+OPTION_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "network": (("tx", "rx", "echo"), tuple(k for k in DATAPATH_DEFAULTS if k != "count")),
+    "memory": (("ept-touch", "ept-churn"), (*EPT_DEFAULTS, "virtual_ept", "avoid_invept")),
+}
+#: The command-line flag of an option, where it is not --NAME-WITH-DASHES.
+FLAGS = {
+    "working_set_mib": "--working-set", "l2_mem_gib": "--l2-mem", "l1_mem_gib": "--l1-mem",
+    "event_idx": "--no-event-idx",
+}  # fmt: skip
+
+
+def flag_of(option: str) -> str:
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def resolved_options(workload: str, options: dict[str, Any], costs: CostModel) -> dict[str, Any]:
+    """The workload's options with every default filled in; an option that does
+    not apply to the workload is a UsageError."""
+    given = {k: v for k, v in options.items() if v is not None and k != "count"}
+    for group, (workloads, keys) in OPTION_GROUPS.items():
+        if workload in workloads:
+            continue
+        wrong = sorted(k for k in given if k in keys)
+        if wrong:
+            raise UsageError(
+                f"{flag_of(wrong[0])} does not apply to workload {workload} "
+                f"({group} options apply to {', '.join(workloads)})"
+            )
+    try:
+        if workload in OPTION_GROUPS["network"][0]:
+            o = datapath_options(given)
+            return {k: o[k] for k in OPTION_GROUPS["network"][1]}
+        if workload in OPTION_GROUPS["memory"][0]:
+            return ept_options(given, costs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {}
+
+
+Progress = Callable[[int, int], None]
+
+
 def measure(
     workload: str,
     path: str,
-    preset: str,
+    preset: str | CostModel,
     *,
     count: int = 1,
     options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
     **switches: Any,
 ) -> dict[str, Any]:
-    """Build a machine, run ``count`` operations, return per-op and total figures."""
+    """Build a machine, run one warm-up operation, then ``count`` operations.
+
+    Set-up (device bring-up, delegation) and the first operation (cold
+    caches, a sleeping backend, a full merge) are reported apart
+    (``setup``, ``first_op``); ``per_op`` is the steady state. ``progress``
+    is called with (done, count) as operations complete. Ctrl-C ends the
+    run early: the result says ``interrupted`` and covers what was done.
+    """
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
     if count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
     cfg = make_config(preset, path, **switches)
+    opts = resolved_options(workload, options or {}, cfg.costs)
     m = NestedVmx(cfg)
     w = WORKLOADS[workload]
     try:
-        op = w.build(m, path, {"count": count, **(options or {})})
+        op = w.build(m, path, {"count": count, **opts})
     except ValueError as e:
         raise UsageError(str(e)) from None
     setup = m.stats.summary()
     m.reset_stats()
+    warmup = getattr(op, "warmup", None if w.once else op)
+    first = None
+    if warmup is not None:
+        warmup()
+        first = m.stats.summary()
+        m.reset_stats()
+    before = m.datapath.metrics() if m.datapath is not None else None
     units = 0.0
-    for _ in range(1 if w.once else count):
-        done = op()
-        units += 1 if done is None else done
-    return result_of(m, workload, path, units, w.per, setup=setup, options=options)
+    done = 0
+    total = 1 if w.once else count
+    step = max(1, total // 200)
+    interrupted = False
+    try:
+        while done < total:
+            for _ in range(min(step, total - done)):
+                n = op()
+                units += 1 if n is None else n
+                done += 1
+            if progress is not None:
+                progress(done, total)
+    except KeyboardInterrupt:
+        interrupted = True
+    r = result_of(m, workload, path, units, w.per, setup=setup, options=opts)
+    if "devices" in r and before:  # the steady state's device counters
+        r["devices"] = {
+            dev: {k: v - before.get(dev, {}).get(k, 0) for k, v in metrics.items()}
+            for dev, metrics in r["devices"].items()
+        }
+    if first is not None:
+        r["first_op"] = first
+    if interrupted:
+        r["interrupted"] = True
+    return r
 
 
 def result_of(
@@ -105,7 +193,7 @@ def result_of(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     s = m.stats
-    totals = s.summary()
+    totals = {k: integral(v) for k, v in s.summary().items()}
     totals["time_us"] = m.costs.cycles_to_us(totals["cycles"])
     per_op = {k: v / units for k, v in totals.items()}
     if per == "second":
@@ -115,14 +203,20 @@ def result_of(
     out: dict[str, Any] = {
         "workload": workload,
         "path": path,
-        "count": units,
+        "count": integral(units),
         "per": per,
-        "config": {**m.cfg.describe(), "path": path, **(options or {})},
+        "config": {
+            **m.cfg.describe(),
+            "path": path,
+            **(options or {}),
+            "options": sorted(options or {}),
+        },
         "per_op": per_op,
         "totals": totals,
         "cycles_by_level": s.cycles_by_level(),
         "by_reason": s.reason_rows(),
         "by_cause": dict(s.by_cause),
+        "by_work": s.work_rows(),
     }
     changes = l0_changes(m, workload, path, options or {})
     if changes:
@@ -134,6 +228,11 @@ def result_of(
     if s.trace is not None:
         out["trace"] = [list(e) for e in s.trace]
     return out
+
+
+def integral(v: float) -> float:
+    """``v`` as an int when it is a whole number (JSON keeps integers integers)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) -> list[str]:
@@ -151,59 +250,11 @@ def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) 
     return out
 
 
-def _num(v: float) -> str:
-    if float(v).is_integer():
-        return f"{int(v):,}"
-    return f"{v:,.2f}"
+def format_report(r: dict[str, Any], explain: bool = False) -> str:
+    """The text of ``xlio measure`` (see :func:`xlio.report.format_measure`)."""
+    from xlio.report import format_measure
 
-
-def format_report(r: dict[str, Any]) -> str:
-    cfg = r["config"]
-    cyc_total = r["totals"]["cycles"] or 1.0
-    clock = cfg["clock_ghz"]
-    lines = [
-        f"xlio measure: workload={r['workload']} path={r['path']} count={_num(r['count'])} "
-        f"preset={cfg['preset']}",
-        f"  shadow_vmcs={cfg['shadow_vmcs']} vmcs_exits={cfg['vmcs_exits']} "
-        f"operand={cfg['operand']} cache_reg={cfg['cache_reg']} "
-        f"dirty_tracking={cfg['dirty_tracking']} apicv={cfg['apicv']} "
-        f"virtual_idle={cfg['virtual_idle']} clock={clock} GHz",
-        "",
-        f"{'level':<6}{'exit reason':<22}{'samples':>10}{'samples%':>10}"
-        f"{'time%':>8}{'time/exit (us)':>16}",
-    ]
-    nexits = sum(row["count"] for row in r["by_reason"]) or 1
-    for row in r["by_reason"]:
-        lines.append(
-            f"{row['level']:<6}{row['reason']:<22}{row['count']:>10,}"
-            f"{100.0 * row['count'] / nexits:>9.2f}%"
-            f"{100.0 * row['cycles'] / cyc_total:>7.2f}%"
-            f"{row['cycles'] / row['count'] / (clock * 1000):>16.3f}"
-        )
-    lines.append("")
-    lines.append(f"per {r['per']} (totals / {_num(r['count'])}):")
-    for k in (*SUMMARY_KEYS, "cycles", "time_us"):
-        v = r["per_op"].get(k, 0)
-        if v or k in ("l0_exits", "l2_exits", "l1_exits", "reflected", "crossings", "cycles"):
-            lines.append(f"  {k:<26}{_num(v):>14}")
-    if "cycles_per_second" in r["totals"]:
-        cps = r["totals"]["cycles_per_second"]
-        lines.append(
-            f"  {'cycles_per_second':<26}{_num(cps):>14}"
-            f"   ({cps / (clock * 1e9):.2%} of one {clock} GHz CPU)"
-        )
-    for change in r.get("l0_changes", ()):
-        lines.append(f"  assumes an L0 change: {change}")
-    lv = r["cycles_by_level"]
-    lines.append(
-        "  cycles by level: " + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in lv.items() if v)
-    )
-    if r["by_cause"]:
-        lines.append(
-            "  L1 exits by cause (per op): "
-            + ", ".join(f"{k} {_num(v / r['count'])}" for k, v in sorted(r["by_cause"].items()))
-        )
-    return "\n".join(lines)
+    return format_measure(r, explain)
 
 
 DEMO_COLUMNS = (
@@ -218,7 +269,7 @@ DEMO_COLUMNS = (
 
 
 def demo(
-    preset: str = "turtles-2010",
+    preset: str | CostModel = "turtles-2010",
     count: int = 200,
     switches: dict[str, Any] | None = None,
     **opts: Any,
@@ -229,7 +280,7 @@ def demo(
     l0 = rows["l0"]["per_op"]["cycles"] or 1.0
     return {
         "workload": "echo",
-        "preset": preset,
+        "preset": costs_of(preset).name,
         "count": count,
         "options": opts,
         "config": rows["l0"]["config"],
@@ -240,17 +291,14 @@ def demo(
 
 
 def format_demo(d: dict[str, Any]) -> str:
-    head = f"{'path':<8}" + "".join(f"{t:>13}" for _, t in DEMO_COLUMNS)
-    lines = [
-        f"xlio demo: UDP echo over the loopback wire, {d['count']} requests per path, "
+    from xlio.report import render, table
+
+    rows = [[p] + [round(row[k], 2) for k, _ in DEMO_COLUMNS] for p, row in d["paths"].items()]
+    head = (
+        f"xlio demo: UDP echo over the loopback wire, {d['count']:,} requests per path, "
         f"preset {d['preset']}, APICv {'on' if d['config']['apicv'] else 'off'}, "
-        f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request",
-        "",
-        head,
-        "-" * len(head),
-    ]
-    for p, row in d["paths"].items():
-        lines.append(f"{p:<8}" + "".join(f"{_num(round(row[k], 2)):>13}" for k, _ in DEMO_COLUMNS))
-    lines.append("")
-    lines.append(f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x")
-    return "\n".join(lines)
+        f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request "
+        "(steady state)"
+    )
+    foot = f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x"
+    return render(head, table(["path", *(t for _, t in DEMO_COLUMNS)], rows), foot)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from xlio.backends.netperf import LINKS, NetperfModel, NetperfOptions, Path, Test
-from xlio.measure import UsageError
-from xlio.sim.presets import PRESETS
+from xlio.measure import UsageError, costs_of
+from xlio.sim.presets import CostModel
 
 MAX_DURATION = 10.0  # modeled seconds
 
@@ -20,7 +20,7 @@ MAX_DURATION = 10.0  # modeled seconds
 def netperf(
     test: str,
     path: str,
-    preset: str = "turtles-2010",
+    preset: str | CostModel = "turtles-2010",
     *,
     link: str = "1g",
     duration: float = 1.0,
@@ -42,8 +42,7 @@ def netperf(
         p = Path(path)
     except ValueError:
         raise UsageError(f"--path must be one of {', '.join(x.value for x in Path)}") from None
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    costs = costs_of(preset)
     if link not in LINKS:
         raise UsageError(f"--link must be one of {', '.join(LINKS)}")
     if not 0 < duration <= MAX_DURATION:
@@ -60,7 +59,7 @@ def netperf(
         t, p, link=link, duration=duration, size=size, seed=seed, burst=burst,
         l1_backend_vcpu=l1_backend_vcpu, l1_backend=l1_backend, tso=tso,
     )  # fmt: skip
-    model = NetperfModel(PRESETS[preset], opts, apicv=apicv, virtual_idle=virtual_idle)
+    model = NetperfModel(costs, opts, apicv=apicv, virtual_idle=virtual_idle)
     r = model.run()
     r["config"] = {
         **model.m.cfg.describe(),

@@ -36,9 +36,7 @@ from xlio.backends.tap import PcapBatcher, TapGone, TapWire, raise_first, serve_
 from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.nested import NestedVmx
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+from xlio.sim.presets import CostModel
 
 
 class TapSession:
@@ -49,7 +47,7 @@ class TapSession:
         path: str,
         host: NamespacedTap,
         *,
-        preset: str = "turtles-2010",
+        preset: str | CostModel = "turtles-2010",
         pcap: str | None = None,
         record_batches: bool = False,
         **opts: Any,
@@ -272,7 +270,7 @@ def serve(
     path: str,
     netns_name: str | None,
     duration: float | None,
-    preset: str,
+    preset: str | CostModel,
     pcap: str | None,
     announce: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -360,7 +358,7 @@ async def _demo_requests(
     return r
 
 
-def demo_tap(preset: str, n: int) -> dict[str, Any]:
+def demo_tap(preset: str | CostModel, n: int) -> dict[str, Any]:
     """The demo over real taps, one fresh namespace per path; a stop signal
     raises :class:`Stopped` after the namespace is removed."""
     rows: dict[str, Any] = {}

@@ -1,0 +1,172 @@
+"""Tables people read: rich tables rendered to text, and the measure report.
+
+Everything here turns a JSON-ready result into text; nothing measures.
+Tables are :class:`rich.table.Table` rendered without colour at a fixed
+width, so the output is the same in a terminal, a pipe or a test.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from xlio.sim.accounting import COLUMNS, GLOSSARY, SUMMARY_KEYS
+
+WIDTH = 120
+
+
+def render(*items: Any) -> str:
+    """Rich renderables (or strings) as plain text."""
+    out = io.StringIO()
+    console = Console(file=out, width=WIDTH, color_system=None, force_terminal=False,
+                      highlight=False, emoji=False, markup=False)  # fmt: skip
+    parts = []
+    for item in items:
+        start = out.tell()
+        console.print(item, soft_wrap=isinstance(item, str))
+        text = out.getvalue()[start:]
+        parts.append("\n".join(line.rstrip() for line in text.split("\n")).strip("\n"))
+    return "\n\n".join(parts)
+
+
+def num(v: float, digits: int = 2) -> str:
+    """An integer with thousands separators, or a float with ``digits`` decimals."""
+    if float(v).is_integer():
+        return f"{int(v):,}"
+    return f"{v:,.{digits}f}"
+
+
+def table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    left: int = 1,
+    title: str | None = None,
+) -> Table:
+    """A plain table: the first ``left`` columns left-aligned, numbers right."""
+    t = Table(
+        box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False, show_edge=False
+    )
+    for i, c in enumerate(columns):
+        text = i < left and i == len(columns) - 1  # a last column of words may wrap
+        t.add_column(c, justify="left" if i < left else "right", no_wrap=not text)
+    for r in rows:
+        t.add_row(*(x if isinstance(x, str) else num(x) for x in r))
+    return t
+
+
+def key_values(d: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+#: The config keys a measure report's header shows (the rest is in --json).
+HEADER_KEYS = ("shadow_vmcs", "vmcs_exits", "operand", "cache_reg", "dirty_tracking", "apicv",
+               "virtual_idle")  # fmt: skip
+
+
+def measure_table(r: dict[str, Any]) -> Table:
+    """Exits by level and reason, then the work that is no exit, then the total:
+    Time% adds up to 100%."""
+    clock = r["config"]["clock_ghz"]
+    units = r["count"] or 1
+    total = r["totals"]["cycles"] or 1.0
+    exits = sum(row["count"] for row in r["by_reason"]) or 1
+
+    def us(cycles: float) -> str:
+        return f"{cycles / (clock * 1000):,.3f}"
+
+    rows: list[list[str]] = []
+    for row in r["by_reason"]:
+        n = row["count"]
+        rows.append([
+            row["level"], row["reason"], f"{n:,}", f"{100 * n / exits:.2f}%",
+            f"{100 * row['cycles'] / total:.2f}%", us(row["min_cycles"]), us(row["max_cycles"]),
+            us(row["cycles"] / n), us(row["cycles"] / units),
+        ])  # fmt: skip
+    for row in r["by_work"]:
+        rows.append([
+            row["level"], f"({row['work']})", "", "", f"{100 * row['cycles'] / total:.2f}%",
+            "", "", "", us(row["cycles"] / units),
+        ])  # fmt: skip
+    accounted = sum(x["cycles"] for x in r["by_reason"]) + sum(x["cycles"] for x in r["by_work"])
+    rows.append([
+        "total", "", f"{sum(x['count'] for x in r['by_reason']):,}", "100.00%",
+        f"{100 * accounted / total:.2f}%", "", "", "", us(r["totals"]["cycles"] / units),
+    ])  # fmt: skip
+    cols = ("Level", "Event", "Samples", "Samples%", "Time%", "Min us", "Max us", "Avg us",
+            f"us/{r['per']}")  # fmt: skip
+    return table(cols, rows, left=2)
+
+
+def format_measure(r: dict[str, Any], explain: bool = False) -> str:
+    cfg = r["config"]
+    per = r["per"]
+    head = [
+        f"xlio measure: {r['workload']} on path {r['path']}, preset {cfg['preset']}, "
+        f"{num(r['count'])} {per}s (steady state)"
+        + ("; INTERRUPTED: figures cover what was done" if r.get("interrupted") else ""),
+        f"  model: {key_values({k: cfg[k] for k in HEADER_KEYS})} clock={cfg['clock_ghz']} GHz",
+    ]
+    opts = {k: cfg[k] for k in cfg.get("options", ())}
+    if opts:
+        head.append(f"  workload: {key_values(opts)}")
+    if cfg.get("costs_set"):
+        head.append(
+            "  costs set: "
+            + ", ".join(
+                f"{k}={num(cfg['costs'][k])} ({src})" for k, src in cfg["costs_set"].items()
+            )
+        )
+    lines = ["", f"per {per} (totals / {num(r['count'])}):"]
+    for k in (*SUMMARY_KEYS, "cycles", "time_us"):
+        v = r["per_op"].get(k, 0)
+        if v or k in ("l0_exits", "l2_exits", "l1_exits", "reflected", "crossings", "cycles"):
+            lines.append(f"  {k:<26}{num(v, 3 if abs(v) < 1 else 2):>14}")
+    if "cycles_per_second" in r["totals"]:
+        cps = r["totals"]["cycles_per_second"]
+        clock = cfg["clock_ghz"]
+        lines.append(
+            f"  {'cycles_per_second':<26}{num(cps):>14}"
+            f"   ({cps / (clock * 1e9):.2%} of one {clock} GHz CPU)"
+        )
+    for change in r.get("l0_changes", ()):
+        lines.append(f"  assumes an L0 change: {change}")
+    lv = r["cycles_by_level"]
+    lines.append(
+        "  cycles by level: " + ", ".join(f"{k} {num(v / r['count'])}" for k, v in lv.items() if v)
+    )
+    if r["by_cause"]:
+        lines.append(
+            "  L1 exits by cause (per op): "
+            + ", ".join(f"{k} {num(v / r['count'])}" for k, v in sorted(r["by_cause"].items()))
+        )
+    once = []
+    if r.get("setup", {}).get("cycles"):
+        once.append(
+            f"set-up {num(r['setup']['cycles'])} cycles, {num(r['setup']['l0_exits'])} exits"
+        )
+    if r.get("first_op", {}).get("cycles"):
+        f = r["first_op"]
+        once.append(f"warm-up {num(f['cycles'])} cycles, {num(f['l0_exits'])} exits")
+    if once:
+        lines.append("  one-time, not in the figures above: " + "; ".join(once))
+    text = "\n".join(head) + "\n\n" + render(measure_table(r)) + "\n" + "\n".join(lines)
+    if explain:
+        text += "\n\n" + explain_text()
+    return text
+
+
+def explain_text() -> str:
+    cols = table(("column", "meaning"), COLUMNS.items(), left=2, title="Columns")
+    counters = table(("counter", "meaning"), GLOSSARY.items(), left=2, title="Counters")
+    notes = (
+        "Steady state: set-up (device bring-up, delegation) and a warm-up (one operation, or a\n"
+        "ring's worth of frames: first kicks, first touch of each buffer page) run first and\n"
+        "are reported apart. Times are modeled cycles at the preset's clock, not wall time."
+    )
+    return render(cols, counters, notes)
