@@ -442,9 +442,11 @@ class NestedVmx:
             self.shadow_vmcs.bind(True, SHADOW_REFRESH, reflected)
             self.shadow_vmcs.bind(False, SHADOW_COPY_BACK, entries)
 
-    def _trace(self, *event: Any) -> None:
-        if self._stats.trace is not None:
-            self._stats.trace.append(event)
+    def _trace(self, level: str, event: str, what: str, detail: Any = "", where: Any = "") -> None:
+        """One trace event: (level, event, what, detail, where, cycles so far)."""
+        s = self._stats
+        if s.trace is not None:
+            s.trace.append((level, event, what, detail, where, s.cycles))
 
     def _require(self, state: int, what: str) -> None:
         if self.state != state:
@@ -673,6 +675,8 @@ class NestedVmx:
         h1 = c.l1_exit_framework + self._l1_handler[profile.handler]
         s.cycles_l1 += h1
         s.work[L1_HANDLERS] += h1
+        if s.trace is not None:
+            self._trace("L1", "handler", profile_name, "exit framework + handler")
         # a reflection always starts from an empty register cache, so the
         # handler's fragments compile once per profile into one plan
         plan = self._handler_plans.get(profile_name)
@@ -767,12 +771,17 @@ class NestedVmx:
         if ex.dirties:
             self.vmcs12_dirty = True
         if s.trace is not None:
+            trap = c.hw_exit + self._trap_l0
+            total = s.cycles - n * trap - m * c.vmcs_exitless
             for op, f in instrs:
                 kind = "VMREAD" if op == READ else "VMWRITE"
                 trapped = f in (ex.trapped_reads if op == READ else ex.trapped_writes)
-                s.trace.append(
-                    ("L1", kind, VmcsField(f).name, "trapped" if trapped else "exitless", where)
+                exitless = not trapped and f in (
+                    ex.exitless_reads if op == READ else ex.exitless_writes
                 )
+                total += trap if trapped else c.vmcs_exitless if exitless else 0
+                detail = "trapped" if trapped else "exitless" if exitless else "cached"
+                s.trace.append(("L1", kind, VmcsField(f).name, detail, where, total))
 
     def l1_exit(
         self,
@@ -808,6 +817,8 @@ class NestedVmx:
         """Cycles L1 spends without exiting: ``what`` names the work (a report row)."""
         self._stats.cycles_l1 += cycles
         self._stats.work["L1 " + what] += cycles
+        if self._stats.trace is not None:
+            self._trace("L1", "work", what)
 
     def l1_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L1 (running on L2's vCPU, L2 out) raises an interrupt for L2.
@@ -870,6 +881,8 @@ class NestedVmx:
         """Cycles L0 spends outside any exit handler: ``what`` names the work (a report row)."""
         self._stats.cycles_l0 += cycles
         self._stats.work["L0 " + what] += cycles
+        if self._stats.trace is not None:
+            self._trace("L0", "work", what)
 
     def l0_interrupt_l2(self, vector: int = NIC_VECTOR) -> None:
         """L0's backend thread raises an interrupt for L2 (single level, or the direct path).

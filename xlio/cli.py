@@ -7,24 +7,36 @@ status 2; everything else lives in sans-IO modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from xlio import __version__
 from xlio.backends.datapath import KICKS
 from xlio.backends.netperf import LINKS, Test
-from xlio.measure import WORKLOADS, UsageError, demo, format_demo, format_report, measure
+from xlio.measure import (
+    MAX_TRACE_OPS,
+    TRACEABLE,
+    WORKLOADS,
+    UsageError,
+    demo,
+    format_demo,
+    format_report,
+    measure,
+    trace,
+)
 from xlio.sim.ept import PAGE_SHIFTS
 from xlio.sim.nested import OPERANDS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
 from xlio.sim.vept import SCHEMES
 from xlio.sim.workloads import PATHS
+from xlio.sweep import Of
 
 
 class _Help(argparse.HelpFormatter):
@@ -109,6 +121,49 @@ def _setting(text: str) -> str:
     return text
 
 
+def _paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if not paths or bad or len(set(paths)) != len(paths):
+        raise argparse.ArgumentTypeError(
+            f"comma-separated paths from {', '.join(PATHS)}, got {text!r}"
+        )
+    return paths
+
+
+def _param(text: str) -> tuple[str, list[str]]:
+    from xlio.sweep import parse_param
+
+    try:
+        return parse_param(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("argument --param: ")) from None
+
+
+def _setting_kv(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip() or not value.strip() or "," in value:
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _ratio(text: str) -> tuple[str, str]:
+    a, slash, b = text.partition("/")
+    if not slash or a not in PATHS or b not in PATHS or a == b:
+        raise argparse.ArgumentTypeError(f"takes PATH/PATH (l1/l0), got {text!r}")
+    return a, b
+
+
+def _json_target(text: str) -> str:
+    return text if text == "-" else _writable_file(text)
+
+
+def _plot_file(text: str) -> str:
+    if not text.endswith((".png", ".svg")):
+        raise argparse.ArgumentTypeError(f"a .png or .svg file, got {text!r}")
+    return _writable_file(text)
+
+
 def _readable_file(text: str) -> str:
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"cannot read {text!r}")
@@ -137,7 +192,7 @@ def _costs(a: argparse.Namespace) -> CostModel:
         raise UsageError(f"argument --set: {e}") from None
 
 
-def _add_model_switches(p: argparse.ArgumentParser) -> None:
+def _add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
     _add_costs(p)
     p.add_argument(
         "--shadow-vmcs",
@@ -156,7 +211,8 @@ def _add_model_switches(p: argparse.ArgumentParser) -> None:
         help="L1 register cache (default: the preset's)",
     )  # fmt: skip
     _add_apic_switches(p)
-    p.add_argument("--trace", action="store_true", help="record every event (slower)")
+    if trace:
+        p.add_argument("--trace", action="store_true", help="record every event in --json (slower)")
 
 
 def _add_apic_switches(p: argparse.ArgumentParser, *, idle: bool = True) -> None:
@@ -181,7 +237,7 @@ def _switches(a: argparse.Namespace) -> dict[str, Any]:
         "cache_reg": a.cache_reg,
         "apicv": a.apicv,
         "virtual_idle": a.virtual_idle,
-        "trace": a.trace,
+        "trace": getattr(a, "trace", False),
     }
 
 
@@ -203,6 +259,58 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     m.add_argument("--explain", action="store_true", help="say what each column and counter means")
     _add_model_switches(m)
+    tr = sub.add_parser("trace", help="the timeline of a few operations, event by event")
+    tr.add_argument("--workload", required=True, choices=TRACEABLE)
+    tr.add_argument("--path", default="l1", choices=PATHS)
+    tr.add_argument(
+        "--count", type=_int(1, MAX_TRACE_OPS), default=1,
+        help="operations (micro workloads) or batches (tx, rx, echo) to trace",
+    )  # fmt: skip
+    tr.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_model_switches(tr, trace=False)
+    _add_network_options(tr)
+    sw = sub.add_parser("sweep", help="one or two parameters over values: table, CSV, JSON, plot")
+    sw.add_argument(
+        "--of", default="measure", choices=[o.value for o in Of],
+        help="what each point runs (--workload is a vmexit test or a netperf -t test there)",
+    )  # fmt: skip
+    sw.add_argument("--workload", required=True, help="workload, vmexit test or netperf test")
+    sw.add_argument(
+        "--path", type=_paths, default=None,
+        help="comma-separated paths (default: single,l1,l0; vmexit: single,l1)",
+    )  # fmt: skip
+    sw.add_argument(
+        "--param", dest="params", action="append", type=_param, required=True,
+        metavar="NAME=V1,V2,...",
+        help="a parameter and its values (one or two swept; one value is a setting)",
+    )  # fmt: skip
+    sw.add_argument(
+        "--metric", default=None,
+        help="the figure shown and plotted (default: l0_exits; vmexit: cycles; netperf: "
+        "throughput_mbps); any numeric key of the result, dotted for nested ones",
+    )  # fmt: skip
+    sw.add_argument("--ratio", type=_ratio, default=None, metavar="A/B",
+                    help="plot the metric of path A over path B (l1/l0)")  # fmt: skip
+    sw.add_argument("--count", type=_int(1, MAX_COUNT), default=1000,
+                    help="operations per point (measure)")  # fmt: skip
+    sw.add_argument("--jobs", type=_int(1, 64), default=1, help="processes")
+    sw.add_argument("--csv", type=_writable_file, default=None, metavar="FILE")
+    sw.add_argument("--json", type=_json_target, default=None, metavar="FILE",
+                    help="the rows as one JSON document (- for stdout)")  # fmt: skip
+    sw.add_argument("--plot", type=_plot_file, default=None, metavar="FILE.png|svg")
+    _add_costs(sw)
+    cp = sub.add_parser(
+        "compare", help="two configurations, or two JSON results, side by side (perf diff)"
+    )
+    cp.add_argument("files", nargs="*", metavar="RESULT.json", help="two --json results")
+    cp.add_argument("--workload", default=None, choices=WORKLOADS)
+    cp.add_argument("--a", dest="a_sets", action="append", type=_setting_kv, default=[],
+                    metavar="NAME=VALUE", help="configuration A (repeatable)")  # fmt: skip
+    cp.add_argument("--b", dest="b_sets", action="append", type=_setting_kv, default=[],
+                    metavar="NAME=VALUE", help="configuration B (repeatable)")  # fmt: skip
+    cp.add_argument("--count", type=_int(1, MAX_COUNT), default=1000)
+    cp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_costs(cp)
     dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
     _add_costs(dm)
     dm.add_argument(
@@ -317,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--page-size", default=None, choices=PAGE_SHIFTS, help="default 4k")
     e.add_argument("--l2-mem", type=_int(1, 1024), default=None, metavar="GiB")
     e.add_argument("--l1-mem", type=_int(1, 2048), default=None, metavar="GiB")
-    d = m.add_argument_group("network workloads (tx, rx, echo)")
+    _add_network_options(m)
+    return parser
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("network workloads (tx, rx, echo)")
     d.add_argument("--batch", type=_int(1, 32768), default=None, help="frames per kick (default 1)")
     d.add_argument("--frame-size", type=_int(60, 9000), default=None, metavar="BYTES")
     d.add_argument("--queue-size", type=_int(2, 32768), default=None, help="default 256")
@@ -325,7 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--kick", default=None, choices=KICKS, help="notify by port I/O (default) or MMIO"
     )
-    return parser
 
 
 def _netns_name(text: str) -> str:
@@ -385,10 +497,34 @@ def _workload_options(a: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _emit(as_json: bool, obj: Any, text: Callable[[], str]) -> int:
+SCHEMA_VERSION = 1  # of every --json document (README: "JSON results")
+
+
+def envelope(command: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """A command's result as the one JSON schema: version keys first, whole
+    numbers as integers."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "xlio_version": __version__,
+        "command": command,
+        **_whole(obj),
+    }
+
+
+def _whole(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _whole(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_whole(x) for x in v]
+    return v
+
+
+def _emit(a: argparse.Namespace, obj: dict[str, Any], text: Callable[[], str]) -> int:
     """One JSON document, or the text a person reads, on stdout."""
-    if as_json:
-        json.dump(obj, sys.stdout, indent=1)
+    if a.json:
+        json.dump(envelope(a.command, obj), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(text())
@@ -399,7 +535,149 @@ def _cmd_measure(a: argparse.Namespace) -> int:
     r = measure(
         a.workload, a.path, _costs(a), count=a.count, options=_workload_options(a), **_switches(a)
     )
-    return _emit(a.json, r, lambda: format_report(r, a.explain))
+    return _emit(a, r, lambda: format_report(r, a.explain))
+
+
+def _cmd_trace(a: argparse.Namespace) -> int:
+    from xlio.report import format_trace
+
+    opts = {
+        "batch": a.batch, "frame_size": a.frame_size, "queue_size": a.queue_size,
+        "event_idx": False if a.no_event_idx else None, "kick": a.kick,
+    }  # fmt: skip
+    r = trace(
+        a.workload, a.path, _costs(a), count=a.count,
+        options={k: v for k, v in opts.items() if v is not None}, **_switches(a),
+    )  # fmt: skip
+    return _emit(a, r, lambda: format_trace(r))
+
+
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    import csv
+
+    from xlio.report import figure, render, table
+    from xlio.sweep import (
+        DEFAULT_METRIC,
+        Interrupted,
+        grid,
+        metric_label,
+        param_label,
+        run_all,
+    )
+
+    of = Of(a.of)
+    costs = _costs(a)
+    paths = a.path or (["single", "l1"] if of is Of.VMEXIT else list(PATHS))
+    if a.ratio and not set(a.ratio) <= set(paths):
+        raise UsageError(f"argument --ratio: {'/'.join(a.ratio)} needs both paths in --path")
+    points = grid(
+        of, a.workload, paths, PRESETS[a.preset] if a.costs is None else costs, a.params,
+        count=a.count, switches={}, options={}, sets=_set_values(a, costs),
+    )  # fmt: skip
+    points = [p if p.values.get("preset") else _replace_costs(p, costs) for p in points]
+    metric = a.metric or DEFAULT_METRIC[of]
+    swept = [n for n, v in a.params if len(v) > 1]
+    interrupted = False
+    with _progress(len(points), f"xlio sweep: {len(points)} points") as advance:
+        try:
+            rows = run_all(points, a.jobs, lambda row: advance())
+        except Interrupted as e:
+            rows, interrupted = e.rows, True
+    if rows and metric not in rows[0]:
+        keys = ", ".join(k for k in rows[0] if k not in swept and k not in ("path", "per"))
+        raise UsageError(f"argument --metric: no figure {metric!r}; the rows have: {keys}")
+    per = rows[0]["per"] if rows else ""
+    doc = {
+        "of": of.value, "workload": a.workload, "paths": paths, "metric": metric,
+        "params": {n: v for n, v in a.params}, "swept": swept, "count": a.count,
+        "preset": costs.name, "costs_set": {k: p.source for k, p in costs.params.items()
+                                            if p.kind == "user"},
+        "interrupted": interrupted, "rows": rows,
+    }  # fmt: skip
+    if a.csv:
+        cols = [*swept, "path", "per", metric]
+        cols += sorted({k for r in rows for k in r} - set(cols))
+        with open(a.csv, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    if a.json and a.json != "-":
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(envelope("sweep", doc), f, indent=1)
+            f.write("\n")
+    if a.plot and rows:
+        from xlio.plot import plot_sweep
+
+        title = f"xlio sweep: {a.of} {a.workload}, preset {costs.name}" + (
+            f", {a.count:,} per point" if of is Of.MEASURE else ""
+        )
+        labels = (param_label(swept[0], costs), metric_label(metric, per))
+        plot_sweep(rows, swept, metric, labels, title, a.plot, a.ratio)
+    if a.json == "-":
+        json.dump(envelope("sweep", doc), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        cols = [*swept, "path", metric]
+        body = [[str(r[c]) if c in swept or c == "path" else figure(r.get(c, "")) for c in cols]
+                for r in rows]  # fmt: skip
+        if a.ratio:
+            cols.append(f"{a.ratio[0]}/{a.ratio[1]}")
+            for r, line in zip(rows, body, strict=True):
+                other = next((o for o in rows if o["path"] == a.ratio[1] and all(
+                    o[n] == r[n] for n in swept)), None)  # fmt: skip
+                ok = r["path"] == a.ratio[0] and other and other.get(metric)
+                line.append(f"{r[metric] / other[metric]:.2f}" if ok else "")  # type: ignore[index]
+        head = (f"xlio sweep: {a.of} {a.workload}, preset {costs.name}, {metric_label(metric, per)}"
+                + ("; INTERRUPTED: the rows done so far" if interrupted else ""))  # fmt: skip
+        print(render(head, table(cols, body, left=len(swept) + 1)))
+    return 130 if interrupted else 0
+
+
+def _set_values(a: argparse.Namespace, costs: CostModel) -> dict[str, Any]:
+    """The --set values, to apply again on a swept preset."""
+    return {k: p.value for k, p in costs.params.items() if p.kind == "user" and p.source == "--set"}
+
+
+def _replace_costs(p: Any, costs: CostModel) -> Any:
+    """A point whose costs were not swept gets the user's costs (with any swept cost)."""
+    from dataclasses import replace
+
+    swept = {k: v for k, v in p.values.items() if k in costs.params}
+    model = override(costs, swept, "xlio sweep --param") if swept else costs
+    return replace(p, costs=model)
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (never stdout), shown once the work takes over a second."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    start = time.monotonic()
+    bar: Progress | None = None
+    task = None
+    done = 0
+
+    def advance() -> None:
+        nonlocal bar, task, done
+        done += 1
+        if bar is None and time.monotonic() - start > 1.0:
+            bar = Progress(
+                "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+            bar.start()
+            task = bar.add_task(what, total=total)
+        if bar is not None and task is not None:
+            bar.update(task, completed=done)
+
+    try:
+        yield advance
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,7 +732,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             lines.append(f"device {name}: {shown or 'idle'}")
         return "\n".join(lines)
 
-    _emit(a.json, r, text)
+    _emit(a, r, text)
     stopped = r["stopped_by"]
     return 128 + signal.Signals[stopped] if stopped else 0
 
@@ -471,11 +749,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         _tap_ready()
         n = a.count
         rows = demo_tap(costs, n)
-        return _emit(a.json, rows, lambda: format_demo_tap(rows, costs.name, n))
+        obj = {"workload": "echo", "tap": True, "preset": costs.name, "count": n, "paths": rows}
+        return _emit(a, obj, lambda: format_demo_tap(rows, costs.name, n))
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
     switches = {"apicv": a.apicv, "virtual_idle": a.virtual_idle}
     d = demo(_costs(a), a.count, switches=switches, **opts)
-    return _emit(a.json, d, lambda: format_demo(d))
+    return _emit(a, d, lambda: format_demo(d))
 
 
 def _cmd_netperf(a: argparse.Namespace) -> int:
@@ -487,7 +766,7 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
         apicv=a.apicv,
         virtual_idle=a.virtual_idle,
     )  # fmt: skip
-    return _emit(a.json, r, lambda: format_netperf(r))
+    return _emit(a, r, lambda: format_netperf(r))
 
 
 def _cmd_vmexit(a: argparse.Namespace) -> int:
@@ -505,7 +784,7 @@ def _cmd_vmexit(a: argparse.Namespace) -> int:
         "tests": {k: v["cycles"] for k, v in res.items()},
         "detail": res,
     }
-    return _emit(a.json, obj, lambda: format_lines(res))
+    return _emit(a, obj, lambda: format_lines(res))
 
 
 def _cmd_presets(a: argparse.Namespace) -> int:
@@ -535,7 +814,7 @@ def _cmd_presets(a: argparse.Namespace) -> int:
             )
         return "\n".join(lines)
 
-    return _emit(a.json, obj, text)
+    return _emit(a, obj, text)
 
 
 def _cmd_cleanup(a: argparse.Namespace) -> int:
@@ -544,7 +823,7 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
     _tap_ready()
     removed = reap_orphans()
     return _emit(
-        a.json,
+        a,
         {"removed": removed},
         lambda: (
             "\n".join(f"removed {n} (its owner is dead)" for n in removed)
@@ -555,6 +834,8 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "measure": _cmd_measure,
+    "trace": _cmd_trace,
+    "sweep": _cmd_sweep,
     "demo": _cmd_demo,
     "serve": _cmd_serve,
     "vmexit": _cmd_vmexit,

@@ -182,6 +182,87 @@ def measure(
     return r
 
 
+MAX_TRACE_OPS = 100  # operations ``xlio trace`` prints (each can be hundreds of events)
+#: Workloads with operations to trace (the memory workloads are one long run).
+TRACEABLE = tuple(k for k in WORKLOADS if k not in OPTION_GROUPS["memory"][0])
+
+
+def trace(
+    workload: str,
+    path: str,
+    preset: str | CostModel,
+    *,
+    count: int = 1,
+    options: dict[str, Any] | None = None,
+    **switches: Any,
+) -> dict[str, Any]:
+    """The timeline of ``count`` operations after set-up and warm-up, event by event.
+
+    An operation is one micro operation or one batch of frames (requests).
+    Each event says its modeled time stamp (cycles since the first traced
+    operation began, at the preset's clock), level, event, what (exit reason
+    or VMCS field), detail (how it was handled, trapped or exitless), its
+    cycles and the running total. Memory is bounded: at most
+    ``MAX_TRACE_OPS`` operations, and the machine keeps the last
+    ``TRACE_MAX`` events.
+    """
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+    if not 1 <= count <= MAX_TRACE_OPS:
+        raise UsageError(f"--count must be from 1 to {MAX_TRACE_OPS}, got {count}")
+    w = WORKLOADS[workload]
+    if workload not in TRACEABLE:
+        raise UsageError(f"{workload} is one long run of model time: trace one of "
+                         f"{', '.join(TRACEABLE)}")  # fmt: skip
+    cfg = make_config(preset, path, **{**switches, "trace": True})
+    opts = resolved_options(workload, options or {}, cfg.costs)
+    m = NestedVmx(cfg)
+    per_op = {"count": opts.get("batch", 1), **opts}
+    try:
+        op = w.build(m, path, per_op)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    getattr(op, "warmup", op)()
+    m.reset_stats()
+    clock = cfg.costs.clock_ghz * 1000.0
+    ops: list[dict[str, Any]] = []
+    start = 0.0
+    for i in range(count):
+        op()
+        s = m.stats
+        assert s.trace is not None
+        events = []
+        prev = start
+        truncated = len(s.trace) == s.trace.maxlen
+        if truncated:  # the op's first events were dropped: start from the first kept
+            prev = s.trace[0][-1]
+        for level, event, what, detail, where, total in s.trace:
+            events.append({
+                "t_us": prev / clock, "level": level, "event": event, "what": what,
+                "detail": detail, "where": where, "cycles": integral(total - prev),
+                "total_cycles": integral(total),
+            })  # fmt: skip
+            prev = total
+        if s.cycles > prev:  # work after the op's last event (interrupt delivery, say)
+            tail = integral(s.cycles - prev)
+            events.append({
+                "t_us": prev / clock, "level": "", "event": "untraced", "what": "", "detail": "",
+                "where": "", "cycles": tail, "total_cycles": integral(s.cycles),
+            })  # fmt: skip
+        ops.append({"operation": i + 1, "cycles": integral(s.cycles - start), "events": events,
+                    "truncated": truncated})  # fmt: skip
+        start = s.cycles
+        s.trace.clear()
+    return {
+        "workload": workload,
+        "path": path,
+        "per": "batch" if w.per in ("frame", "request") else "operation",
+        "count": count,
+        "config": {**cfg.describe(), "path": path, **opts, "options": sorted(opts)},
+        "operations": ops,
+    }
+
+
 def result_of(
     m: NestedVmx,
     workload: str,

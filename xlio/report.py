@@ -41,6 +41,15 @@ def num(v: float, digits: int = 2) -> str:
     return f"{v:,.{digits}f}"
 
 
+def figure(v: Any) -> str:
+    """A measured figure: whole numbers with separators, others to 4 significant digits."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return str(v)
+    if float(v).is_integer():
+        return f"{int(v):,}"
+    return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def table(
     columns: Sequence[str],
     rows: Iterable[Sequence[Any]],
@@ -170,3 +179,31 @@ def explain_text() -> str:
         "are reported apart. Times are modeled cycles at the preset's clock, not wall time."
     )
     return render(cols, counters, notes)
+
+
+def format_trace(r: dict[str, Any]) -> str:
+    """``xlio trace``: one table per operation, one line per event."""
+    cfg = r["config"]
+    clock = cfg["clock_ghz"] * 1000.0
+    noun = r["per"]
+    plural = noun if r["count"] == 1 else noun + ("es" if noun == "batch" else "s")
+    head = (
+        f"xlio trace: {r['workload']} on path {r['path']}, preset {cfg['preset']}, "
+        f"{r['count']} {plural} after set-up and warm-up; t = modeled time since the first, "
+        f"at {cfg['clock_ghz']} GHz"
+    )
+    parts: list[Any] = [head]
+    for op in r["operations"]:
+        rows = [
+            [f"{e['t_us']:,.3f}", e["level"], e["event"], str(e["what"]), str(e["detail"]),
+             str(e["where"]), e["cycles"], e["total_cycles"]]
+            for e in op["events"]
+        ]  # fmt: skip
+        title = (
+            f"{noun} {op['operation']}: {num(op['cycles'])} cycles, "
+            f"{op['cycles'] / clock:,.3f} us, {len(op['events'])} events"
+            + (" (first events dropped: trace bound)" if op["truncated"] else "")
+        )
+        cols = ("t (us)", "level", "event", "reason / field", "detail", "where", "cycles", "total")
+        parts.append(table(cols, rows, left=6, title=title))
+    return render(*parts)
