@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
     )
     sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    sv.add_argument(
+        "--interval", type=_seconds(3600), default=None, metavar="S",
+        help="one JSON line of metrics on stdout every S seconds (the interval's counts)",
+    )  # fmt: skip
     pr = sub.add_parser(
         "presets", help="the cost presets, or every parameter of one with its source"
     )
@@ -633,6 +637,60 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from xlio.compare import describe, diff
+    from xlio.report import figure, render, signed, table
+    from xlio.sweep import Point, with_setting
+
+    if a.files:
+        if len(a.files) != 2 or a.a_sets or a.b_sets or a.workload:
+            raise UsageError("give two result files, or --workload with --a and --b settings")
+        docs = []
+        for name in a.files:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    docs.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read {name} as a JSON result: {e}") from None
+            if not isinstance(docs[-1], dict):
+                raise UsageError(f"{name} is not a JSON result object")
+        da, db = docs
+        la, lb = a.files
+    else:
+        if a.workload is None or not (a.a_sets or a.b_sets):
+            raise UsageError("give --workload and at least one --a or --b setting (or two files)")
+        costs = _costs(a)
+        base = Point(Of.MEASURE, a.workload, "l1", costs, a.count)
+        sets = _set_values(a, costs)
+        sides = []
+        for settings in (a.a_sets, a.b_sets):
+            p = base
+            for name, value in settings:
+                p = with_setting(p, name, value, sets)
+            r = measure(p.workload, p.path, p.costs, count=p.count, options=p.options,
+                        **p.switches)  # fmt: skip
+            sides.append(envelope("measure", r))
+        da, db = sides
+        la = " ".join(f"{k}={v}" for k, v in a.a_sets) or "(defaults)"
+        lb = " ".join(f"{k}={v}" for k, v in a.b_sets) or "(defaults)"
+    rows = diff(da, db)
+    obj = {"a": {"label": la, "what": describe(da)}, "b": {"label": lb, "what": describe(db)},
+           "rows": rows}  # fmt: skip
+
+    def text() -> str:
+        body = [
+            [r["figure"], figure(r["a"]) if r["a"] is not None else "",
+             figure(r["b"]) if r["b"] is not None else "",
+             signed(r["delta"]) if r["delta"] is not None else "",
+             f"{r['ratio']:.3f}x" if r["ratio"] is not None else ""]
+            for r in rows
+        ]  # fmt: skip
+        head = f"xlio compare: A = {la} ({describe(da)})\n              B = {lb} ({describe(db)})"
+        return render(head, table(("figure", "A", "B", "B - A", "B / A"), body))
+
+    return _emit(a, obj, text)
+
+
 def _set_values(a: argparse.Namespace, costs: CostModel) -> dict[str, Any]:
     """The --set values, to apply again on a swept preset."""
     return {k: p.value for k, p in costs.params.items() if p.kind == "user" and p.source == "--set"}
@@ -717,8 +775,19 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     def announce(text: str) -> None:
         print(text, file=out, flush=True)
 
+    def ready(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def emit(metrics: dict[str, Any]) -> None:
+        print(json.dumps(metrics, separators=(",", ":")), flush=True)
+
+    costs = _costs(a)
+
     try:
-        r = serve(a.path, a.netns, a.duration, _costs(a), a.pcap, announce)
+        r = serve(
+            a.path, a.netns, a.duration, costs, a.pcap, announce, ready=ready,
+            interval=a.interval, emit=emit,
+        )  # fmt: skip
     except HostSetupError as e:
         raise UsageError(str(e)) from None
     except TapGone as e:
@@ -726,7 +795,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         return 1
 
     def text() -> str:
-        lines = [format_report(r), "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items())]
+        lines = [
+            format_report(r, command="serve"),
+            "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()),
+        ]
         for name, metrics in r.get("devices", {}).items():
             shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
             lines.append(f"device {name}: {shown or 'idle'}")
@@ -836,6 +908,7 @@ COMMANDS = {
     "measure": _cmd_measure,
     "trace": _cmd_trace,
     "sweep": _cmd_sweep,
+    "compare": _cmd_compare,
     "demo": _cmd_demo,
     "serve": _cmd_serve,
     "vmexit": _cmd_vmexit,

@@ -331,11 +331,11 @@ def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) 
     return out
 
 
-def format_report(r: dict[str, Any], explain: bool = False) -> str:
+def format_report(r: dict[str, Any], explain: bool = False, command: str = "measure") -> str:
     """The text of ``xlio measure`` (see :func:`xlio.report.format_measure`)."""
     from xlio.report import format_measure
 
-    return format_measure(r, explain)
+    return format_measure(r, explain, command)
 
 
 DEMO_COLUMNS = (

@@ -68,8 +68,10 @@ def plot_sweep(
     styles = ("-", "--", ":", "-.")
     for i, (label, pts) in enumerate(series.items()):
         # lines that coincide (single and l0 often do) stay visible: dashes, smaller marks
-        look: dict[str, Any] = {"marker": markers[i % 10], "ls": styles[i % 4], "ms": max(3, 9 - 2 * i),
-                "label": label, "lw": 1.6}  # fmt: skip
+        look: dict[str, Any] = {
+            "marker": markers[i % 10], "ls": styles[i % 4], "ms": max(3, 9 - 2 * i),
+            "label": label, "lw": 1.6,
+        }  # fmt: skip
         if numeric:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], **look)

@@ -50,6 +50,11 @@ def figure(v: Any) -> str:
     return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
+def signed(v: float) -> str:
+    """A difference: always signed, as :func:`figure` writes numbers."""
+    return ("+" if v >= 0 else "-") + figure(abs(v))
+
+
 def table(
     columns: Sequence[str],
     rows: Iterable[Sequence[Any]],
@@ -112,12 +117,13 @@ def measure_table(r: dict[str, Any]) -> Table:
     return table(cols, rows, left=2)
 
 
-def format_measure(r: dict[str, Any], explain: bool = False) -> str:
+def format_measure(r: dict[str, Any], explain: bool = False, command: str = "measure") -> str:
     cfg = r["config"]
     per = r["per"]
     head = [
-        f"xlio measure: {r['workload']} on path {r['path']}, preset {cfg['preset']}, "
-        f"{num(r['count'])} {per}s (steady state)"
+        f"xlio {command}: {r['workload']} on path {r['path']}, preset {cfg['preset']}, "
+        f"{num(r['count'])} {per}s"
+        + (" (steady state)" if "first_op" in r else "")
         + ("; INTERRUPTED: figures cover what was done" if r.get("interrupted") else ""),
         f"  model: {key_values({k: cfg[k] for k in HEADER_KEYS})} clock={cfg['clock_ghz']} GHz",
     ]

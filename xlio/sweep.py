@@ -89,7 +89,7 @@ def _typed(name: str, text: str, like: Any) -> Any:
         raise UsageError(f"argument --param: {e}") from None
 
 
-def _with(p: Point, name: str, text: str, base_sets: dict[str, Any]) -> Point:
+def with_setting(p: Point, name: str, text: str, base_sets: dict[str, Any]) -> Point:
     """``p`` with parameter ``name`` set to ``text``."""
     if name == "path":
         if text not in PATHS:
@@ -167,7 +167,7 @@ def grid(
     for combo in itertools.product(*(v for _, v in params)):
         p = base
         for name, text in zip(names, combo, strict=True):
-            p = _with(p, name, text, sets or {})
+            p = with_setting(p, name, text, sets or {})
         for path in paths if "path" not in names else [p.path]:
             points.append(replace(p, path=path))
     return points

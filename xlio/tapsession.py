@@ -273,9 +273,15 @@ def serve(
     preset: str | CostModel,
     pcap: str | None,
     announce: Callable[[str], None],
+    ready: Callable[[str], None] | None = None,
+    interval: float | None = None,
+    emit: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Build the namespace, keep L2 reachable until the duration or a stop signal.
 
+    ``ready`` hears one line the moment L2 answers (its ARP for the host
+    was answered through the tap: both directions work). With ``interval``,
+    ``emit`` gets the metrics of each interval (see :func:`interval_metrics`).
     The result's ``stopped_by`` names the signal that ended the run (None:
     the duration did).
     """
@@ -293,7 +299,7 @@ def serve(
             received: list[int] = []
             _StopState.check()
             try:
-                trio.run(_serve_main, session, duration, received)
+                trio.run(_serve_main, session, duration, received, ready, interval, emit)
             except BaseExceptionGroup as group:
                 raise_first(group, TapGone)
                 raise
@@ -306,13 +312,70 @@ def serve(
             host.close()
 
 
-async def _serve_main(session: TapSession, duration: float | None, received: list[int]) -> None:
+async def _serve_main(
+    session: TapSession, duration: float | None, received: list[int],
+    ready: Callable[[str], None] | None, interval: float | None,
+    emit: Callable[[dict[str, Any]], None] | None,
+) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
         await nursery.start(session.run)
+        if ready is not None:
+            nursery.start_soon(_announce_ready, session, ready)
+        if interval is not None and emit is not None:
+            nursery.start_soon(_every, session, interval, emit)
         if duration is not None:
             await trio.sleep(duration)
             nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(session: TapSession, ready: Callable[[str], None]) -> None:
+    """Tell the user the moment L2 answers: its ARP request for the host got a reply."""
+    i = session.info
+    while not await session.resolve(timeout=1.0):
+        pass
+    ready(
+        f"xlio serve: ready: L2 guest {i.guest_ip} answers on path {session.path}, namespace "
+        f"{i.netns}, host {i.host_ip}/{i.prefix} on {i.ifname}"
+    )
+
+
+async def _every(
+    session: TapSession, interval: float, emit: Callable[[dict[str, Any]], None]
+) -> None:
+    before = interval_metrics(session)
+    start = time.monotonic()
+    while True:
+        await trio.sleep(interval)
+        now = interval_metrics(session)
+        emit({"t_s": round(time.monotonic() - start, 3), "interval_s": interval,
+              **_delta(now, before)})  # fmt: skip
+        before = now
+
+
+def interval_metrics(session: TapSession) -> dict[str, Any]:
+    """Counters of a serving session (cumulative): devices, tap, exits by level and reason."""
+    s = session.m.stats
+    return {
+        "devices": session.dp.metrics(),
+        "tap": session.wire.metrics(),
+        "exits": {f"{row['level']} {row['reason']}": row["count"] for row in s.reason_rows()},
+        "l0_exits": s.l0_exits,
+        "l1_exits": s.l1_exits,
+        "reflected": s.reflected,
+        "modeled_us": session.m.costs.cycles_to_us(s.cycles),
+    }
+
+
+def _delta(now: Any, before: Any) -> Any:
+    """``now - before`` key by key (Firecracker's metrics: each line is one interval's)."""
+    if isinstance(now, dict):
+        return {k: _delta(v, before.get(k, 0) if isinstance(before, dict) else 0)
+                for k, v in now.items()}  # fmt: skip
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        d = now - (before if isinstance(before, (int, float)) else 0)
+        return round(d, 3) if isinstance(d, float) else d
+    return now
 
 
 # ---------------------------------------------------------------- xlio demo --tap
