@@ -654,11 +654,19 @@ def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[],
                 dp.l2_idle()
 
         def op() -> float:
+            """All ``n`` frames (requests); ``op.done`` counts them as they go and
+            ``op.tick(done, n)``, when set, hears of progress every 64 bursts."""
             done = 0
+            tick = op.tick  # type: ignore[attr-defined]
+            bursts = 0
             while done < n:
                 k = min(b, n - done)
                 burst(done, k)
                 done += k
+                op.done = done  # type: ignore[attr-defined]
+                bursts += 1
+                if tick is not None and (bursts & 63 == 0 or done == n):
+                    tick(done, n)
             return n
 
         def warmup() -> None:
@@ -671,6 +679,8 @@ def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[],
                 done += b
 
         op.warmup = warmup  # type: ignore[attr-defined]
+        op.done = 0  # type: ignore[attr-defined]
+        op.tick = None  # type: ignore[attr-defined]
         return op
 
     return build

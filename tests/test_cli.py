@@ -131,8 +131,15 @@ MALFORMED = ("-1", "0", "99999999999999999999", "abc", "inf", "nan", "", "1e400"
 VALID_THERE = {
     ("netperf", "--seed"): {"0"},
     ("serve", "--pcap"): set(MALFORMED) - {""},  # file names (tested apart below)
+    ("sweep", "--csv"): set(MALFORMED) - {""},  # file names
+    ("sweep", "--json"): set(MALFORMED) - {""},
+    ("sweep", "--metric"): {"abc", "inf", "nan"},  # keys: checked by --of (test_reports)
 }
-REQUIRED = {"measure": ["--workload", "cpuid"]}
+REQUIRED = {
+    "measure": ["--workload", "cpuid"],
+    "trace": ["--workload", "cpuid"],
+    "sweep": ["--workload", "tx", "--param", "batch=1,2"],
+}
 
 
 def _value_options() -> list[tuple[str, str]]:
@@ -157,7 +164,7 @@ VALUE_OPTIONS = _value_options()
 
 def test_every_value_option_is_covered() -> None:
     cmds = {c for c, _ in VALUE_OPTIONS}
-    assert cmds == {"measure", "demo", "netperf", "vmexit", "serve"}
+    assert cmds == {"measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare"}
     assert len(VALUE_OPTIONS) >= 35
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ from xlio.sim.nested import OPERANDS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
 from xlio.sim.vept import SCHEMES
+from xlio.sim.vmexit import TESTS as VMEXIT_TESTS
 from xlio.sim.workloads import PATHS
 from xlio.sweep import Of
 
@@ -90,6 +92,10 @@ def _seconds(hi: float) -> Callable[[str], float]:
     return parse
 
 
+#: What ``xlio sweep --workload`` names: a workload, a vmexit test or a netperf test.
+SWEEPABLE = tuple(
+    dict.fromkeys([*WORKLOADS, *(t.name for t in VMEXIT_TESTS), *(t.value for t in Test)])
+)
 MAX_COUNT = 10_000_000  # operations of one measure run (about an hour of model time here)
 MAX_DEMO_COUNT = 1_000_000
 MAX_TAP_DEMO_COUNT = 200  # guest pings and echoes are one at a time: about 3 ms each
@@ -162,6 +168,12 @@ def _plot_file(text: str) -> str:
     if not text.endswith((".png", ".svg")):
         raise argparse.ArgumentTypeError(f"a .png or .svg file, got {text!r}")
     return _writable_file(text)
+
+
+def _figure_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w.%]*", text):
+        raise argparse.ArgumentTypeError(f"a figure's key (l0_exits, latency_us.p99), got {text!r}")
+    return text
 
 
 def _readable_file(text: str) -> str:
@@ -274,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--of", default="measure", choices=[o.value for o in Of],
         help="what each point runs (--workload is a vmexit test or a netperf -t test there)",
     )  # fmt: skip
-    sw.add_argument("--workload", required=True, help="workload, vmexit test or netperf test")
+    sw.add_argument(
+        "--workload", required=True, choices=SWEEPABLE, metavar="WORKLOAD",
+        help="a workload (measure), a test of `xlio vmexit` or a netperf -t test",
+    )  # fmt: skip
     sw.add_argument(
         "--path", type=_paths, default=None,
         help="comma-separated paths (default: single,l1,l0; vmexit: single,l1)",
@@ -285,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a parameter and its values (one or two swept; one value is a setting)",
     )  # fmt: skip
     sw.add_argument(
-        "--metric", default=None,
+        "--metric", default=None, type=_figure_name,
         help="the figure shown and plotted (default: l0_exits; vmexit: cycles; netperf: "
         "throughput_mbps); any numeric key of the result, dotted for nested ones",
     )  # fmt: skip
@@ -536,10 +551,17 @@ def _emit(a: argparse.Namespace, obj: dict[str, Any], text: Callable[[], str]) -
 
 
 def _cmd_measure(a: argparse.Namespace) -> int:
-    r = measure(
-        a.workload, a.path, _costs(a), count=a.count, options=_workload_options(a), **_switches(a)
-    )
-    return _emit(a, r, lambda: format_report(r, a.explain))
+    costs = _costs(a)
+    with _progress(1, f"xlio measure: {a.workload} on {a.path}") as advance:
+        r = measure(
+            a.workload, a.path, costs, count=a.count, options=_workload_options(a),
+            progress=advance, **_switches(a),
+        )  # fmt: skip
+    _emit(a, r, lambda: format_report(r, a.explain))
+    if r.get("interrupted"):  # Ctrl-C: what was measured is printed above
+        print("xlio measure: stopped by SIGINT", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _cmd_trace(a: argparse.Namespace) -> int:
@@ -563,6 +585,7 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     from xlio.sweep import (
         DEFAULT_METRIC,
         Interrupted,
+        check_metric,
         grid,
         metric_label,
         param_label,
@@ -580,6 +603,7 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     )  # fmt: skip
     points = [p if p.values.get("preset") else _replace_costs(p, costs) for p in points]
     metric = a.metric or DEFAULT_METRIC[of]
+    check_metric(of, metric)
     swept = [n for n, v in a.params if len(v) > 1]
     interrupted = False
     with _progress(len(points), f"xlio sweep: {len(points)} points") as advance:
@@ -590,12 +614,13 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     if rows and metric not in rows[0]:
         keys = ", ".join(k for k in rows[0] if k not in swept and k not in ("path", "per"))
         raise UsageError(f"argument --metric: no figure {metric!r}; the rows have: {keys}")
-    per = rows[0]["per"] if rows else ""
+    per = rows[0]["per"] if rows else WORKLOADS[a.workload].per if a.workload in WORKLOADS else ""
     doc = {
         "of": of.value, "workload": a.workload, "paths": paths, "metric": metric,
         "params": {n: v for n, v in a.params}, "swept": swept, "count": a.count,
-        "preset": costs.name, "costs_set": {k: p.source for k, p in costs.params.items()
-                                            if p.kind == "user"},
+        "preset": costs.name,
+        "costs": {k: p.value for k, p in sorted(costs.params.items())},
+        "costs_set": {k: p.source for k, p in costs.params.items() if p.kind == "user"},
         "interrupted": interrupted, "rows": rows,
     }  # fmt: skip
     if a.csv:
@@ -706,7 +731,7 @@ def _replace_costs(p: Any, costs: CostModel) -> Any:
 
 
 @contextlib.contextmanager
-def _progress(total: int, what: str) -> Iterator[Callable[[], None]]:
+def _progress(total: int, what: str) -> Iterator[Callable[..., None]]:
     """A progress bar on stderr (never stdout), shown once the work takes over a second."""
     import time
 
@@ -718,9 +743,11 @@ def _progress(total: int, what: str) -> Iterator[Callable[[], None]]:
     task = None
     done = 0
 
-    def advance() -> None:
-        nonlocal bar, task, done
-        done += 1
+    def advance(now: int | None = None, of: int | None = None) -> None:
+        """One more done, or ``now`` done of ``of``."""
+        nonlocal bar, task, done, total
+        done = done + 1 if now is None else now
+        total = total if of is None else of
         if bar is None and time.monotonic() - start > 1.0:
             bar = Progress(
                 "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -729,7 +756,7 @@ def _progress(total: int, what: str) -> Iterator[Callable[[], None]]:
             bar.start()
             task = bar.add_task(what, total=total)
         if bar is not None and task is not None:
-            bar.update(task, completed=done)
+            bar.update(task, completed=done, total=total)
 
     try:
         yield advance
@@ -854,19 +881,27 @@ def _cmd_vmexit(a: argparse.Namespace) -> int:
         "level": a.level,
         "apicv": costs.apicv if a.apicv is None else a.apicv,
         "tests": {k: v["cycles"] for k, v in res.items()},
+        "config": {
+            "preset": costs.name,
+            "clock_ghz": costs.clock_ghz,
+            "level": a.level,
+            "costs": {k: p.value for k, p in sorted(costs.params.items())},
+            "costs_set": {k: p.source for k, p in sorted(costs.params.items()) if p.kind == "user"},
+        },
         "detail": res,
     }
     return _emit(a, obj, lambda: format_lines(res))
 
 
 def _cmd_presets(a: argparse.Namespace) -> int:
+    from xlio.report import render, table
     from xlio.sim.presets import format_value, parameter_rows
 
     if a.name is None:
         listing = {name: p.description for name, p in PRESETS.items()}
         return _emit(
-            a.json, {"presets": listing},
-            lambda: "\n".join(f"{name:<14}{text}" for name, text in listing.items()),
+            a, {"presets": listing},
+            lambda: render(table(("preset", "what it describes"), listing.items(), left=2)),
         )  # fmt: skip
     p = PRESETS[a.name]
     rows = parameter_rows(p)
@@ -877,14 +912,13 @@ def _cmd_presets(a: argparse.Namespace) -> int:
     }  # fmt: skip
 
     def text() -> str:
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{a.name}: {p.description}", ""]
-        lines += [f"{'parameter':<{width}}  {'value':>12} {'unit':<7} {'kind':<10} source", ""]
-        for k, v in rows:
-            lines.append(
-                f"{k:<{width}}  {format_value(v.value):>12} {v.unit:<7} {v.kind:<10} {v.source}"
-            )
-        return "\n".join(lines)
+        body = [(k, format_value(v.value), v.unit, v.kind, v.source) for k, v in rows]
+        cols = ("parameter", "value", "unit", "kind", "source")
+        t = table(cols, body, left=1)
+        for c in t.columns[2:]:
+            c.justify = "left"
+        t.columns[-1].no_wrap = False
+        return render(f"{a.name}: {p.description}", t)
 
     return _emit(a, obj, text)
 

@@ -159,16 +159,21 @@ def measure(
     total = 1 if w.once else count
     step = max(1, total // 200)
     interrupted = False
+    if hasattr(op, "tick"):  # a network run: all frames in one operation, with progress
+        op.tick = progress
     try:
         while done < total:
             for _ in range(min(step, total - done)):
                 n = op()
                 units += 1 if n is None else n
                 done += 1
-            if progress is not None:
+            if progress is not None and not hasattr(op, "tick"):
                 progress(done, total)
     except KeyboardInterrupt:
         interrupted = True
+        units += getattr(op, "done", 0)
+        if not units:
+            raise  # nothing measured yet: nothing to report
     r = result_of(m, workload, path, units, w.per, setup=setup, options=opts)
     if "devices" in r and before:  # the steady state's device counters
         r["devices"] = {

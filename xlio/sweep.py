@@ -29,6 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 from xlio.measure import OPTION_GROUPS, WORKLOADS, UsageError, measure
+from xlio.sim.accounting import SUMMARY_KEYS
 from xlio.sim.presets import PRESETS, CostModel, override, parse_value
 from xlio.sim.workloads import PATHS
 
@@ -55,6 +56,23 @@ UNITS = {
     "cpu_busiest.utilization": "share of one CPU",
 }  # fmt: skip
 MAX_POINTS = 10_000
+#: The figures each kind of point gives (netperf's nested ones by prefix).
+METRICS = {
+    Of.MEASURE: (*SUMMARY_KEYS, "cycles", "time_us"),
+    Of.VMEXIT: ("cycles", "exits", "ipi", "eoi"),
+    Of.NETPERF: ("transactions_per_s", "throughput_mbps", "packets_per_s", "link_utilization",
+                 "latency_us.", "cpu.", "cpu_by_level.", "cpu_busiest.", "exits_per_s.",
+                 "per_packet."),
+}  # fmt: skip
+
+
+def check_metric(of: Of, metric: str) -> None:
+    """Refuse a figure a point of ``of`` never gives, before anything runs."""
+    known = METRICS[of]
+    if metric in known or any(k.endswith(".") and metric.startswith(k) for k in known):
+        return
+    names = ", ".join(k + "..." if k.endswith(".") else k for k in known)
+    raise UsageError(f"argument --metric: {of.value} gives no {metric!r} (one of: {names})")
 
 
 @dataclass(frozen=True)
