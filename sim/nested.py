@@ -811,7 +811,7 @@ class NestedVmx:
         if cause == "l1-backend":
             s.l1_be_exits += count
         if self._stats.trace is not None:
-            self._trace("L1", "exit", reason.name, cause, count)
+            self._trace("L1", "exit", reason.name, cause if count == 1 else f"{cause} x{count}")
 
     def l1_work(self, cycles: float, what: str) -> None:
         """Cycles L1 spends without exiting: ``what`` names the work (a report row)."""

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from xlio.sim.accounting import COLUMNS, GLOSSARY, SUMMARY_KEYS
 
-WIDTH = 120
+WIDTH = 160  # wide tables stay on one line; a last column of words wraps
 
 
 def render(*items: Any) -> str:
@@ -68,7 +68,7 @@ def table(
     )
     for i, c in enumerate(columns):
         text = i < left and i == len(columns) - 1  # a last column of words may wrap
-        t.add_column(c, justify="left" if i < left else "right", no_wrap=not text)
+        t.add_column(c, justify="left" if i < left else "right", no_wrap=not text, min_width=len(c))
     for r in rows:
         t.add_row(*(x if isinstance(x, str) else num(x) for x in r))
     return t

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -265,12 +266,15 @@ def param_label(name: str, costs: CostModel) -> str:
 
 
 def metric_label(metric: str, per: str) -> str:
+    """An axis label: "L0 exits per frame", "cycles per request", "Mb/s"."""
+    words = re.sub(r"\bl([012])\b", r"L\1", metric.replace("_", " "))
     unit = UNITS.get(metric)
-    if unit is None:
-        unit = f"per {per}" if per not in ("second", "iteration") else ""
-        if metric.endswith("exits") or metric in ("reflected", "crossings"):
-            unit = f"exits per {per}" if metric != "crossings" else f"per {per}"
-    return f"{metric} ({unit.format(per=per)})" if unit else metric
+    if unit is not None:
+        unit = unit.format(per=per)
+        return unit if unit.startswith(metric) else f"{metric} ({unit})"
+    if per in ("second", "iteration", ""):
+        return words
+    return f"{words} per {per}"
 
 
 def _quiet_worker() -> None:

@@ -443,30 +443,29 @@ def demo_tap(preset: str | CostModel, n: int) -> dict[str, Any]:
 
 
 def format_demo_tap(rows: dict[str, Any], preset: str, n: int) -> str:
+    from xlio.report import render, table
+
     cols = (("l2_exits", "L2 exits"), ("reflected", "reflected"), ("l1_exits", "L1 exits"),
             ("l1_be_exits", "L1 BE exits"), ("l0_exits", "L0 exits"), ("crossings", "crossings"),
             ("time_us", "model us"))  # fmt: skip
-    head = f"{'path':<8}" + "".join(f"{t:>12}" for _, t in cols)
-    head += f"{'g-ping ms':>11}{'g-udp ms':>10}{'h-ping ms':>11}{'lost':>6}"
-    lines = [
-        f"xlio demo --tap: {n} guest pings, {n} guest UDP echoes and {n} pings from the "
-        f"namespace per path, real tap, preset {preset}; exits per request",
-        "",
-        head,
-        "-" * len(head),
-    ]
+
+    def ms(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "-"
+
+    body = []
     for path, r in rows.items():
-        p = r["per_op"]
-        rtt = r["rtt"]
-        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-        lines.append(
-            f"{path:<8}"
-            + "".join(f"{round(p[k], 2):>12g}" for k, _ in cols)
-            + f"{fmt(rtt['guest_ping_ms']):>11}{fmt(rtt['guest_udp_ms']):>10}"
-            + f"{fmt(rtt['host_ping_ms']):>11}{r['lost']:>6}"
-        )
+        p, rtt = r["per_op"], r["rtt"]
+        body.append([path, *(round(p[k], 2) for k, _ in cols), ms(rtt["guest_ping_ms"]),
+                     ms(rtt["guest_udp_ms"]), ms(rtt["host_ping_ms"]), r["lost"]])  # fmt: skip
+    head = (
+        f"xlio demo --tap: {n} guest pings, {n} guest UDP echoes and {n} pings from the "
+        f"namespace per path, real tap, preset {preset}; exits per request"
+    )
     l0 = rows["l0"]["per_op"]["cycles"] or 1
-    lines += ["", f"L1 path / L0 direct path, modeled time per request: "
-              f"{rows['l1']['per_op']['cycles'] / l0:.1f}x"]  # fmt: skip
-    lines.append("RTTs are wall-clock on this machine: the Python datapath, not the model.")
-    return "\n".join(lines)
+    foot = (
+        f"L1 path / L0 direct path, modeled time per request: "
+        f"{rows['l1']['per_op']['cycles'] / l0:.1f}x\n"
+        "RTTs are wall-clock on this machine: the Python datapath, not the model."
+    )
+    heads = ["path", *(t for _, t in cols), "g-ping ms", "g-udp ms", "h-ping ms", "lost"]
+    return render(head, table(heads, body), foot)
