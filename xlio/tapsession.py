@@ -320,10 +320,10 @@ async def _serve_main(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
         await nursery.start(session.run)
+        if interval is not None and emit is not None:  # counting starts before L2 speaks
+            nursery.start_soon(_every, session, interval, emit, interval_metrics(session))
         if ready is not None:
             nursery.start_soon(_announce_ready, session, ready)
-        if interval is not None and emit is not None:
-            nursery.start_soon(_every, session, interval, emit)
         if duration is not None:
             await trio.sleep(duration)
             nursery.cancel_scope.cancel()
@@ -341,9 +341,9 @@ async def _announce_ready(session: TapSession, ready: Callable[[str], None]) -> 
 
 
 async def _every(
-    session: TapSession, interval: float, emit: Callable[[dict[str, Any]], None]
-) -> None:
-    before = interval_metrics(session)
+    session: TapSession, interval: float, emit: Callable[[dict[str, Any]], None],
+    before: dict[str, Any],
+) -> None:  # fmt: skip
     start = time.monotonic()
     while True:
         await trio.sleep(interval)
