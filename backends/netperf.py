@@ -797,7 +797,12 @@ class NetperfModel:
             "in_flight_to_guest": to_guest,
         }
 
-    def run(self) -> dict[str, Any]:
+    def run(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Warm up, then measure until the duration; ``progress`` hears (percent, 100).
+
+        Ctrl-C while measuring ends the run there: the result covers the
+        modeled time measured so far and says ``interrupted``.
+        """
         env = self.env
         env.run(until=self.measure_from)
         self.m.reset_stats()
@@ -806,8 +811,21 @@ class NetperfModel:
         self.to_peer.busy = self.to_guest.busy = 0.0
         self.c = Counters()
         self.measuring = True
-        env.run(until=self.opts.duration)
-        return self.result(self.opts.duration - self.measure_from)
+        end = self.opts.duration
+        step = (end - self.measure_from) / 100
+        try:
+            for i in range(1, 101):
+                env.run(until=end if i == 100 else self.measure_from + i * step)
+                if progress is not None:
+                    progress(i, 100)
+        except KeyboardInterrupt:
+            measured = env.now - self.measure_from
+            if measured <= 0:
+                raise
+            r = self.result(measured)
+            r["interrupted"] = True
+            return r
+        return self.result(end - self.measure_from)
 
     def result(self, seconds: float) -> dict[str, Any]:
         c = self.c

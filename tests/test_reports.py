@@ -330,6 +330,8 @@ def test_compare_configurations_and_files(tmp_path: Path) -> None:
     [
         ["measure", "--workload", "echo", "--path", "l1", "--count", "5000000"],
         ["sweep", "--workload", "echo", "--param", "batch=1,2", "--count", "5000000"],
+        ["demo", "--count", "1000000"],
+        ["netperf", "--path", "l1", "--duration", "3"],  # warm-up: 0.3 modeled s
     ],
 )
 def test_ctrl_c_prints_what_was_measured_and_exits_130(args: list[str]) -> None:
@@ -343,6 +345,20 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(args: list[str]) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert "INTERRUPTED" in out
+
+
+def test_progress_is_on_stderr_and_never_on_stdout() -> None:
+    import os
+
+    args = [sys.executable, "-m", "xlio.cli", "sweep", "--workload", "echo",
+            "--param", "batch=1,2", "--count", "4000"]  # fmt: skip
+    plain = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "FORCE_COLOR": "1"}  # as if a terminal
+    shown = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert plain.returncode == shown.returncode == 0
+    assert "xlio sweep: 6 points" in shown.stderr and "\x1b[" in shown.stderr
+    assert shown.stdout == plain.stdout and "\x1b" not in shown.stdout
+    assert plain.stderr == ""
 
 
 # ---------------------------------------------------------------- serve

@@ -558,8 +558,13 @@ def _cmd_measure(a: argparse.Namespace) -> int:
             progress=advance, **_switches(a),
         )  # fmt: skip
     _emit(a, r, lambda: format_report(r, a.explain))
-    if r.get("interrupted"):  # Ctrl-C: what was measured is printed above
-        print("xlio measure: stopped by SIGINT", file=sys.stderr)
+    return _interrupted(a, r)
+
+
+def _interrupted(a: argparse.Namespace, r: dict[str, Any]) -> int:
+    """After Ctrl-C the result printed covers what was measured: say so, exit 130."""
+    if r.get("interrupted"):
+        print(f"xlio {a.command}: stopped by SIGINT", file=sys.stderr)
         return 130
     return 0
 
@@ -739,6 +744,7 @@ def _progress(total: int, what: str) -> Iterator[Callable[..., None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     start = time.monotonic()
+    console = Console(stderr=True)  # a pipe or a file gets no progress at all
     bar: Progress | None = None
     task = None
     done = 0
@@ -748,10 +754,10 @@ def _progress(total: int, what: str) -> Iterator[Callable[..., None]]:
         nonlocal bar, task, done, total
         done = done + 1 if now is None else now
         total = total if of is None else of
-        if bar is None and time.monotonic() - start > 1.0:
+        if bar is None and console.is_terminal and time.monotonic() - start > 1.0:
             bar = Progress(
                 "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True,
+                console=console, transient=True,
             )  # fmt: skip
             bar.start()
             task = bar.add_task(what, total=total)
@@ -844,28 +850,47 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             raise UsageError(f"--count with --tap must be at most {MAX_TAP_DEMO_COUNT}")
         if a.batch is not None or a.frame_size is not None:
             raise UsageError("--batch and --frame-size do not apply to --tap")
+        from xlio.tapsession import Stopped
+
         costs = _costs(a)
         _tap_ready()
         n = a.count
-        rows = demo_tap(costs, n)
-        obj = {"workload": "echo", "tap": True, "preset": costs.name, "count": n, "paths": rows}
-        return _emit(a, obj, lambda: format_demo_tap(rows, costs.name, n))
+        status = 0
+        with _progress(3, "xlio demo --tap: single, l1, l0") as advance:
+            try:
+                rows = demo_tap(costs, n, advance)
+            except Stopped as e:
+                rows = getattr(e, "rows", {})
+                if not rows:
+                    raise
+                print(f"xlio demo: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+                status = 128 + e.signum
+        obj = {"workload": "echo", "tap": True, "preset": costs.name, "count": n, "paths": rows,
+               "interrupted": bool(status)}  # fmt: skip
+        _emit(a, obj, lambda: format_demo_tap(rows, costs.name, n))
+        return status
     opts = {k: v for k, v in (("batch", a.batch), ("frame_size", a.frame_size)) if v}
     switches = {"apicv": a.apicv, "virtual_idle": a.virtual_idle}
-    d = demo(_costs(a), a.count, switches=switches, **opts)
-    return _emit(a, d, lambda: format_demo(d))
+    costs = _costs(a)
+    with _progress(1, "xlio demo: echo on single, l1, l0") as advance:
+        d = demo(costs, a.count, switches=switches, progress=advance, **opts)
+    _emit(a, d, lambda: format_demo(d))
+    return _interrupted(a, d)
 
 
 def _cmd_netperf(a: argparse.Namespace) -> int:
     from xlio.netperf import format_netperf, netperf
 
-    r = netperf(
-        a.test, a.path, _costs(a), link=a.link, duration=a.duration, size=a.size, seed=a.seed,
-        burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, l1_backend=a.l1_backend, tso=a.tso,
-        apicv=a.apicv,
-        virtual_idle=a.virtual_idle,
-    )  # fmt: skip
-    return _emit(a, r, lambda: format_netperf(r))
+    costs = _costs(a)
+    with _progress(100, f"xlio netperf: {a.test} on {a.path}") as advance:
+        r = netperf(
+            a.test, a.path, costs, link=a.link, duration=a.duration, size=a.size, seed=a.seed,
+            burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, l1_backend=a.l1_backend, tso=a.tso,
+            apicv=a.apicv,
+            virtual_idle=a.virtual_idle, progress=advance,
+        )  # fmt: skip
+    _emit(a, r, lambda: format_netperf(r))
+    return _interrupted(a, r)
 
 
 def _cmd_vmexit(a: argparse.Namespace) -> int:

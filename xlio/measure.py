@@ -358,22 +358,49 @@ def demo(
     preset: str | CostModel = "turtles-2010",
     count: int = 200,
     switches: dict[str, Any] | None = None,
+    progress: Progress | None = None,
     **opts: Any,
 ) -> dict[str, Any]:
-    """The loopback echo on single, l1 and l0, per request, side by side."""
+    """The loopback echo on single, l1 and l0, per request, side by side.
+
+    ``progress`` hears (requests done, requests in all). After Ctrl-C the
+    result holds the paths measured so far (the last one partly) and says
+    ``interrupted``.
+    """
     sw = {k: v for k, v in (switches or {}).items() if v is not None}
-    rows = {p: measure("echo", p, preset, count=count, options=opts, **sw) for p in PATHS}
-    l0 = rows["l0"]["per_op"]["cycles"] or 1.0
-    return {
+    rows: dict[str, dict[str, Any]] = {}
+    for i, p in enumerate(PATHS):
+
+        def tick(done: int, _total: int, i: int = i) -> None:
+            if progress is not None:
+                progress(i * count + done, len(PATHS) * count)
+
+        try:
+            rows[p] = measure("echo", p, preset, count=count, options=opts, progress=tick, **sw)
+        except KeyboardInterrupt:
+            if not rows:
+                raise
+            break
+        if rows[p].get("interrupted"):
+            break
+    first = next(iter(rows.values()))
+    out: dict[str, Any] = {
         "workload": "echo",
         "preset": costs_of(preset).name,
         "count": count,
         "options": opts,
-        "config": rows["l0"]["config"],
+        "config": first["config"],
         "paths": {p: r["per_op"] for p, r in rows.items()},
         "devices": {p: r.get("devices", {}) for p, r in rows.items()},
-        "l1_over_l0": rows["l1"]["per_op"]["cycles"] / l0,
-    }
+        "l1_over_l0": (
+            rows["l1"]["per_op"]["cycles"] / (rows["l0"]["per_op"]["cycles"] or 1.0)
+            if "l0" in rows and not rows["l0"].get("interrupted") else None
+        ),
+    }  # fmt: skip
+    if len(rows) < len(PATHS) or any(r.get("interrupted") for r in rows.values()):
+        out["interrupted"] = True
+        out["counts"] = {p: r["count"] for p, r in rows.items()}
+    return out
 
 
 def format_demo(d: dict[str, Any]) -> str:
@@ -386,5 +413,12 @@ def format_demo(d: dict[str, Any]) -> str:
         f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request "
         "(steady state)"
     )
-    foot = f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x"
+    if d["l1_over_l0"] is None:
+        foot = (
+            "INTERRUPTED: the paths measured so far (requests: "
+            + ", ".join(f"{p} {n:,}" for p, n in d["counts"].items())
+            + ")"
+        )
+    else:
+        foot = f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x"
     return render(head, table(["path", *(t for _, t in DEMO_COLUMNS)], rows), foot)

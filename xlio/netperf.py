@@ -8,6 +8,7 @@ per packet, the bottleneck).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from xlio.backends.netperf import LINKS, NetperfModel, NetperfOptions, Path, Test
@@ -32,6 +33,7 @@ def netperf(
     tso: bool | None = None,
     apicv: bool | None = None,
     virtual_idle: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """One netperf test on one path; the result with its resolved configuration."""
     try:
@@ -60,14 +62,14 @@ def netperf(
         l1_backend_vcpu=l1_backend_vcpu, l1_backend=l1_backend, tso=tso,
     )  # fmt: skip
     model = NetperfModel(costs, opts, apicv=apicv, virtual_idle=virtual_idle)
-    r = model.run()
+    r = model.run(progress)
     r["config"] = {
         **model.m.cfg.describe(),
         "test": t.value,
         "path": p.value,
         "link": link,
         "duration_s": duration,
-        "measured_s": duration - model.measure_from,
+        "measured_s": min(model.env.now, duration) - model.measure_from,
         "size": model.payload,
         "seed": seed,
         "burst": burst,
@@ -84,7 +86,8 @@ def format_netperf(r: dict[str, Any]) -> str:
         f"xlio netperf: {cfg['test']} on path {cfg['path']}, link {cfg['link']}, preset "
         f"{cfg['preset']} (APICv {'on' if cfg['apicv'] else 'off'}, virtual idle "
         f"{'on' if cfg['virtual_idle'] else 'off'}, TSO {'on' if cfg['tso'] else 'off'}), "
-        f"{cfg['size']}-byte payloads, {cfg['measured_s']:g} modeled s measured",
+        f"{cfg['size']}-byte payloads, {cfg['measured_s']:g} modeled s measured"
+        + ("; INTERRUPTED: figures cover what was measured" if r.get("interrupted") else ""),
         "",
     ]
     if "transactions_per_s" in r:

@@ -421,24 +421,33 @@ async def _demo_requests(
     return r
 
 
-def demo_tap(preset: str | CostModel, n: int) -> dict[str, Any]:
-    """The demo over real taps, one fresh namespace per path; a stop signal
-    raises :class:`Stopped` after the namespace is removed."""
+def demo_tap(
+    preset: str | CostModel, n: int, progress: Callable[..., None] | None = None
+) -> dict[str, Any]:
+    """The demo over real taps, one fresh namespace per path; ``progress``
+    hears of each path done. A stop signal raises :class:`Stopped` after the
+    namespace is removed, carrying the paths finished before it (``rows``)."""
     rows: dict[str, Any] = {}
-    with stopping_on_signals():
-        for path in ("single", "l1", "l0"):
-            host = NamespacedTap()
-            try:
-                info = host.open()
-                session = TapSession(path, host, preset=preset)
-                received: list[int] = []
-                _StopState.check()
-                row = trio.run(_demo_path, session, info, n, received)
-                if received or row is None:
-                    raise Stopped(received[0] if received else signal.SIGINT)
-                rows[path] = row
-            finally:
-                host.close()
+    try:
+        with stopping_on_signals():
+            for i, path in enumerate(("single", "l1", "l0")):
+                host = NamespacedTap()
+                try:
+                    info = host.open()
+                    session = TapSession(path, host, preset=preset)
+                    received: list[int] = []
+                    _StopState.check()
+                    row = trio.run(_demo_path, session, info, n, received)
+                    if received or row is None:
+                        raise Stopped(received[0] if received else signal.SIGINT)
+                    rows[path] = row
+                finally:
+                    host.close()
+                if progress is not None:
+                    progress(i + 1, 3)
+    except Stopped as e:
+        e.rows = rows  # type: ignore[attr-defined]
+        raise
     return rows
 
 
@@ -461,11 +470,11 @@ def format_demo_tap(rows: dict[str, Any], preset: str, n: int) -> str:
         f"xlio demo --tap: {n} guest pings, {n} guest UDP echoes and {n} pings from the "
         f"namespace per path, real tap, preset {preset}; exits per request"
     )
-    l0 = rows["l0"]["per_op"]["cycles"] or 1
-    foot = (
-        f"L1 path / L0 direct path, modeled time per request: "
-        f"{rows['l1']['per_op']['cycles'] / l0:.1f}x\n"
-        "RTTs are wall-clock on this machine: the Python datapath, not the model."
-    )
+    if "l0" in rows:
+        ratio = rows["l1"]["per_op"]["cycles"] / (rows["l0"]["per_op"]["cycles"] or 1)
+        first = f"L1 path / L0 direct path, modeled time per request: {ratio:.1f}x"
+    else:
+        first = "INTERRUPTED: the paths measured before the stop"
+    foot = first + "\nRTTs are wall-clock on this machine: the Python datapath, not the model."
     heads = ["path", *(t for _, t in cols), "g-ping ms", "g-udp ms", "h-ping ms", "lost"]
     return render(head, table(heads, body), foot)
