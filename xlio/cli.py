@@ -704,8 +704,11 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         la = " ".join(f"{k}={v}" for k, v in a.a_sets) or "(defaults)"
         lb = " ".join(f"{k}={v}" for k, v in a.b_sets) or "(defaults)"
     rows = diff(da, db)
-    obj = {"a": {"label": la, "what": describe(da)}, "b": {"label": lb, "what": describe(db)},
-           "rows": rows}  # fmt: skip
+    obj = {
+        "a": {"label": la, "what": describe(da), "config": da.get("config", {})},
+        "b": {"label": lb, "what": describe(db), "config": db.get("config", {})},
+        "rows": rows,
+    }
 
     def text() -> str:
         body = [
