@@ -86,55 +86,75 @@ class NetDevice:
         return out, self._publish(self.txq)
 
     def _tx(self, out: list[bytes], limit: int) -> None:
+        """Drain in batches of at most 256 chains: the rings are resolved once per
+        batch, used entries written together, packet counters added per batch."""
         q = self.txq
         m = self.metrics
+        read = self.mem.read
+        mac = self.mac
         done = 0
         while done < limit:
-            try:
-                chain = q.pop()
-            except ChainError as e:
-                self._drop_tx(e.head, e.reason)
-                done += 1
-                continue
-            if chain is None:
+            chains, broken = q.pop_many(min(256, limit - done))
+            if not chains and broken is None:
                 return
-            done += 1
-            if chain.writable:
-                self._drop_tx(chain.head, "device-writable descriptor on TX")
-                continue
-            readable = chain.readable
-            total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
-            if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
-                m["tx_malformed_frames"] += 1
-                self._drop_tx(chain.head, "frame length out of bounds", fail=False)
-                continue
+            done += len(chains)
+            used: list[tuple[int, int]] = []
+            packets = 0
+            nbytes = 0
             try:
-                if len(chain.readable) == 1:
-                    gpa, n = chain.readable[0]
-                    data = self.mem.read(gpa, n)
-                else:
-                    data = b"".join(self.mem.read(a, n) for a, n in chain.readable)
-            except MemoryFault:
-                self._drop_tx(chain.head, "buffer not mapped in guest memory")
-                continue
-            if data[0] or data[1]:  # flags, gso_type: no offload was negotiated
-                m["tx_malformed_frames"] += 1
-                self._drop_tx(chain.head, "offload not negotiated", fail=False)
-                continue
-            if self.mac is not None and data[SRC_MAC] != self.mac:
-                m["tx_spoofed_mac_count"] += 1
-                self._drop_tx(chain.head, "source MAC not the device's", fail=False)
-                continue
-            out.append(data)
-            m["tx_packets_count"] += 1
-            m["tx_bytes_count"] += total - NET_HDR_SIZE
-            q.push(chain.head, 0)
+                for chain in chains:
+                    if isinstance(chain, ChainError):
+                        self._drop_tx(chain.head, chain.reason, used=used)
+                        continue
+                    head = chain.head
+                    if chain.writable:
+                        self._drop_tx(head, "device-writable descriptor on TX", used=used)
+                        continue
+                    readable = chain.readable
+                    total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
+                    if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
+                        m["tx_malformed_frames"] += 1
+                        self._drop_tx(head, "frame length out of bounds", fail=False, used=used)
+                        continue
+                    try:
+                        if len(readable) == 1:
+                            data = read(readable[0][0], total)
+                        else:
+                            data = b"".join(read(a, n) for a, n in readable)
+                    except MemoryFault:
+                        self._drop_tx(head, "buffer not mapped in guest memory", used=used)
+                        continue
+                    if data[0] or data[1]:  # flags, gso_type: no offload was negotiated
+                        m["tx_malformed_frames"] += 1
+                        self._drop_tx(head, "offload not negotiated", fail=False, used=used)
+                        continue
+                    if mac is not None and data[SRC_MAC] != mac:
+                        m["tx_spoofed_mac_count"] += 1
+                        self._drop_tx(head, "source MAC not the device's", fail=False, used=used)
+                        continue
+                    out.append(data)
+                    packets += 1
+                    nbytes += total - NET_HDR_SIZE
+                    used.append((head, 0))
+            finally:
+                m["tx_packets_count"] += packets
+                m["tx_bytes_count"] += nbytes
+                q.push_many(used)
+            if broken is not None:
+                raise broken
 
-    def _drop_tx(self, head: int, reason: str, fail: bool = True) -> None:
+    def _drop_tx(
+        self, head: int, reason: str, fail: bool = True, used: list[tuple[int, int]] | None = None
+    ) -> None:
+        """Count a dropped chain; its head goes back with length 0 (into ``used``
+        when a batch writes its used entries together)."""
         if fail:
             self.metrics["tx_fails"] += 1
         self.errors[reason] += 1
-        self.txq.push(head, 0)
+        if used is None:
+            self.txq.push(head, 0)
+        else:
+            used.append((head, 0))
 
     def _publish(self, q: DeviceQueue) -> bool:
         try:
@@ -164,36 +184,56 @@ class NetDevice:
     def _rx(self, frames: list[bytes]) -> bool:
         """Fill buffers, counting frames consumed in ``_consumed`` (a frame is
         consumed also when its chain is bad: it is lost with it); False when
-        the driver ran out of buffers."""
+        the driver ran out of buffers. Batches as :meth:`_tx` does."""
         q = self.rxq
         m = self.metrics
-        for data in frames:
+        write = self.mem.write
+        pos = 0
+        count = len(frames)
+        while pos < count:
+            chains, broken = q.pop_many(min(256, count - pos))
+            used: list[tuple[int, int]] = []
+            packets = 0
+            nbytes = 0
             try:
-                chain = q.pop()
-            except ChainError as e:
-                self._consumed += 1
-                self._drop_rx(e.head, e.reason)
-                continue
-            if chain is None:
+                for chain in chains:
+                    data = frames[pos]
+                    pos += 1
+                    self._consumed += 1
+                    if isinstance(chain, ChainError):
+                        self._drop_rx(chain.head, chain.reason, used)
+                        continue
+                    if chain.readable:
+                        self._drop_rx(chain.head, "readable descriptor on RX", used)
+                        continue
+                    need = len(data)
+                    segments = chain.writable
+                    if (
+                        segments[0][1] if len(segments) == 1 else sum(n for _, n in segments)
+                    ) < need:
+                        self._drop_rx(chain.head, "RX buffer too small for the frame", used)
+                        continue
+                    try:
+                        if len(segments) == 1:
+                            write(segments[0][0], data)
+                        else:
+                            self._scatter(segments, data)
+                    except MemoryFault:
+                        self._drop_rx(chain.head, "buffer not mapped in guest memory", used)
+                        continue
+                    used.append((chain.head, need))
+                    packets += 1
+                    nbytes += need - NET_HDR_SIZE
+            finally:
+                m["rx_packets_count"] += packets
+                m["rx_bytes_count"] += nbytes
+                q.push_many(used)
+            if broken is not None:
+                raise broken
+            if not chains:
                 m["no_rx_avail_buffer"] += 1
                 q.set_notify(True)
                 return False
-            self._consumed += 1
-            if chain.readable:
-                self._drop_rx(chain.head, "readable descriptor on RX")
-                continue
-            need = len(data)
-            if sum(n for _, n in chain.writable) < need:
-                self._drop_rx(chain.head, "RX buffer too small for the frame")
-                continue
-            try:
-                self._scatter(chain.writable, data)
-            except MemoryFault:
-                self._drop_rx(chain.head, "buffer not mapped in guest memory")
-                continue
-            q.push(chain.head, need)
-            m["rx_packets_count"] += 1
-            m["rx_bytes_count"] += need - NET_HDR_SIZE
         return True
 
     def _scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
@@ -206,10 +246,10 @@ class NetDevice:
             self.mem.write(gpa, view[pos : pos + k])
             pos += k
 
-    def _drop_rx(self, head: int, reason: str) -> None:
+    def _drop_rx(self, head: int, reason: str, used: list[tuple[int, int]]) -> None:
         self.metrics["rx_fails"] += 1
         self.errors[reason] += 1
-        self.rxq.push(head, 0)
+        used.append((head, 0))
 
 
 def with_rx_header(frame: bytes) -> bytes:

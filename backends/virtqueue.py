@@ -47,6 +47,9 @@ from xlio.virtio import (
     used_ring_size,
     valid_queue_size,
 )
+from xlio.virtio import (
+    U16 as _U16,
+)
 
 
 class ChainError(Exception):
@@ -62,7 +65,7 @@ class QueueBroken(Exception):
     """The ring itself is corrupt: the device needs a reset."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Chain:
     head: int
     readable: list[tuple[int, int]]  # (L2 GPA, length)
@@ -141,8 +144,78 @@ class DeviceQueue:
         self.popped += 1
         if head >= size:
             raise self._break("head descriptor index out of range")
+        return self._walk(head)
+
+    def pop_many(self, limit: int) -> tuple[list[Chain | ChainError], QueueBroken | None]:
+        """Up to ``limit`` available chains in one pass, for a batch.
+
+        Each item is a chain, or the :class:`ChainError` that :meth:`pop`
+        would have raised for that head (the caller drops it). A broken ring
+        ends the pass: the chains before it come back with the exception,
+        which the caller raises once it has dealt with them. When the
+        available ring and the descriptor table each lie in one page, they
+        are resolved once and read in place; a single-descriptor chain (the
+        common TX buffer, every RX buffer) is read with one ``unpack_from``.
+        """
+        out: list[Chain | ChainError] = []
+        try:
+            pending = self.pending()
+            if not pending:
+                return out, None
+            mem = self.mem
+            size = self.size
+            try:
+                ring = mem.span_page(self.avail + 4, 2 * size)
+                table = mem.span_page(self.desc, 16 * size)
+            except MemoryFault:
+                raise self._break("available ring unreadable") from None
+            if ring is None or table is None:  # rings across pages: one access at a time
+                while len(out) < limit:
+                    try:
+                        chain = self.pop()
+                    except ChainError as e:
+                        out.append(e)
+                        continue
+                    if chain is None:
+                        break
+                    out.append(chain)
+                return out, None
+            apage, aoff = ring
+            dpage, doff = table
+            head_at = _U16.unpack_from
+            desc_at = DESC.unpack_from
+            mask = size - 1
+            end = mem.size
+            while len(out) < limit:
+                if not pending:
+                    pending = self.pending()
+                    if not pending:
+                        break
+                head = head_at(apage, aoff + 2 * (self.last_avail & mask))[0]
+                self.last_avail = (self.last_avail + 1) & 0xFFFF
+                self.popped += 1
+                pending -= 1
+                if head >= size:
+                    raise self._break("head descriptor index out of range")
+                addr, length, flags, nxt = desc_at(dpage, doff + 16 * head)
+                if not flags & ~VIRTQ_DESC_F_WRITE and length and addr + length <= end:
+                    seg = [(addr, length)]
+                    out.append(Chain(head, [], seg) if flags else Chain(head, seg, []))
+                    continue
+                try:
+                    out.append(self._walk(head))
+                except ChainError as e:
+                    out.append(e)
+            return out, None
+        except QueueBroken as e:
+            return out, e
+
+    def _walk(self, head: int) -> Chain:
+        """The chain at ``head`` (already taken off the ring), or ChainError."""
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        mem = self.mem
+        size = self.size
         idx = head
         seen = 0
         while True:
@@ -170,6 +243,28 @@ class DeviceQueue:
             if nxt >= size:
                 raise ChainError("next descriptor index out of range", head)
             idx = nxt
+
+    def push_many(self, entries: list[tuple[int, int]]) -> None:
+        """:meth:`push` for each (head, length), the used ring resolved once."""
+        if not entries:
+            return
+        size = self.size
+        try:
+            ring = self.mem.span_page(self.used + 4, 8 * size)
+        except MemoryFault:
+            raise self._break("used ring unwritable") from None
+        if ring is None:
+            for head, length in entries:
+                self.push(head, length)
+            return
+        page, off = ring
+        put = USED_ELEM.pack_into
+        mask = size - 1
+        idx = self.used_idx
+        for head, length in entries:
+            put(page, off + 8 * (idx & mask), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (not visible until :meth:`publish`);

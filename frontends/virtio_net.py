@@ -37,6 +37,7 @@ from xlio.virtio import (
     STATUS_DRIVER_OK,
     STATUS_FAILED,
     STATUS_FEATURES_OK,
+    U16,
     USED_ELEM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
@@ -108,6 +109,35 @@ class DriverQueue:
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         return i, gpa
 
+    def add_many(self, base: int, stride: int, lengths: list[int], write: bool) -> list[int]:
+        """:meth:`add` for each length, the descriptor table and the available
+        ring resolved once (when each lies in one page); returns the buffers' GPAs."""
+        size = self.size
+        table = self.mem.span_page(self.desc, 16 * size)
+        ring = self.mem.span_page(self.avail + 4, 2 * size)
+        if table is None or ring is None:
+            return [self.add(base, stride, n, write)[1] for n in lengths]
+        dpage, doff = table
+        apage, aoff = ring
+        put_desc = DESC.pack_into
+        put_u16 = U16.pack_into
+        flags = VIRTQ_DESC_F_WRITE if write else 0
+        free = self.free
+        in_flight = self.in_flight
+        mask = size - 1
+        idx = self.avail_idx
+        out = []
+        for n in lengths:
+            i = free.pop()
+            in_flight.add(i)
+            gpa = base + i * stride
+            put_desc(dpage, doff + 16 * i, gpa, n, flags, 0)
+            put_u16(apage, aoff + 2 * (idx & mask), i)
+            idx = (idx + 1) & 0xFFFF
+            out.append(gpa)
+        self.avail_idx = idx
+        return out
+
     def publish(self) -> bool:
         """Expose the new available index; True if the device wants a kick."""
         new = self.avail_idx
@@ -123,16 +153,26 @@ class DriverQueue:
 
     def take_used(self) -> list[tuple[int, int]]:
         """(descriptor id, length) of every buffer the device returned since last time."""
-        out = []
+        out: list[tuple[int, int]] = []
         idx = self.mem.read_u16(self.used + 2)
-        while self.last_used != idx:
-            slot = self.used + 4 + 8 * (self.last_used % self.size)
-            i, n = self.mem.unpack_from(USED_ELEM, slot)
-            self.last_used = (self.last_used + 1) & 0xFFFF
-            if i in self.in_flight:  # a device returning a buffer twice is ignored
-                self.in_flight.discard(i)
-                self.free.append(i)
+        if self.last_used == idx:
+            return out
+        ring = self.mem.span_page(self.used + 4, 8 * self.size)
+        in_flight = self.in_flight
+        free = self.free
+        mask = self.size - 1
+        last = self.last_used
+        while last != idx:
+            if ring is None:
+                i, n = self.mem.unpack_from(USED_ELEM, self.used + 4 + 8 * (last & mask))
+            else:
+                i, n = USED_ELEM.unpack_from(ring[0], ring[1] + 8 * (last & mask))
+            last = (last + 1) & 0xFFFF
+            if i in in_flight:  # a device returning a buffer twice is ignored
+                in_flight.discard(i)
+                free.append(i)
                 out.append((i, n))
+        self.last_used = last
         return out
 
     def interrupts(self, enabled: bool) -> None:
@@ -226,18 +266,18 @@ class VirtioNetDriver:
         tx = self.tx
         assert tx is not None, "probe() first"
         tx.take_used()
-        queued = 0
         limit = self.buf_size - NET_HDR_SIZE
-        for k, frame in enumerate(frames):
-            if not tx.free:
-                self.tx_busy += len(frames) - k
-                break
-            if len(frame) > limit:  # longer than the MTU this driver set up: dropped
-                self.tx_too_big += 1
-                continue
-            _, gpa = tx.add(self.tx_bufs, self.buf_size, NET_HDR_SIZE + len(frame), write=False)
-            self.mem.write(gpa, TX_HDR + frame)  # visible to the device only at publish()
-            queued += 1
+        fits = [f for f in frames if len(f) <= limit]
+        self.tx_too_big += len(frames) - len(fits)  # longer than the MTU set up: dropped
+        if len(fits) > len(tx.free):
+            self.tx_busy += len(fits) - len(tx.free)
+            fits = fits[: len(tx.free)]
+        gpas = tx.add_many(self.tx_bufs, self.buf_size, [NET_HDR_SIZE + len(f) for f in fits],
+                           write=False)  # fmt: skip
+        write = self.mem.write
+        for gpa, frame in zip(gpas, fits, strict=True):
+            write(gpa, TX_HDR + frame)  # visible to the device only at publish()
+        queued = len(fits)
         if tx.publish():
             self.t.notify(TXQ)
         return queued
@@ -247,11 +287,12 @@ class VirtioNetDriver:
         rx = self.rx
         assert rx is not None, "probe() first"
         out = []
-        for i, n in rx.take_used():
-            gpa = self.rx_bufs + i * self.buf_size
+        got = rx.take_used()
+        read = self.mem.read
+        for i, n in got:
             if NET_HDR_SIZE <= n <= self.buf_size:
-                out.append(self.mem.read(gpa + NET_HDR_SIZE, n - NET_HDR_SIZE))
-            rx.add(self.rx_bufs, self.buf_size, self.buf_size, write=True)
+                out.append(read(self.rx_bufs + i * self.buf_size + NET_HDR_SIZE, n - NET_HDR_SIZE))
+        rx.add_many(self.rx_bufs, self.buf_size, [self.buf_size] * len(got), write=True)
         rx.interrupts(True)
         if rx.publish():
             self.t.notify(RXQ)

@@ -232,6 +232,21 @@ class GuestMemory:
         hit = self._cache.get(gpa >> PAGE_SHIFT)
         return None if hit is None else hit[0]
 
+    def span_page(self, gpa: int, n: int) -> tuple[bytearray, int] | None:
+        """The host page and offset holding all of ``[gpa, gpa + n)``, for a
+        batch of accesses to one ring; None when the span leaves L2's memory
+        or crosses a page (then use the per-access methods). Raises
+        :class:`MemoryFault` if the page is not mapped. The page stays valid
+        until a mapping changes (the epoch moves): callers resolve it again
+        for every batch, never across anything that can run the model."""
+        off = gpa & (PAGE_SIZE - 1)
+        if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
+            return None
+        page = self._hit(gpa)
+        if page is None:
+            return self._page(gpa)
+        return page, off
+
     def read(self, gpa: int, n: int) -> bytes:
         if gpa < 0 or n < 0 or gpa + n > self.size:
             self._span(gpa, n)
