@@ -28,12 +28,18 @@ _ARP = struct.Struct("!HHBBH6s4s6s4s")
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum (RFC 1071)."""
+    """The Internet checksum (RFC 1071), on the data as one big integer.
+
+    The ones' complement sum of the 16-bit words is the integer modulo
+    0xFFFF (2**16 is 1 modulo 0xFFFF), except that a non-zero sum is 0xFFFF,
+    never 0: one ``int.from_bytes`` and one remainder, whatever the length.
+    """
     if len(data) % 2:
         data = bytes(data) + b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
+    v = int.from_bytes(data, "big")
+    s = v % 0xFFFF
+    if s == 0 and v:
+        s = 0xFFFF
     return ~s & 0xFFFF
 
 
@@ -175,7 +181,11 @@ class Endpoint:
             payload = l4[8:ulen]
             if dport == UDP_ECHO_PORT:
                 self.answered += 1
-                return [udp_frame(self.mac, src, self.ip, sip, dport, sport, payload, ident)]
+                # swap addresses and ports: both checksums hold as they are
+                u = 14 + ihl
+                ip = frame[14:26] + dip + sip + frame[34:u]
+                return [src + self.mac + frame[12:14] + ip + frame[u + 2 : u + 4] + frame[u : u + 2]
+                        + frame[u + 4 : 14 + total]]  # fmt: skip
             if sport == UDP_ECHO_PORT:
                 self.udp_replies.append((dport, payload))
                 self.udp_reply_count += 1
