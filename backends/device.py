@@ -137,11 +137,17 @@ class NetDevice:
                     nbytes += total - NET_HDR_SIZE
                     used.append((head, 0))
             finally:
-                m["tx_packets_count"] += packets
-                m["tx_bytes_count"] += nbytes
-                q.push_many(used)
+                self._settle(q, "tx", used, packets, nbytes)
             if broken is not None:
                 raise broken
+
+    def _settle(
+        self, q: DeviceQueue, way: str, used: list[tuple[int, int]], packets: int, nbytes: int
+    ) -> None:
+        """The end of a batch: its counters added, its used entries written."""
+        self.metrics[f"{way}_packets_count"] += packets
+        self.metrics[f"{way}_bytes_count"] += nbytes
+        q.push_many(used)
 
     def _drop_tx(
         self, head: int, reason: str, fail: bool = True, used: list[tuple[int, int]] | None = None
@@ -225,9 +231,7 @@ class NetDevice:
                     packets += 1
                     nbytes += need - NET_HDR_SIZE
             finally:
-                m["rx_packets_count"] += packets
-                m["rx_bytes_count"] += nbytes
-                q.push_many(used)
+                self._settle(q, "rx", used, packets, nbytes)
             if broken is not None:
                 raise broken
             if not chains:
