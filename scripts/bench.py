@@ -37,7 +37,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +47,7 @@ import trio
 from xlio.backends.netns import NamespacedTap
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
-from xlio.tapsession import TapSession, socket_in_netns
+from xlio.tapsession import TapSession, pin_neighbour, socket_in_netns
 from xlio.virtio import NET_HDR_SIZE
 
 HDR = bytes(NET_HDR_SIZE)
@@ -329,10 +328,7 @@ def round_trips(s: TapSession, k: int) -> float:
 
 def echo(path: str, k: int, n_pairs: int) -> dict[str, Any]:
     with tap_session(path) as s:
-        subprocess.run(
-            ["ip", "netns", "exec", s.info.netns, "ip", "neigh", "replace", s.info.guest_ip,
-             "lladdr", GUEST_MAC.hex(":"), "dev", s.info.ifname], check=True,
-        )  # fmt: skip
+        pin_neighbour(s.info, GUEST_MAC)
 
         def measure(bare: bool) -> float:
             pid = serve_child(s, bare)
