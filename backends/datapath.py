@@ -211,12 +211,12 @@ class Datapath:
         l2_size = mmu.l2_pages << PAGE_SHIFT
         # what each view's cached translations depend on: L0's mappings
         # (EPT02, EPT01), and for L1's backend also L1's own EPT12
-        l0_epoch = lambda: vept.epoch  # noqa: E731
-        l1_epoch = lambda: vept.epoch + mmu.epoch  # noqa: E731
-        self.l2_view = GuestMemory(host, l2_size, self._l2_hw, "L2", l0_epoch)
-        self.l1_view_of_l2 = GuestMemory(host, l2_size, self._l1_vhost, "L1", l1_epoch)
-        self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0", l0_epoch)
-        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory", l0_epoch)
+        l0_epochs = (vept.epoch,)
+        l1_epochs = (vept.epoch, mmu.epoch)
+        self.l2_view = GuestMemory(host, l2_size, self._l2_hw, "L2", l0_epochs)
+        self.l1_view_of_l2 = GuestMemory(host, l2_size, self._l1_vhost, "L1", l1_epochs)
+        self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0", l0_epochs)
+        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory", l0_epochs)
         self.wire = wire if wire is not None else LoopbackWire(capture=capture)
         self.endpoint = Endpoint(GUEST_MAC, GUEST_IP)
         self.received: list[bytes] | None = [] if capture else None

@@ -94,7 +94,8 @@ class NetDevice:
         mac = self.mac
         done = 0
         while done < limit:
-            chains, broken = q.pop_many(min(256, limit - done))
+            want = min(256, limit - done)
+            chains, broken = q.pop_many(want)
             if not chains and broken is None:
                 return
             done += len(chains)
@@ -140,6 +141,8 @@ class NetDevice:
                 self._settle(q, "tx", used, packets, nbytes)
             if broken is not None:
                 raise broken
+            if len(chains) < want:  # pop_many read the index again and found no more
+                return
 
     def _settle(
         self, q: DeviceQueue, way: str, used: list[tuple[int, int]], packets: int, nbytes: int

@@ -23,7 +23,7 @@ swaps the page back in.
 from __future__ import annotations
 
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
-from .memory import MemoryFault
+from .memory import Epoch, MemoryFault
 from .nested import L1, L2, NestedVmx
 from .vept import VirtualEpt
 from .vmx import ExitReason
@@ -55,7 +55,7 @@ class L1Mmu:
         self.ept12 = EptTable(mem, self._alloc_table, self._free_table, self.page_shift, "EPT12")
         vept.attach_ept12(self.ept12)
         self.swapped: set[int] = set()
-        self.epoch = 0  # moves on every EPT12 change L1 makes
+        self.epoch = Epoch()  # moves on every EPT12 change L1 makes
 
     # ------------------------------------------------------------- L1 frames
     def _alloc_table(self) -> int:
@@ -105,7 +105,7 @@ class L1Mmu:
         return None if pa is None else pa >> self.page_shift
 
     def _map(self, l2_page: int) -> None:
-        self.epoch += 1
+        self.epoch.move()
         l1_page = self._alloc_page()
         self.ept12.map(l2_page << self.page_shift, l1_page << self.page_shift)
 
@@ -128,7 +128,7 @@ class L1Mmu:
             raise ValueError(f"L2 page {l2_page:#x} is not mapped")
         with self.m.l1_background():
             new = self._alloc_page()
-            self.epoch += 1
+            self.epoch.move()
             self.ept12.map(l2_page << self.page_shift, new << self.page_shift)
             self.flush()  # present -> other present: the old translation is stale
         self._free_pages.append(old)
@@ -196,7 +196,7 @@ class L1Mmu:
             return
         with self.m.l1_background():
             self.m.l1_work(self.costs.swap_evict, "swapping")
-            self.epoch += 1
+            self.epoch.move()
             self.ept12.unmap(l2_page << self.page_shift)
             self.flush()  # present -> not present always needs one
         self._free_pages.append(l1_page)

@@ -157,6 +157,24 @@ class L1Memory:
         self.host.write_u64(self._host(frame), index, value)
 
 
+class Epoch:
+    """Moves whenever a mapping is removed or changed; the views that cache
+    translations over it drop their cached pages at once (push, not poll:
+    the accessor's hit path then makes no call at all)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._views: list[GuestMemory] = []
+
+    def move(self) -> None:
+        self.value += 1
+        for view in self._views:
+            view._cache.clear()
+
+    def watch(self, view: GuestMemory) -> None:
+        self._views.append(view)
+
+
 class GuestMemory:
     """One level's view of L2's guest-physical memory: the audited accessor.
 
@@ -167,10 +185,10 @@ class GuestMemory:
     address that is out of range or not mapped raises :class:`MemoryFault`,
     which devices count and contain. ``faults`` counts them here too.
 
-    With ``epoch`` (a function whose value moves whenever a mapping this view
-    relies on is removed or changed), translated pages are cached until it
-    moves. ``touched``, when set, collects every host frame accessed, so a
-    test can check that a device never strays outside L2's frames.
+    With ``epochs`` (the :class:`Epoch` of every mapping this view relies
+    on), translated pages are cached; an epoch that moves empties the cache.
+    ``touched``, when set, collects every host frame accessed, so a test can
+    check that a device never strays outside L2's frames.
     """
 
     def __init__(
@@ -179,16 +197,17 @@ class GuestMemory:
         size: int,
         translate: Callable[[int], int],
         name: str,
-        epoch: Callable[[], int] | None = None,
+        epochs: Sequence[Epoch] = (),
     ) -> None:
         self.host = host
         self.size = size
         self.translate = translate
         self.name = name
-        self.epoch = epoch
+        self.caching = bool(epochs)
+        for e in epochs:
+            e.watch(self)
         self.faults = 0
         self.touched: set[int] | None = None
-        self._seen = -1
         self._cache: dict[int, tuple[bytearray, int]] = {}
 
     def _span(self, gpa: int, n: int) -> None:
@@ -199,16 +218,11 @@ class GuestMemory:
     def _page(self, gpa: int) -> tuple[bytearray, int]:
         page_no = gpa >> PAGE_SHIFT
         off = gpa & (PAGE_SIZE - 1)
-        if self.epoch is not None:
-            e = self.epoch()
-            if e != self._seen:
-                self._cache.clear()
-                self._seen = e
-            hit = self._cache.get(page_no)
-            if hit is not None:
-                if self.touched is not None:
-                    self.touched.add(hit[1])
-                return hit[0], off
+        hit = self._cache.get(page_no)
+        if hit is not None:
+            if self.touched is not None:
+                self.touched.add(hit[1])
+            return hit[0], off
         try:
             hpa = self.translate(gpa)
         except MemoryFault:
@@ -216,7 +230,7 @@ class GuestMemory:
             raise
         frame = hpa >> PAGE_SHIFT
         buf = self.host.page(frame)
-        if self.epoch is not None:
+        if self.caching:
             self._cache[page_no] = (buf, frame)
         if self.touched is not None:
             self.touched.add(frame)
@@ -226,9 +240,6 @@ class GuestMemory:
         """The cached page holding ``gpa``, or None (then :meth:`_page` resolves it)."""
         if self.touched is not None:
             return None
-        epoch = self.epoch
-        if epoch is None or epoch() != self._seen:
-            return None
         hit = self._cache.get(gpa >> PAGE_SHIFT)
         return None if hit is None else hit[0]
 
@@ -237,7 +248,7 @@ class GuestMemory:
         batch of accesses to one ring; None when the span leaves L2's memory
         or crosses a page (then use the per-access methods). Raises
         :class:`MemoryFault` if the page is not mapped. The page stays valid
-        until a mapping changes (the epoch moves): callers resolve it again
+        until a mapping changes (an epoch moves): callers resolve it again
         for every batch, never across anything that can run the model."""
         off = gpa & (PAGE_SIZE - 1)
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
@@ -252,9 +263,11 @@ class GuestMemory:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            page = self._hit(gpa)
-            if page is None:
+            hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+            if hit is None:
                 page, off = self._page(gpa)
+            else:
+                page = hit[0]
             return bytes(page[off : off + n])
         out = bytearray()
         while n:
@@ -271,9 +284,11 @@ class GuestMemory:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            page = self._hit(gpa)
-            if page is None:
+            hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+            if hit is None:
                 page, off = self._page(gpa)
+            else:
+                page = hit[0]
             page[off : off + n] = data
             return
         view = memoryview(data)
@@ -290,9 +305,11 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
             return st.unpack(self.read(gpa, n))  # out of range (raises) or across pages
-        page = self._hit(gpa)
-        if page is None:
+        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+        if hit is None:
             page, off = self._page(gpa)
+        else:
+            page = hit[0]
         return st.unpack_from(page, off)
 
     def pack_into(self, st: struct.Struct, gpa: int, *values: Any) -> None:
@@ -302,27 +319,33 @@ class GuestMemory:
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
             self.write(gpa, st.pack(*values))
             return
-        page = self._hit(gpa)
-        if page is None:
+        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+        if hit is None:
             page, off = self._page(gpa)
+        else:
+            page = hit[0]
         st.pack_into(page, off, *values)
 
     def read_u16(self, gpa: int) -> int:
         if gpa & 1 or gpa < 0 or gpa + 2 > self.size:  # unaligned or out of range: general path
             b = self.read(gpa, 2)
             return b[0] | b[1] << 8
-        page = self._hit(gpa)
+        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
         off = gpa & (PAGE_SIZE - 1)
-        if page is None:
+        if hit is None:
             page, off = self._page(gpa)
+        else:
+            page = hit[0]
         return int(_U16.unpack_from(page, off)[0])
 
     def write_u16(self, gpa: int, value: int) -> None:
         if gpa & 1 or gpa < 0 or gpa + 2 > self.size:
             self.write(gpa, (value & 0xFFFF).to_bytes(2, "little"))
             return
-        page = self._hit(gpa)
+        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
         off = gpa & (PAGE_SIZE - 1)
-        if page is None:
+        if hit is None:
             page, off = self._page(gpa)
+        else:
+            page = hit[0]
         _U16.pack_into(page, off, value & 0xFFFF)

@@ -66,7 +66,7 @@ from .ept import (
     is_present,
     leaf_entry,
 )
-from .memory import PAGE_SHIFT, HostMemory, L1Memory, MemoryFault
+from .memory import PAGE_SHIFT, Epoch, HostMemory, L1Memory, MemoryFault
 from .nested import NestedVmx
 from .vmx import ExitReason
 
@@ -115,7 +115,7 @@ class VirtualEpt:
         self.swapped_out: set[int] = set()  # L1 pages L0 evicted (host swap in L0)
         # moves whenever an EPT02 or EPT01 mapping is removed or changed, so that
         # anyone caching a translation (L2's own view, the datapath) can drop it
-        self.epoch = 0
+        self.epoch = Epoch()
 
     # ------------------------------------------------------------- EPT01
     def resolve_l1_frame(self, l1_frame: int) -> int:
@@ -172,7 +172,7 @@ class VirtualEpt:
             for f in range(base, base + n):
                 self.host.frames.pop(f, None)  # the data went to swap
         self.swapped_out.add(l1_page)
-        self.epoch += 1
+        self.epoch.move()
         s = self.m.stats
         s.lock_acquisitions += 1
         self.m.l0_work(c.swap_evict + c.lock, "swapping")
@@ -222,7 +222,7 @@ class VirtualEpt:
         s.lock_acquisitions += 1
         self.m.l0_work(c.lock, MMU)
         region = self._wp[frame]
-        self.epoch += 1
+        self.epoch.move()
         l2_page = (region >> self.page_shift) + index
         self._tcache.pop(l2_page, None)
         gpa2 = l2_page << self.page_shift
@@ -270,7 +270,7 @@ class VirtualEpt:
         s.ept02_entries_zapped += zapped
         self.m.l0_work(zapped * self.costs.ept02_zap, MMU)
         self._gen += 1
-        self.epoch += 1
+        self.epoch.move()
         self._tcache.clear()
 
     # ------------------------------------------------------------- INVEPT
@@ -325,7 +325,7 @@ class VirtualEpt:
             s.ept12_leaves_resynced += 1
             self._wp[frame] = region
         self._unsync.clear()
-        self.epoch += 1
+        self.epoch.move()
         self._tcache.clear()
 
     # ------------------------------------------------------------- L2 faults
