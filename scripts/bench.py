@@ -202,6 +202,54 @@ def straight_ring_tx(fd: int, raw: list[bytes], q: int = 256) -> float:
     return n / (time.perf_counter() - t)
 
 
+def straight_ring_rx(fd: int, n: int, q: int = 256) -> float:
+    """The RX twin of :func:`straight_ring_tx`: the device reads each frame from
+    the tap straight into the next posted buffer (``readinto`` a memoryview)
+    and fills a used entry; the driver takes each frame out (one copy) and
+    posts the buffer again. Frames per second for ``n`` queued frames."""
+    mem = bytearray(1 << 20)
+    desc, avail, used, bufs = 0, 4096, 8192, 16384
+    dpack, dunpack = _DESC.pack_into, _DESC.unpack_from
+    upack, uunpack = _U16.pack_into, _U16.unpack_from
+    epack, eunpack = _USED.pack_into, _USED.unpack_from
+    readv = os.readv
+    mask = q - 1
+    for i in range(q):  # the driver posts every buffer
+        dpack(mem, desc + (i << 4), bufs + (i << 11), 2048, 2, 0)
+        upack(mem, avail + 4 + (i << 1), i)
+    avail_idx = q
+    upack(mem, avail + 2, avail_idx)
+    last_avail = used_idx = last_used = 0
+    mv = memoryview(mem)
+    got = 0
+    t = time.perf_counter()
+    while got < n:
+        idx = uunpack(mem, avail + 2)[0]
+        while last_avail != idx and got < n:
+            h = uunpack(mem, avail + 4 + ((last_avail & mask) << 1))[0]
+            a, k, _, _ = dunpack(mem, desc + (h << 4))
+            try:
+                m = readv(fd, [mv[a : a + k]])
+            except BlockingIOError:
+                select.select([fd], [], [], 1.0)
+                continue
+            epack(mem, used + 4 + ((used_idx & mask) << 3), h, m)
+            used_idx = (used_idx + 1) & 0xFFFF
+            last_avail = (last_avail + 1) & 0xFFFF
+            got += 1
+        upack(mem, used + 2, used_idx)
+        u = uunpack(mem, used + 2)[0]
+        while last_used != u:
+            h, m = eunpack(mem, used + 4 + ((last_used & mask) << 3))
+            bytes(mv[bufs + (h << 11) + 12 : bufs + (h << 11) + m])  # the frame, out to L2's stack
+            upack(mem, avail + 4 + ((avail_idx & mask) << 1), h)
+            avail_idx = (avail_idx + 1) & 0xFFFF
+            last_used = (last_used + 1) & 0xFFFF
+        upack(mem, avail + 2, avail_idx)
+    mv.release()
+    return n / (time.perf_counter() - t)
+
+
 def floor_tx(n: int, n_pairs: int) -> dict[str, Any]:
     frames = [
         udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, UDP_DISCARD_PORT, 64, i)
@@ -237,6 +285,40 @@ def inject(s: TapSession, frames: list[bytes]) -> None:
             sock.send(f)
 
 
+def floor_rx(n: int, n_pairs: int) -> dict[str, Any]:
+    frames = [
+        udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, UDP_DISCARD_PORT, 64, i)
+        for i in range(n)
+    ]
+    with tap_session("l0") as s:
+        fd = s.wire.fd
+
+        def base() -> float:
+            inject(s, frames)
+            return bare_read(fd, n)
+
+        def subject() -> float:
+            inject(s, frames)
+            return straight_ring_rx(fd, n)
+
+        ps = pairs(base, subject, n_pairs)
+    return summarize("floor: tap RX, straight-line Python split ring (no model) / bare os.read",
+                     "frames/s", ps, "reference")  # fmt: skip
+
+
+def bare_read(fd: int, n: int) -> float:
+    """The bare RX baseline: os.read ``n`` queued frames, frames per second."""
+    got = 0
+    t = time.perf_counter()
+    while got < n:
+        try:
+            os.read(fd, 65536)
+            got += 1
+        except BlockingIOError:
+            select.select([fd], [], [], 1.0)
+    return n / (time.perf_counter() - t)
+
+
 def tap_rx(n: int, n_pairs: int) -> dict[str, Any]:
     frames = [
         udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, UDP_DISCARD_PORT, 64, i)
@@ -250,15 +332,7 @@ def tap_rx(n: int, n_pairs: int) -> dict[str, Any]:
 
         def base() -> float:
             inject(s, frames)
-            got = 0
-            t = time.perf_counter()
-            while got < n:
-                try:
-                    os.read(fd, 65536)
-                    got += 1
-                except BlockingIOError:
-                    select.select([fd], [], [], 1.0)
-            return n / (time.perf_counter() - t)
+            return bare_read(fd, n)
 
         def subject() -> float:
             inject(s, frames)
@@ -434,6 +508,7 @@ def main() -> None:
         rows.append(floor_tx(tx_n, n_pairs))
         rows.append(tap_tx("l0", tx_n, n_pairs))
         rows.append(tap_tx("l1", tx_n, n_pairs))
+        rows.append(floor_rx(4_000, n_pairs))
         rows.append(tap_rx(4_000, n_pairs))
         k = 200 if q else 1000
         rows.append(echo("l0", k, n_pairs))
