@@ -204,7 +204,7 @@ def straight_ring_tx(fd: int, raw: list[bytes], q: int = 256) -> float:
 
 def straight_ring_rx(fd: int, n: int, q: int = 256) -> float:
     """The RX twin of :func:`straight_ring_tx`: the device reads each frame from
-    the tap straight into the next posted buffer (``readinto`` a memoryview)
+    the tap straight into the next posted buffer (``os.readv`` into a memoryview)
     and fills a used entry; the driver takes each frame out (one copy) and
     posts the buffer again. Frames per second for ``n`` queued frames."""
     mem = bytearray(1 << 20)
