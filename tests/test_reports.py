@@ -285,6 +285,28 @@ def test_sweep_mistakes_are_one_line(args: list[str], words: list[str]) -> None:
     one_line_error(xlio("sweep", "--workload", "tx", *args), "sweep", *words)
 
 
+def test_sweep_without_matplotlib_says_so_before_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xlio.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+
+    def no_run(*args: Any) -> None:
+        raise AssertionError("the sweep ran before the missing extra was reported")
+
+    monkeypatch.setattr("xlio.sweep.run_all", no_run)
+    status = main(["sweep", "--workload", "tx", "--param", "batch=1,2", "--count", "10",
+                   "--plot", str(tmp_path / "x.png")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.strip() == (
+        "xlio sweep: error: argument --plot: needs matplotlib, the optional extra: "
+        "pip install 'xlio[plot]'"
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_sweep_of_netperf_and_vmexit() -> None:
     doc = ok_json_file("sweep", "--of", "vmexit", "--workload", "cpuid",
                        "--param", "preset=turtles-2010,kvm-2019")  # fmt: skip
@@ -332,6 +354,17 @@ def test_compare_configurations_and_files(tmp_path: Path) -> None:
         ["sweep", "--workload", "echo", "--param", "batch=1,2", "--count", "5000000"],
         ["demo", "--count", "1000000"],
         ["netperf", "--path", "l1", "--duration", "3"],  # warm-up: 0.3 modeled s
+        [
+            "compare",
+            "--workload",
+            "echo",
+            "--a",
+            "path=single",
+            "--b",
+            "path=l1",
+            "--count",
+            "12000",
+        ],  # A takes about 2.5 s here: the stop lands in B  # fmt: skip
     ],
 )
 def test_ctrl_c_prints_what_was_measured_and_exits_130(args: list[str]) -> None:

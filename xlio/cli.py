@@ -609,6 +609,10 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     points = [p if p.values.get("preset") else _replace_costs(p, costs) for p in points]
     metric = a.metric or DEFAULT_METRIC[of]
     check_metric(of, metric)
+    if a.plot:
+        from xlio.plot import require_matplotlib
+
+        require_matplotlib()  # before the sweep runs, not after
     swept = [n for n, v in a.params if len(v) > 1]
     interrupted = False
     with _progress(len(points), f"xlio sweep: {len(points)} points") as advance:
@@ -692,22 +696,37 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         costs = _costs(a)
         base = Point(Of.MEASURE, a.workload, "l1", costs, a.count)
         sets = _set_values(a, costs)
-        sides = []
+        points = []
         for settings in (a.a_sets, a.b_sets):
             p = base
             for name, value in settings:
                 p = with_setting(p, name, value, sets)
-            r = measure(p.workload, p.path, p.costs, count=p.count, options=p.options,
-                        **p.switches)  # fmt: skip
-            sides.append(envelope("measure", r))
+            points.append(p)
+        sides: list[dict[str, Any]] = []
+        with _progress(2 * a.count, f"xlio compare: {a.workload}, A then B") as advance:
+            for k, p in enumerate(points):
+
+                def tick(done: int, _total: int, k: int = k) -> None:
+                    advance(k * a.count + done, 2 * a.count)
+
+                r = measure(p.workload, p.path, p.costs, count=p.count, options=p.options,
+                            progress=tick, **p.switches)  # fmt: skip
+                sides.append(envelope("measure", r))
+                if r.get("interrupted"):
+                    break
+        if len(sides) < 2:  # Ctrl-C while A ran: nothing to compare it with
+            print("xlio compare: stopped by SIGINT before B was measured", file=sys.stderr)
+            return 130
         da, db = sides
         la = " ".join(f"{k}={v}" for k, v in a.a_sets) or "(defaults)"
         lb = " ".join(f"{k}={v}" for k, v in a.b_sets) or "(defaults)"
     rows = diff(da, db)
+    interrupted = bool(db.get("interrupted"))
     obj = {
         "a": {"label": la, "what": describe(da), "config": da.get("config", {})},
         "b": {"label": lb, "what": describe(db), "config": db.get("config", {})},
         "rows": rows,
+        "interrupted": interrupted,
     }
 
     def text() -> str:
@@ -719,9 +738,12 @@ def _cmd_compare(a: argparse.Namespace) -> int:
             for r in rows
         ]  # fmt: skip
         head = f"xlio compare: A = {la} ({describe(da)})\n              B = {lb} ({describe(db)})"
+        if interrupted:
+            head += f"\nINTERRUPTED: B covers {db['count']:,} of {a.count:,} operations"
         return render(head, table(("figure", "A", "B", "B - A", "B / A"), body))
 
-    return _emit(a, obj, text)
+    _emit(a, obj, text)
+    return _interrupted(a, obj)
 
 
 def _set_values(a: argparse.Namespace, costs: CostModel) -> dict[str, Any]:

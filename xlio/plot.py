@@ -20,6 +20,16 @@ def _spans(values: list[float], factor: float) -> bool:
     return len(pos) == len(values) and bool(pos) and max(pos) / min(pos) >= factor
 
 
+def require_matplotlib() -> None:
+    """A clear UsageError when the optional extra is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "argument --plot: needs matplotlib, the optional extra: pip install 'xlio[plot]'"
+        ) from None
+
+
 def plot_sweep(
     rows: list[dict[str, Any]],
     params: list[str],
@@ -31,13 +41,12 @@ def plot_sweep(
 ) -> None:
     """Write ``out`` (.png or .svg): ``metric`` against the first swept parameter;
     ``labels`` are the x and y axis labels."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("argument --plot: needs matplotlib: pip install 'xlio[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     x_name = params[0]
     xs = list(dict.fromkeys(r[x_name] for r in rows))
     numeric = _numeric(xs)
