@@ -545,6 +545,7 @@ class NestedVmx:
         replay_in = self._replay_in
         pid = self.l2_pid
         apic = self.l2_apic
+        pending = self._pending
 
         def run() -> _Replay:
             sig = (  # _signature(), inlined: this is the model's hottest line
@@ -552,13 +553,18 @@ class NestedVmx:
                 self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr,
                 apic.isr,
             )  # fmt: skip
-            return replay_in(table, sig, operation)
+            rec = table.get(sig)
+            if rec is None or rec.eager or rec.changes:
+                return replay_in(table, sig, operation)  # the general case
+            pending[rec] = pending.get(rec, 0) + 1  # the steady state: one count
+            return rec
 
         return run
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for rec, n in pending.items():
+        pending = list(self._pending.items())
+        self._pending.clear()  # in place: replayers hold this dict
+        for rec, n in pending:
             self._stats_add(rec, n)
 
     def _stats_add(self, rec: _Replay, n: int) -> None:

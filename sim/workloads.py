@@ -30,7 +30,10 @@ PATHS = ("single", "l1", "l0")
 VIRTIO_NOTIFY_PORT = 0xC050
 
 
-Op = Callable[[], "float | None"]  # returns the units it performed (None: one)
+#: One operation of a workload. A run (``Workload.once``) returns the units it
+#: performed (None: one); a repeated operation is one unit, whatever it returns
+#: (a replayed one returns its record).
+Op = Callable[[], Any]
 Builder = Callable[[NestedVmx, str, dict[str, Any]], Op]
 
 
@@ -42,12 +45,7 @@ def _reflectable(m: NestedVmx, reason: ExitReason, handler: str, **kw: Any) -> O
         if m.l2_exit(reason, handler, **kw) == L1:
             m.l1_vmresume()
 
-    run = m.replayer(key, operation)
-
-    def op() -> None:
-        run()
-
-    return op
+    return m.replayer(key, operation)
 
 
 def _simple(reason: ExitReason, handler: str) -> Builder:
@@ -94,12 +92,7 @@ def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
         if mmio_kick_exit(m, path == "l1") == L1:
             m.l1_vmresume()
 
-    run = m.replayer(("mmio-kick", path), operation)
-
-    def op() -> None:
-        run()
-
-    return op
+    return m.replayer(("mmio-kick", path), operation)
 
 
 #: Changes to today's KVM (Linux 6.1) that a modeled path assumes in L0.

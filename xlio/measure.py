@@ -162,16 +162,20 @@ def measure(
     if hasattr(op, "tick"):  # a network run: all frames in one operation, with progress
         op.tick = progress
     try:
-        while done < total:
-            for _ in range(min(step, total - done)):
-                n = op()
-                units += 1 if n is None else n
-                done += 1
-            if progress is not None and not hasattr(op, "tick"):
-                progress(done, total)
+        if w.once:  # one run: it says how many units (pages, seconds, frames) it was
+            n = op()
+            units = 1 if n is None else n
+        else:  # one unit per operation (what an operation returns is not a count)
+            while done < total:
+                for _ in range(min(step, total - done)):
+                    op()
+                    done += 1
+                units = done
+                if progress is not None:
+                    progress(done, total)
     except KeyboardInterrupt:
         interrupted = True
-        units += getattr(op, "done", 0)
+        units = done if not w.once else getattr(op, "done", 0)
         if not units:
             raise  # nothing measured yet: nothing to report
     r = result_of(m, workload, path, units, w.per, setup=setup, options=opts)
