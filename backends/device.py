@@ -105,17 +105,17 @@ class NetDevice:
             try:
                 for chain in chains:
                     if isinstance(chain, ChainError):
-                        self._drop_tx(chain.head, chain.reason, used=used)
+                        self._drop_tx(chain.head, chain.reason, used)
                         continue
                     head = chain.head
                     if chain.writable:
-                        self._drop_tx(head, "device-writable descriptor on TX", used=used)
+                        self._drop_tx(head, "device-writable descriptor on TX", used)
                         continue
                     readable = chain.readable
                     total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
                     if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
                         m["tx_malformed_frames"] += 1
-                        self._drop_tx(head, "frame length out of bounds", fail=False, used=used)
+                        self._drop_tx(head, "frame length out of bounds", used, fail=False)
                         continue
                     try:
                         if len(readable) == 1:
@@ -123,15 +123,15 @@ class NetDevice:
                         else:
                             data = b"".join(read(a, n) for a, n in readable)
                     except MemoryFault:
-                        self._drop_tx(head, "buffer not mapped in guest memory", used=used)
+                        self._drop_tx(head, "buffer not mapped in guest memory", used)
                         continue
                     if data[0] or data[1]:  # flags, gso_type: no offload was negotiated
                         m["tx_malformed_frames"] += 1
-                        self._drop_tx(head, "offload not negotiated", fail=False, used=used)
+                        self._drop_tx(head, "offload not negotiated", used, fail=False)
                         continue
                     if mac is not None and data[SRC_MAC] != mac:
                         m["tx_spoofed_mac_count"] += 1
-                        self._drop_tx(head, "source MAC not the device's", fail=False, used=used)
+                        self._drop_tx(head, "source MAC not the device's", used, fail=False)
                         continue
                     out.append(data)
                     packets += 1
@@ -153,17 +153,14 @@ class NetDevice:
         q.push_many(used)
 
     def _drop_tx(
-        self, head: int, reason: str, fail: bool = True, used: list[tuple[int, int]] | None = None
+        self, head: int, reason: str, used: list[tuple[int, int]], fail: bool = True
     ) -> None:
-        """Count a dropped chain; its head goes back with length 0 (into ``used``
-        when a batch writes its used entries together)."""
+        """Count a dropped chain; its head goes back with length 0 with the batch's
+        used entries."""
         if fail:
             self.metrics["tx_fails"] += 1
         self.errors[reason] += 1
-        if used is None:
-            self.txq.push(head, 0)
-        else:
-            used.append((head, 0))
+        used.append((head, 0))
 
     def _publish(self, q: DeviceQueue) -> bool:
         try:

@@ -236,13 +236,6 @@ class GuestMemory:
             self.touched.add(frame)
         return buf, off
 
-    def _hit(self, gpa: int) -> bytearray | None:
-        """The cached page holding ``gpa``, or None (then :meth:`_page` resolves it)."""
-        if self.touched is not None:
-            return None
-        hit = self._cache.get(gpa >> PAGE_SHIFT)
-        return None if hit is None else hit[0]
-
     def span_page(self, gpa: int, n: int) -> tuple[bytearray, int] | None:
         """The host page and offset holding all of ``[gpa, gpa + n)``, for a
         batch of accesses to one ring; None when the span leaves L2's memory
@@ -253,10 +246,7 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
             return None
-        page = self._hit(gpa)
-        if page is None:
-            return self._page(gpa)
-        return page, off
+        return self._page(gpa)
 
     def read(self, gpa: int, n: int) -> bytes:
         if gpa < 0 or n < 0 or gpa + n > self.size:
@@ -327,25 +317,7 @@ class GuestMemory:
         st.pack_into(page, off, *values)
 
     def read_u16(self, gpa: int) -> int:
-        if gpa & 1 or gpa < 0 or gpa + 2 > self.size:  # unaligned or out of range: general path
-            b = self.read(gpa, 2)
-            return b[0] | b[1] << 8
-        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
-        off = gpa & (PAGE_SIZE - 1)
-        if hit is None:
-            page, off = self._page(gpa)
-        else:
-            page = hit[0]
-        return int(_U16.unpack_from(page, off)[0])
+        return int(self.unpack_from(_U16, gpa)[0])
 
     def write_u16(self, gpa: int, value: int) -> None:
-        if gpa & 1 or gpa < 0 or gpa + 2 > self.size:
-            self.write(gpa, (value & 0xFFFF).to_bytes(2, "little"))
-            return
-        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
-        off = gpa & (PAGE_SIZE - 1)
-        if hit is None:
-            page, off = self._page(gpa)
-        else:
-            page = hit[0]
-        _U16.pack_into(page, off, value & 0xFFFF)
+        self.pack_into(_U16, gpa, value & 0xFFFF)

@@ -26,11 +26,11 @@ from xlio.measure import (
     WORKLOADS,
     UsageError,
     demo,
-    format_demo,
-    format_report,
     measure,
     trace,
+    whole,
 )
+from xlio.report import format_demo, format_measure
 from xlio.sim.ept import PAGE_SHIFTS
 from xlio.sim.nested import OPERANDS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
@@ -526,18 +526,8 @@ def envelope(command: str, obj: dict[str, Any]) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "xlio_version": __version__,
         "command": command,
-        **_whole(obj),
+        **whole(obj),
     }
-
-
-def _whole(v: Any) -> Any:
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _whole(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_whole(x) for x in v]
-    return v
 
 
 def _emit(a: argparse.Namespace, obj: dict[str, Any], text: Callable[[], str]) -> int:
@@ -557,7 +547,7 @@ def _cmd_measure(a: argparse.Namespace) -> int:
             a.workload, a.path, costs, count=a.count, options=_workload_options(a),
             progress=advance, **_switches(a),
         )  # fmt: skip
-    _emit(a, r, lambda: format_report(r, a.explain))
+    _emit(a, r, lambda: format_measure(r, a.explain))
     return _interrupted(a, r)
 
 
@@ -603,10 +593,9 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
     if a.ratio and not set(a.ratio) <= set(paths):
         raise UsageError(f"argument --ratio: {'/'.join(a.ratio)} needs both paths in --path")
     points = grid(
-        of, a.workload, paths, PRESETS[a.preset] if a.costs is None else costs, a.params,
-        count=a.count, switches={}, options={}, sets=_set_values(a, costs),
+        of, a.workload, paths, costs, a.params, count=a.count, switches={}, options={},
+        sets=_set_values(a, costs),
     )  # fmt: skip
-    points = [p if p.values.get("preset") else _replace_costs(p, costs) for p in points]
     metric = a.metric or DEFAULT_METRIC[of]
     check_metric(of, metric)
     if a.plot:
@@ -751,15 +740,6 @@ def _set_values(a: argparse.Namespace, costs: CostModel) -> dict[str, Any]:
     return {k: p.value for k, p in costs.params.items() if p.kind == "user" and p.source == "--set"}
 
 
-def _replace_costs(p: Any, costs: CostModel) -> Any:
-    """A point whose costs were not swept gets the user's costs (with any swept cost)."""
-    from dataclasses import replace
-
-    swept = {k: v for k, v in p.values.items() if k in costs.params}
-    model = override(costs, swept, "xlio sweep --param") if swept else costs
-    return replace(p, costs=model)
-
-
 @contextlib.contextmanager
 def _progress(total: int, what: str) -> Iterator[Callable[..., None]]:
     """A progress bar on stderr (never stdout), shown once the work takes over a second."""
@@ -854,7 +834,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     def text() -> str:
         lines = [
-            format_report(r, command="serve"),
+            format_measure(r, command="serve"),
             "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()),
         ]
         for name, metrics in r.get("devices", {}).items():

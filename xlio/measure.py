@@ -1,8 +1,8 @@
 """Run a workload on a path under a configuration and report what it cost.
 
 ``measure()`` is pure (no I/O): it returns the JSON-ready result that
-``xlio measure --json`` prints. ``format_report()`` renders it for people, in
-the spirit of ``perf kvm stat report``.
+``xlio measure --json`` prints; :mod:`xlio.report` renders it for people, in
+the form of ``perf kvm stat report``.
 """
 
 from __future__ import annotations
@@ -115,6 +115,29 @@ def resolved_options(workload: str, options: dict[str, Any], costs: CostModel) -
 Progress = Callable[[int, int], None]
 
 
+def _built(
+    workload: str,
+    path: str,
+    preset: str | CostModel,
+    options: dict[str, Any] | None,
+    count: int,
+    switches: dict[str, Any],
+) -> tuple[NestedVmx, Workload, dict[str, Any], Any]:
+    """A machine with ``workload`` built on ``path``: (machine, workload, its
+    resolved options, its operation). Every mistake is a UsageError."""
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
+    cfg = make_config(preset, path, **switches)
+    opts = resolved_options(workload, options or {}, cfg.costs)
+    m = NestedVmx(cfg)
+    w = WORKLOADS[workload]
+    try:
+        op = w.build(m, path, {"count": count, **opts})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return m, w, opts, op
+
+
 def measure(
     workload: str,
     path: str,
@@ -133,18 +156,9 @@ def measure(
     is called with (done, count) as operations complete. Ctrl-C ends the
     run early: the result says ``interrupted`` and covers what was done.
     """
-    if workload not in WORKLOADS:
-        raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
     if count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
-    cfg = make_config(preset, path, **switches)
-    opts = resolved_options(workload, options or {}, cfg.costs)
-    m = NestedVmx(cfg)
-    w = WORKLOADS[workload]
-    try:
-        op = w.build(m, path, {"count": count, **opts})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    m, w, opts, op = _built(workload, path, preset, options, count, switches)
     setup = m.stats.summary()
     m.reset_stats()
     warmup = getattr(op, "warmup", None if w.once else op)
@@ -215,22 +229,15 @@ def trace(
     ``MAX_TRACE_OPS`` operations, and the machine keeps the last
     ``TRACE_MAX`` events.
     """
-    if workload not in WORKLOADS:
-        raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
     if not 1 <= count <= MAX_TRACE_OPS:
         raise UsageError(f"--count must be from 1 to {MAX_TRACE_OPS}, got {count}")
-    w = WORKLOADS[workload]
-    if workload not in TRACEABLE:
+    if workload in WORKLOADS and workload not in TRACEABLE:
         raise UsageError(f"{workload} is one long run of model time: trace one of "
                          f"{', '.join(TRACEABLE)}")  # fmt: skip
-    cfg = make_config(preset, path, **{**switches, "trace": True})
-    opts = resolved_options(workload, options or {}, cfg.costs)
-    m = NestedVmx(cfg)
-    per_op = {"count": opts.get("batch", 1), **opts}
-    try:
-        op = w.build(m, path, per_op)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    # one operation is one batch of a network workload
+    batch = (options or {}).get("batch") or 1
+    m, w, opts, op = _built(workload, path, preset, options, batch, {**switches, "trace": True})
+    cfg = m.cfg
     getattr(op, "warmup", op)()
     m.reset_stats()
     clock = cfg.costs.clock_ghz * 1000.0
@@ -248,17 +255,17 @@ def trace(
         for level, event, what, detail, where, total in s.trace:
             events.append({
                 "t_us": prev / clock, "level": level, "event": event, "what": what,
-                "detail": detail, "where": where, "cycles": integral(total - prev),
-                "total_cycles": integral(total),
+                "detail": detail, "where": where, "cycles": whole(total - prev),
+                "total_cycles": whole(total),
             })  # fmt: skip
             prev = total
         if s.cycles > prev:  # work after the op's last event (interrupt delivery, say)
-            tail = integral(s.cycles - prev)
+            tail = whole(s.cycles - prev)
             events.append({
                 "t_us": prev / clock, "level": "", "event": "untraced", "what": "", "detail": "",
-                "where": "", "cycles": tail, "total_cycles": integral(s.cycles),
+                "where": "", "cycles": tail, "total_cycles": whole(s.cycles),
             })  # fmt: skip
-        ops.append({"operation": i + 1, "cycles": integral(s.cycles - start), "events": events,
+        ops.append({"operation": i + 1, "cycles": whole(s.cycles - start), "events": events,
                     "truncated": truncated})  # fmt: skip
         start = s.cycles
         s.trace.clear()
@@ -283,7 +290,7 @@ def result_of(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     s = m.stats
-    totals = {k: integral(v) for k, v in s.summary().items()}
+    totals = {k: whole(v) for k, v in s.summary().items()}
     totals["time_us"] = m.costs.cycles_to_us(totals["cycles"])
     per_op = {k: v / units for k, v in totals.items()}
     if per == "second":
@@ -293,7 +300,7 @@ def result_of(
     out: dict[str, Any] = {
         "workload": workload,
         "path": path,
-        "count": integral(units),
+        "count": whole(units),
         "per": per,
         "config": {
             **m.cfg.describe(),
@@ -320,9 +327,16 @@ def result_of(
     return out
 
 
-def integral(v: float) -> float:
-    """``v`` as an int when it is a whole number (JSON keeps integers integers)."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
+def whole(v: Any) -> Any:
+    """``v`` with every whole float an int, through dicts and lists (JSON keeps
+    integers integers)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: whole(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [whole(x) for x in v]
+    return v
 
 
 def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) -> list[str]:
@@ -338,24 +352,6 @@ def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) 
     if network and m.cfg.apicv:
         out.append(L0_CHANGES["nested-posting"])
     return out
-
-
-def format_report(r: dict[str, Any], explain: bool = False, command: str = "measure") -> str:
-    """The text of ``xlio measure`` (see :func:`xlio.report.format_measure`)."""
-    from xlio.report import format_measure
-
-    return format_measure(r, explain, command)
-
-
-DEMO_COLUMNS = (
-    ("l2_exits", "L2 exits"),
-    ("reflected", "reflected"),
-    ("l1_exits", "L1 exits"),
-    ("l1_be_exits", "L1 BE exits"),
-    ("l0_exits", "L0 exits"),
-    ("crossings", "crossings"),
-    ("time_us", "time (us)"),
-)
 
 
 def demo(
@@ -405,24 +401,3 @@ def demo(
         out["interrupted"] = True
         out["counts"] = {p: r["count"] for p, r in rows.items()}
     return out
-
-
-def format_demo(d: dict[str, Any]) -> str:
-    from xlio.report import render, table
-
-    rows = [[p] + [round(row[k], 2) for k, _ in DEMO_COLUMNS] for p, row in d["paths"].items()]
-    head = (
-        f"xlio demo: UDP echo over the loopback wire, {d['count']:,} requests per path, "
-        f"preset {d['preset']}, APICv {'on' if d['config']['apicv'] else 'off'}, "
-        f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request "
-        "(steady state)"
-    )
-    if d["l1_over_l0"] is None:
-        foot = (
-            "INTERRUPTED: the paths measured so far (requests: "
-            + ", ".join(f"{p} {n:,}" for p, n in d["counts"].items())
-            + ")"
-        )
-    else:
-        foot = f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x"
-    return render(head, table(["path", *(t for _, t in DEMO_COLUMNS)], rows), foot)

@@ -213,3 +213,35 @@ def format_trace(r: dict[str, Any]) -> str:
         cols = ("t (us)", "level", "event", "reason / field", "detail", "where", "cycles", "total")
         parts.append(table(cols, rows, left=6, title=title))
     return render(*parts)
+
+
+#: The per-request figures ``xlio demo`` shows, and their column heads.
+DEMO_COLUMNS = (
+    ("l2_exits", "L2 exits"),
+    ("reflected", "reflected"),
+    ("l1_exits", "L1 exits"),
+    ("l1_be_exits", "L1 BE exits"),
+    ("l0_exits", "L0 exits"),
+    ("crossings", "crossings"),
+    ("time_us", "time (us)"),
+)
+
+
+def format_demo(d: dict[str, Any]) -> str:
+    """``xlio demo``: the loopback echo's paths side by side, per request."""
+    rows = [[p] + [round(row[k], 2) for k, _ in DEMO_COLUMNS] for p, row in d["paths"].items()]
+    head = (
+        f"xlio demo: UDP echo over the loopback wire, {d['count']:,} requests per path, "
+        f"preset {d['preset']}, APICv {'on' if d['config']['apicv'] else 'off'}, "
+        f"virtual idle {'on' if d['config']['virtual_idle'] else 'off'}; figures per request "
+        "(steady state)"
+    )
+    if d["l1_over_l0"] is None:
+        foot = (
+            "INTERRUPTED: the paths measured so far (requests: "
+            + ", ".join(f"{p} {n:,}" for p, n in d["counts"].items())
+            + ")"
+        )
+    else:
+        foot = f"L1 path / L0 direct path, modeled time per request: {d['l1_over_l0']:.1f}x"
+    return render(head, table(["path", *(t for _, t in DEMO_COLUMNS)], rows), foot)

@@ -7,9 +7,10 @@ the values of one or two ``--param NAME=V1,V2,...``. Each grid point is a
 here before anything runs, so a typo fails in one line and not after an
 hour. :func:`run_point` runs one point and returns its row: the point's
 values and every numeric figure of the result, flattened (``l0_exits``,
-``latency_us.p99``). The edge (``xlio.cli``) fans points out to ``--jobs``
-processes, shows progress on stderr, and writes rows as CSV, JSON and a
-plot; it keeps the rows done so far when interrupted.
+``latency_us.p99``). :func:`run_all` fans points out to ``--jobs``
+processes and keeps the rows done so far when interrupted; the edge
+(``xlio.cli``) shows progress on stderr and writes rows as CSV, JSON and a
+plot.
 
 A parameter is any of: ``path``, ``preset``, a model switch
 (``shadow_vmcs``, ``apicv``, ...), a workload option (``batch``,
