@@ -25,7 +25,7 @@ from collections import Counter
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE
 
-from .virtqueue import ChainError, DeviceQueue, QueueBroken
+from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments
 
 METRICS = (
     "rx_packets_count",
@@ -107,11 +107,10 @@ class NetDevice:
                     if isinstance(chain, ChainError):
                         self._drop_tx(chain.head, chain.reason, used)
                         continue
-                    head = chain.head
-                    if chain.writable:
+                    head, readable, writable = chain
+                    if writable:
                         self._drop_tx(head, "device-writable descriptor on TX", used)
                         continue
-                    readable = chain.readable
                     total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
                     if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
                         m["tx_malformed_frames"] += 1
@@ -209,15 +208,15 @@ class NetDevice:
                     if isinstance(chain, ChainError):
                         self._drop_rx(chain.head, chain.reason, used)
                         continue
-                    if chain.readable:
-                        self._drop_rx(chain.head, "readable descriptor on RX", used)
+                    head, readable, segments = chain
+                    if readable:
+                        self._drop_rx(head, "readable descriptor on RX", used)
                         continue
                     need = len(data)
-                    segments = chain.writable
                     if (
                         segments[0][1] if len(segments) == 1 else sum(n for _, n in segments)
                     ) < need:
-                        self._drop_rx(chain.head, "RX buffer too small for the frame", used)
+                        self._drop_rx(head, "RX buffer too small for the frame", used)
                         continue
                     try:
                         if len(segments) == 1:
@@ -225,9 +224,9 @@ class NetDevice:
                         else:
                             self._scatter(segments, data)
                     except MemoryFault:
-                        self._drop_rx(chain.head, "buffer not mapped in guest memory", used)
+                        self._drop_rx(head, "buffer not mapped in guest memory", used)
                         continue
-                    used.append((chain.head, need))
+                    used.append((head, need))
                     packets += 1
                     nbytes += need - NET_HDR_SIZE
             finally:
@@ -240,7 +239,7 @@ class NetDevice:
                 return False
         return True
 
-    def _scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
+    def _scatter(self, segments: Segments, data: bytes) -> None:
         view = memoryview(data)
         pos = 0
         for gpa, n in segments:

@@ -224,13 +224,13 @@ async def serve_tap(
             nursery.start_soon(_writer, wire)
             task_status.started()
             while True:
+                # each wait parks this task, so the writer and the guest's tasks run
                 if wire.inbox_full():  # L2 takes nothing now: leave frames in the kernel
                     await trio.sleep(0.001)
                 else:
                     await trio.lowlevel.wait_readable(wire.fd)
                     wire.read_available()
                 dp.pump()
-                await trio.sleep(0)  # let the writer and the guest's tasks run
     except BaseExceptionGroup as group:
         raise_first(group, TapGone)
         raise

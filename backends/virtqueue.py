@@ -30,7 +30,6 @@ outside L2's own (every access goes through ``GuestMemory``):
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import (
@@ -65,11 +64,10 @@ class QueueBroken(Exception):
     """The ring itself is corrupt: the device needs a reset."""
 
 
-@dataclass(slots=True)
-class Chain:
-    head: int
-    readable: list[tuple[int, int]]  # (L2 GPA, length)
-    writable: list[tuple[int, int]]
+Segments = tuple[tuple[int, int], ...]  # (L2 GPA, length) of each descriptor
+Chain = tuple[int, Segments, Segments]
+"""A descriptor chain as the device sees it: (head, readable, writable) (a
+plain tuple: one is built per frame)."""
 
 
 class DeviceQueue:
@@ -199,8 +197,8 @@ class DeviceQueue:
                     raise self._break("head descriptor index out of range")
                 addr, length, flags, nxt = desc_at(dpage, doff + 16 * head)
                 if not flags & ~VIRTQ_DESC_F_WRITE and length and addr + length <= end:
-                    seg = [(addr, length)]
-                    out.append(Chain(head, [], seg) if flags else Chain(head, seg, []))
+                    seg = ((addr, length),)
+                    out.append((head, (), seg) if flags else (head, seg, ()))
                     continue
                 try:
                     out.append(self._walk(head))
@@ -239,7 +237,7 @@ class DeviceQueue:
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return head, tuple(readable), tuple(writable)
             if nxt >= size:
                 raise ChainError("next descriptor index out of range", head)
             idx = nxt

@@ -14,6 +14,12 @@ report the median ratio with its min-max over the pairs:
   ``l0`` (and ``l1``), against a bare Python responder on the raw tap that
   swaps addresses, mean time per round trip (ratio: subject over baseline).
 
+Reference rows, same baselines, same run: the floors (the least a split
+ring can do in Python, straight-line in one function, no model: TX, RX and
+echo) and the bare responder under trio's event loop (what trio alone adds
+to a round trip), so that each target can be read against what this
+machine allows.
+
 Model rows are absolute: modeled exits per wall second (cpuid under
 shadow-vmcs, tracing off, and the slowest workload and preset), 1,000
 ``measure`` configurations in one process, and one modeled second of 1 GbE
@@ -351,6 +357,16 @@ def tap_rx(n: int, n_pairs: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- UDP echo
+def _echo_reply(f: bytes) -> bytes | None:
+    """The bare responder's answer to a header-less frame, None if it is no UDP echo."""
+    if len(f) < 42 or f[12:14] != b"\x08\x00" or f[23] != 17:
+        return None
+    ihl = (f[14] & 15) * 4
+    u = 14 + ihl
+    out = f[6:12] + f[0:6] + f[12:26] + f[30:34] + f[26:30] + f[34:u] + f[u + 2 : u + 4]
+    return out + f[u : u + 2] + f[u + 4 :]
+
+
 def bare_responder(fd: int) -> None:
     """Answer UDP echo on the raw tap: swap MACs, IPs and ports (checksums hold)."""
     while True:
@@ -360,23 +376,110 @@ def bare_responder(fd: int) -> None:
                 hf = os.read(fd, 65536)
             except BlockingIOError:
                 break
-            f = hf[NET_HDR_SIZE:]
-            if len(f) < 42 or f[12:14] != b"\x08\x00" or f[23] != 17:
+            out = _echo_reply(hf[NET_HDR_SIZE:])
+            if out is not None:
+                os.write(fd, HDR + out)
+
+
+async def trio_responder(fd: int) -> None:
+    """:func:`bare_responder` with trio's ``wait_readable`` in place of
+    ``select``: what trio's event loop alone costs a round trip."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        while True:
+            try:
+                hf = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            out = _echo_reply(hf[NET_HDR_SIZE:])
+            if out is not None:
+                os.write(fd, HDR + out)
+
+
+def straight_ring_echo(fd: int, q: int = 256) -> None:
+    """The least a split-ring echo can do in Python, in one function, on
+    :func:`bare_responder`'s ``select`` loop: the device reads each request
+    from the tap straight into the next posted RX buffer (``os.readv``) and
+    fills a used entry; the driver copies the frame out, answers it as the
+    bare responder does, re-posts the RX buffer, copies the reply into a TX
+    buffer with a descriptor and an available entry; the device reads the
+    index, the entry and the descriptor, writes a memoryview of the buffer to
+    the tap and fills a used entry; the driver reclaims. No model, no checks,
+    no translation, no kick or interrupt."""
+    mem = bytearray(1 << 21)
+    rdesc, ravail, rused, rbufs = 0, 4096, 8192, 16384
+    tdesc, tavail, tused, tbufs = 32768, 36864, 40960, 1 << 20
+    dpack, dunpack = _DESC.pack_into, _DESC.unpack_from
+    upack, uunpack = _U16.pack_into, _U16.unpack_from
+    epack, eunpack = _USED.pack_into, _USED.unpack_from
+    readv, write = os.readv, os.write
+    mask = q - 1
+    for i in range(q):  # the driver posts every RX buffer
+        dpack(mem, rdesc + (i << 4), rbufs + (i << 11), 2048, 2, 0)
+        upack(mem, ravail + 4 + (i << 1), i)
+    upack(mem, ravail + 2, q)
+    r_avail_idx, r_last_avail, r_used_idx, r_last_used = q, 0, 0, 0
+    t_avail_idx = t_last_avail = t_used_idx = t_last_used = 0
+    free = list(range(q))
+    mv = memoryview(mem)
+    while True:
+        select.select([fd], [], [])
+        while True:  # device, RX: one request into the next posted buffer
+            h = uunpack(mem, ravail + 4 + ((r_last_avail & mask) << 1))[0]
+            a, k, _, _ = dunpack(mem, rdesc + (h << 4))
+            try:
+                m = readv(fd, [mv[a : a + k]])
+            except BlockingIOError:
+                break
+            r_last_avail = (r_last_avail + 1) & 0xFFFF
+            epack(mem, rused + 4 + ((r_used_idx & mask) << 3), h, m)
+            r_used_idx = (r_used_idx + 1) & 0xFFFF
+            upack(mem, rused + 2, r_used_idx)
+            # driver: take the frame, re-post the buffer, answer
+            h, m = eunpack(mem, rused + 4 + ((r_last_used & mask) << 3))
+            r_last_used = (r_last_used + 1) & 0xFFFF
+            g = rbufs + (h << 11)
+            out = _echo_reply(bytes(mv[g + NET_HDR_SIZE : g + m]))
+            upack(mem, ravail + 4 + ((r_avail_idx & mask) << 1), h)
+            r_avail_idx = (r_avail_idx + 1) & 0xFFFF
+            upack(mem, ravail + 2, r_avail_idx)
+            if out is None:
                 continue
-            ihl = (f[14] & 15) * 4
-            u = 14 + ihl
-            out = f[6:12] + f[0:6] + f[12:26] + f[30:34] + f[26:30] + f[34:u] + f[u + 2 : u + 4]
-            out += f[u : u + 2] + f[u + 4 :]
-            os.write(fd, HDR + out)
+            i = free.pop()
+            g = tbufs + (i << 11)
+            k = NET_HDR_SIZE + len(out)
+            mem[g : g + k] = HDR + out
+            dpack(mem, tdesc + (i << 4), g, k, 0, 0)
+            upack(mem, tavail + 4 + ((t_avail_idx & mask) << 1), i)
+            t_avail_idx = (t_avail_idx + 1) & 0xFFFF
+            upack(mem, tavail + 2, t_avail_idx)
+            # device, TX: the entry, its descriptor, out to the tap
+            h = uunpack(mem, tavail + 4 + ((t_last_avail & mask) << 1))[0]
+            a, k, _, _ = dunpack(mem, tdesc + (h << 4))
+            write(fd, mv[a : a + k])
+            t_last_avail = (t_last_avail + 1) & 0xFFFF
+            epack(mem, tused + 4 + ((t_used_idx & mask) << 3), h, 0)
+            t_used_idx = (t_used_idx + 1) & 0xFFFF
+            upack(mem, tused + 2, t_used_idx)
+            # driver: reclaim the TX buffer
+            free.append(eunpack(mem, tused + 4 + ((t_last_used & mask) << 3))[0])
+            t_last_used = (t_last_used + 1) & 0xFFFF
 
 
-def serve_child(s: TapSession, bare: bool) -> int:
+def serve_child(s: TapSession, responder: str) -> int:
+    """Fork the responder on the session's tap: ``bare``, ``trio``, ``ring``
+    (the straight-line ring) or ``xlio`` (the session's datapath under trio)."""
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        fd = s.wire.fd
         try:
-            if bare:
-                bare_responder(s.wire.fd)
+            if responder == "bare":
+                bare_responder(fd)
+            elif responder == "trio":
+                trio.run(trio_responder, fd)
+            elif responder == "ring":
+                straight_ring_echo(fd)
             else:
                 trio.run(s.run)
         finally:
@@ -400,12 +503,23 @@ def round_trips(s: TapSession, k: int) -> float:
         return (time.perf_counter() - t) / k
 
 
-def echo(path: str, k: int, n_pairs: int) -> dict[str, Any]:
-    with tap_session(path) as s:
+ECHO_ROWS = {
+    "trio": ("reference: UDP echo, the bare responder under trio / bare responder", "reference"),
+    "ring": ("floor: UDP echo, straight-line Python split ring (no model) / bare responder",
+             "reference"),
+    "l0": ("UDP echo round trip over the tap, l0 / bare responder", "<= 3"),
+    "l1": ("UDP echo round trip over the tap, l1 / bare responder", "<= 5"),
+}  # fmt: skip
+
+
+def echo(subject: str, k: int, n_pairs: int) -> dict[str, Any]:
+    """Round trips to ``subject`` (a path, or a reference responder of
+    :func:`serve_child`) against the bare responder, interleaved."""
+    with tap_session("l0" if subject in ("trio", "ring") else subject) as s:
         pin_neighbour(s.info, GUEST_MAC)
 
-        def measure(bare: bool) -> float:
-            pid = serve_child(s, bare)
+        def measure(responder: str) -> float:
+            pid = serve_child(s, responder)
             try:
                 time.sleep(0.2)
                 return round_trips(s, k)
@@ -413,11 +527,9 @@ def echo(path: str, k: int, n_pairs: int) -> dict[str, Any]:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
 
-        ps = pairs(lambda: measure(True), lambda: measure(False), n_pairs)
-    target = "<= 3" if path == "l0" else "<= 5"
-    row = summarize(f"UDP echo round trip over the tap, {path} / bare responder", "s per trip",
-                    ps, target, higher_is_better=False)  # fmt: skip
-    return row
+        ps = pairs(lambda: measure("bare"), lambda: measure(subject), n_pairs)
+    name, target = ECHO_ROWS[subject]
+    return summarize(name, "s per trip", ps, target, higher_is_better=False)
 
 
 # ---------------------------------------------------------------- the model
@@ -511,8 +623,8 @@ def main() -> None:
         rows.append(floor_rx(4_000, n_pairs))
         rows.append(tap_rx(4_000, n_pairs))
         k = 200 if q else 1000
-        rows.append(echo("l0", k, n_pairs))
-        rows.append(echo("l1", k, n_pairs))
+        for subject in ECHO_ROWS:
+            rows.append(echo(subject, k, n_pairs))
     rows.extend(model_rates(0.2 if q else 0.5))
     rows.append(measure_configs(1000))
     rows.append(netperf_l1())

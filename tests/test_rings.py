@@ -49,7 +49,7 @@ def layout(mem: GuestMemory, size: int, descs: list, heads: list, idx: int, base
 def outcome(item: Chain | ChainError) -> tuple:
     if isinstance(item, ChainError):
         return ("error", item.reason, item.head)
-    return ("chain", item.head, tuple(item.readable), tuple(item.writable))
+    return ("chain", *item)
 
 
 @settings(max_examples=150, deadline=None)

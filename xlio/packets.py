@@ -167,7 +167,25 @@ class Endpoint:
         if dip != self.ip or ihl < 20 or 14 + total > len(frame):
             self.discarded += 1
             return []
-        l4 = frame[14 + ihl : 14 + total]
+        u = 14 + ihl  # the L4 header; L4 ends at 14 + total
+        if proto == IPPROTO_UDP and total - ihl >= 8:
+            sport, dport, ulen, _ = _UDP.unpack_from(frame, u)
+            if dport == UDP_ECHO_PORT:
+                self.answered += 1
+                # swap addresses and ports: both checksums hold as they are
+                ip = frame[14:26] + dip + sip + frame[34:u]
+                return [src + self.mac + frame[12:14] + ip + frame[u + 2 : u + 4] + frame[u : u + 2]
+                        + frame[u + 4 : 14 + total]]  # fmt: skip
+            end = u + min(ulen, total - ihl)  # the payload, only where it is kept
+            if sport == UDP_ECHO_PORT:
+                self.udp_replies.append((dport, frame[u + 8 : end]))
+                self.udp_reply_count += 1
+                return []
+            if self.record:
+                self.received_udp.append(frame[u + 8 : end])
+            self.discarded += 1
+            return []
+        l4 = frame[u : 14 + total]
         if proto == IPPROTO_ICMP and len(l4) >= 8 and l4[0] in (0, 8):
             _, _, _, icmp_id, seq = _ICMP.unpack_from(l4)
             if l4[0] == 0:
@@ -176,21 +194,5 @@ class Endpoint:
                 return []
             self.answered += 1
             return [icmp_echo_frame(self.mac, src, self.ip, sip, icmp_id, seq, l4[8:], reply=True)]
-        if proto == IPPROTO_UDP and len(l4) >= 8:
-            sport, dport, ulen, _ = _UDP.unpack_from(l4)
-            payload = l4[8:ulen]
-            if dport == UDP_ECHO_PORT:
-                self.answered += 1
-                # swap addresses and ports: both checksums hold as they are
-                u = 14 + ihl
-                ip = frame[14:26] + dip + sip + frame[34:u]
-                return [src + self.mac + frame[12:14] + ip + frame[u + 2 : u + 4] + frame[u : u + 2]
-                        + frame[u + 4 : 14 + total]]  # fmt: skip
-            if sport == UDP_ECHO_PORT:
-                self.udp_replies.append((dport, payload))
-                self.udp_reply_count += 1
-                return []
-            if self.record:
-                self.received_udp.append(payload)
         self.discarded += 1
         return []
