@@ -34,12 +34,17 @@ exit of the running L2; L1 receives, its backend copies into L2's ring,
 injects L2's interrupt in vmcs12 and resumes L2 (``l1``). L2's interrupt
 handler takes the frames, its endpoint answers ARP, ICMP echo and UDP echo,
 and the answers go out through the same send path.
+
+Every machine operation of the data plane (a kick's exit, an interrupt, an
+EOI, a HLT, L1's VMRESUME) goes through :meth:`Datapath._machine`: it runs
+once from a given machine state and is replayed afterwards (the model is
+deterministic), so a frame's Python is its data, not its accounting.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
@@ -387,6 +392,13 @@ class Datapath:
         return True
 
     # ------------------------------------------------------------- data plane
+    def _machine(self, key: Hashable, operation: Callable[[], Any]) -> Any:
+        """One machine operation of the data plane (an exit, an interrupt, an
+        EOI, a HLT, a VMRESUME): run the first time, replayed afterwards from
+        the same machine state (:meth:`NestedVmx.replay`; ``key`` names the
+        operation and its arguments); returns what the operation returned."""
+        return self.m.replay(key, operation).result
+
     def _charge_l0(self, frames: list[bytes]) -> None:
         c = self.costs
         self.m.l0_work(len(frames) * c.backend_frame, "backend")
@@ -407,10 +419,12 @@ class Datapath:
         """
         m = self.m
         if self.kick_mode == "pio":
-            return m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT)
-        return mmio_kick_exit(
-            m, self.path == "l1" or (self.path == "l0" and not self.direct.active)
-        )
+            return self._machine(
+                "io_kick",
+                lambda: m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT),
+            )
+        to_l1 = self.path == "l1" or (self.path == "l0" and not self.direct.active)
+        return self._machine(("mmio_kick", to_l1), lambda: mmio_kick_exit(m, to_l1))
 
     def kick(self, queue: int) -> None:
         """L2 writes the queue index to the notify register."""
@@ -432,7 +446,7 @@ class Datapath:
                 elif self._l1_to_l2():  # new buffers let L1 deliver what it held
                     self._l2_irq_pending = True
         finally:  # whatever L1's backend does, L1 resumes L2
-            m.l1_vmresume()
+            self._machine("l1_vmresume", m.l1_vmresume)
         if self._l2_irq_pending and not self._in_l2_handler:
             self.l2_interrupt()
 
@@ -443,7 +457,9 @@ class Datapath:
 
     def _l1_nic_kick(self, queue: int) -> None:
         """L1 kicks its own NIC: an L1 exit that L0's device for it handles."""
-        self.m.l1_exit(ExitReason.IO_INSTRUCTION, "io_kick", cause="l1-backend")
+        m = self.m
+        io_kick = ExitReason.IO_INSTRUCTION
+        self._machine("l1_io_kick", lambda: m.l1_exit(io_kick, "io_kick", cause="l1-backend"))
         if queue == TXQ and self.l0_nic is not None:
             frames, _ = self.l0_nic.tx()
             self._charge_l0(frames)
@@ -460,7 +476,7 @@ class Datapath:
         for _ in range(consumed):
             self.l1_pending.popleft()
         if irq:
-            self.m.l1_interrupt_l2()
+            self._machine("l1_interrupt_l2", self.m.l1_interrupt_l2)
         return irq
 
     def pump(self) -> int:
@@ -485,7 +501,7 @@ class Datapath:
         self._charge_l0(frames[:consumed])
         self.wire.put_back(frames[consumed:])
         if irq:
-            self.m.l0_interrupt_l2()
+            self._machine("l0_interrupt_l2", self.m.l0_interrupt_l2)
             self.l2_interrupt()
         self._config_interrupt_if_broken()
         return consumed
@@ -501,11 +517,12 @@ class Datapath:
         self.wire.put_back(frames[consumed:])
         if not irq:
             return consumed
-        m.l0_interrupt_l1()  # L2 running: a reflected external interrupt; L1 halted: a wake-up
+        # L2 running: a reflected external interrupt; L1 halted: a wake-up
+        self._machine("l0_interrupt_l1", m.l0_interrupt_l1)
         got = self.l1_nic.receive()  # L1's NIC driver (its refill kick is L1's exit)
         self.l1_pending.extend(with_rx_header(f) for f in got)
         l2_irq = self._l1_to_l2()
-        m.l1_vmresume()
+        self._machine("l1_vmresume", m.l1_vmresume)
         if l2_irq:
             self.l2_interrupt()
         self._config_interrupt_if_broken()
@@ -521,7 +538,7 @@ class Datapath:
         try:
             while True:
                 self._l2_irq_pending = False
-                self.m.l2_eoi()
+                self._machine("l2_eoi", self.m.l2_eoi)
                 frames = self.driver.receive()
                 replies: list[bytes] = []
                 for f in frames:
@@ -539,7 +556,7 @@ class Datapath:
         """L2 has nothing left to do: it halts until the next interrupt."""
         m = self.m
         if m.state == L2 and not m.l2_halted:
-            m.l2_hlt()
+            self._machine("l2_hlt", m.l2_hlt)
 
     def send(self, frames: list[bytes]) -> int:
         """L2 transmits (its driver kicks when the device asks)."""
