@@ -53,7 +53,7 @@ import trio
 from xlio.backends.netns import NamespacedTap
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
-from xlio.tapsession import TapSession, pin_neighbour, socket_in_netns
+from xlio.tapsession import TapSession, pin_neighbour, run_script, socket_in_netns
 from xlio.virtio import NET_HDR_SIZE
 
 HDR = bytes(NET_HDR_SIZE)
@@ -645,4 +645,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a stop signal removes the namespaces built

@@ -12,7 +12,7 @@ import select
 import sys
 import time
 
-from bench import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, tap_session
+from bench import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, run_script, tap_session
 
 from xlio.packets import UDP_DISCARD_PORT, udp_frame_of_size
 
@@ -33,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a stop signal removes the namespaces built

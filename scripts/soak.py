@@ -31,7 +31,13 @@ import trio
 from xlio.backends.netns import NamespacedTap
 from xlio.backends.wire import GUEST_MAC
 from xlio.packets import UDP_ECHO_PORT
-from xlio.tapsession import TapSession, pin_neighbour, socket_in_netns
+from xlio.tapsession import (
+    TapSession,
+    pin_neighbour,
+    run_script,
+    socket_in_netns,
+    trio_run_stoppable,
+)
 
 WARMUP = 2_000  # echoes before the first memory reading and the first window
 WINDOW = 5_000  # echoes in each window whose exits per frame are compared
@@ -123,7 +129,7 @@ def soak_path(path: str, frames: int, seconds: float) -> dict[str, Any]:
         pin_neighbour(session.info, GUEST_MAC)
         soak = Soak(session)
         t = time.perf_counter()
-        trio.run(soak.run, frames, seconds)
+        trio_run_stoppable(soak.run, frames, seconds)
         wall = time.perf_counter() - t
         dev = session.dp.active_device()
         metrics = dict(dev.metrics) if dev is not None else {}
@@ -171,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a stop signal removes the namespaces built

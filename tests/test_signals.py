@@ -164,3 +164,37 @@ def test_sigkill_leaves_a_namespace_that_cleanup_removes_and_only_it() -> None:
         live.kill()
     _clean(live.name)
     assert not os.path.exists(f"/run/xlio/{killed.name}")
+
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+@pytest.mark.parametrize(
+    ("script", "sig"),
+    [
+        (["soak.py", "--paths", "l0"], signal.SIGTERM),  # inside trio.run
+        (["soak.py", "--paths", "l1"], signal.SIGHUP),
+        (["bench.py", "--quick"], signal.SIGINT),  # a tap row, outside trio
+    ],
+    ids=["soak-SIGTERM", "soak-SIGHUP", "bench-SIGINT"],
+)
+def test_a_script_stopped_removes_its_namespace(script: list[str], sig: int) -> None:
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script[0]), *script[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    mine = f"xlio-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 30
+        while not any(n.startswith(mine) for n in leftovers()[0]):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the namespace's run under way
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().endswith(f"stopped by {signal.Signals(sig).name}") and "Traceback" not in err
+    assert not any(n.startswith(mine) for n in leftovers()[0])
+    _clean(mine)

@@ -265,6 +265,39 @@ def stopping_on_signals() -> Iterator[None]:
         sys.unraisablehook = hook
 
 
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script that builds namespaces (``scripts/``): a stop signal unwinds
+    it, so what it built is removed, and it exits with 128 + the signal."""
+    try:
+        with stopping_on_signals():
+            main()
+    except BaseException:
+        if not _StopState.seen:
+            raise
+        name = signal.Signals(_StopState.signum).name
+        print(f"{os.path.basename(sys.argv[0])}: stopped by {name}", file=sys.stderr)
+        sys.exit(128 + _StopState.signum)
+
+
+def trio_run_stoppable(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """``trio.run(fn, *args)`` in a script: a stop signal cancels it the trio
+    way, then raises :class:`Stopped` outside trio (see :func:`run_script`)."""
+    received: list[int] = []
+
+    async def main() -> Any:
+        out = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
+            out.append(await fn(*args))
+            nursery.cancel_scope.cancel()
+        return out[0] if out else None
+
+    result = trio.run(main)
+    if received:
+        raise Stopped(received[0])
+    return result
+
+
 async def _cancel_on_signal(scope: trio.CancelScope, received: list[int]) -> None:
     """Inside trio: the first stop signal cancels ``scope`` and is recorded."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
