@@ -51,6 +51,7 @@ from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, Endpoint, udp_frame_of_size
 from xlio.sim.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryFault
 from xlio.sim.nested import L0, L1, L2, NestedVmx
+from xlio.sim.refs import weak_method
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT, build_memory, mmio_kick_exit
 from xlio.virtio import (
@@ -218,10 +219,12 @@ class Datapath:
         # (EPT02, EPT01), and for L1's backend also L1's own EPT12
         l0_epochs = (vept.epoch,)
         l1_epochs = (vept.epoch, mmu.epoch)
-        self.l2_view = GuestMemory(host, l2_size, self._l2_hw, "L2", l0_epochs)
-        self.l1_view_of_l2 = GuestMemory(host, l2_size, self._l1_vhost, "L1", l1_epochs)
+        # the parts call back into the Datapath weakly: no cycle (xlio.sim.refs)
+        w = weak_method
+        self.l2_view = GuestMemory(host, l2_size, w(self._l2_hw), "L2", l0_epochs)
+        self.l1_view_of_l2 = GuestMemory(host, l2_size, w(self._l1_vhost), "L1", l1_epochs)
         self.l0_view_of_l2 = GuestMemory(host, l2_size, vept.translate, "L0", l0_epochs)
-        self.l1_view = GuestMemory(host, vept.l1mem.size, self._l1_own, "L1 memory", l0_epochs)
+        self.l1_view = GuestMemory(host, vept.l1mem.size, w(self._l1_own), "L1 memory", l0_epochs)
         self.wire = wire if wire is not None else LoopbackWire(capture=capture)
         self.endpoint = Endpoint(GUEST_MAC, GUEST_IP)
         self.received: list[bytes] | None = [] if capture else None
@@ -234,8 +237,8 @@ class Datapath:
         self.l1_nic: VirtioNetDriver | None = None
         nested = path != "single"
         self.model = _DeviceModel(
-            self._l2_config_access, self.kick, self._start_l2_backend, self._l2_broken,
-            l2_size, reset=self._l2_device_reset,
+            w(self._l2_config_access), w(self.kick), w(self._start_l2_backend),
+            w(self._l2_broken), l2_size, reset=w(self._l2_device_reset),
         )  # fmt: skip
         self._l2_irq_pending = False  # an interrupt for L2 raised while its handler runs
         self._in_l2_handler = False
@@ -245,8 +248,8 @@ class Datapath:
         )  # fmt: skip
         if nested:
             l1_model = _DeviceModel(
-                self._l1_config_access, self._l1_nic_kick, self._start_l1_nic, lambda: False,
-                vept.l1mem.size,
+                w(self._l1_config_access), w(self._l1_nic_kick), w(self._start_l1_nic),
+                lambda: False, vept.l1mem.size,
             )  # fmt: skip
             self.l1_nic = VirtioNetDriver(
                 self.l1_view, l1_model, queue_size=queue_size, event_idx=event_idx,
@@ -650,55 +653,63 @@ def _peer_frames(first: int, n: int, size: int, dport: int) -> list[bytes]:
     ]
 
 
-def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], Callable[[], float]]:
-    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Callable[[], float]:
-        o = datapath_options(opts)
-        dp = make_datapath(m, path, o, capture=bool(opts.get("capture")))
-        n, b, size = int(o["count"]), int(o["batch"]), int(o["frame_size"])
-        request_response = kind == "echo"
-        if request_response:  # between requests L2 idles: the steady state starts halted
+class DatapathRun:
+    """One network workload's run: calling it sends ``n`` frames (requests) in
+    bursts of ``b``; ``done`` counts them as they go and ``tick(done, n)``,
+    when set, hears of progress every 64 bursts. (An object, not a closure
+    that refers to itself: that would be a reference cycle holding the
+    whole machine.)"""
+
+    def __init__(self, kind: str, dp: Datapath, o: dict[str, Any]) -> None:
+        self.kind = kind
+        self.dp = dp
+        self.n, self.b, self.size = int(o["count"]), int(o["batch"]), int(o["frame_size"])
+        self.queue_size = int(o["queue_size"])
+        self.done = 0
+        self.tick: Callable[[int, int], None] | None = None
+        if kind == "echo":  # between requests L2 idles: the steady state starts halted
             dp.l2_idle()
 
-        def burst(first: int, k: int) -> None:
-            if kind == "tx":
-                dp.send(_guest_frames(first, k, size, UDP_DISCARD_PORT))
-            elif kind == "rx":
-                dp.wire.inject(_peer_frames(first, k, size, UDP_DISCARD_PORT))
-            else:
-                dp.wire.inject(_peer_frames(first, k, size, UDP_ECHO_PORT))
-            dp.pump()
-            if request_response:
-                dp.l2_idle()
+    def _burst(self, first: int, k: int) -> None:
+        dp = self.dp
+        if self.kind == "tx":
+            dp.send(_guest_frames(first, k, self.size, UDP_DISCARD_PORT))
+        elif self.kind == "rx":
+            dp.wire.inject(_peer_frames(first, k, self.size, UDP_DISCARD_PORT))
+        else:
+            dp.wire.inject(_peer_frames(first, k, self.size, UDP_ECHO_PORT))
+        dp.pump()
+        if self.kind == "echo":
+            dp.l2_idle()
 
-        def op() -> float:
-            """All ``n`` frames (requests); ``op.done`` counts them as they go and
-            ``op.tick(done, n)``, when set, hears of progress every 64 bursts."""
-            done = 0
-            tick = op.tick  # type: ignore[attr-defined]
-            bursts = 0
-            while done < n:
-                k = min(b, n - done)
-                burst(done, k)
-                done += k
-                op.done = done  # type: ignore[attr-defined]
-                bursts += 1
-                if tick is not None and (bursts & 63 == 0 or done == n):
-                    tick(done, n)
-            return n
+    def __call__(self) -> float:
+        n, b, tick = self.n, self.b, self.tick
+        done = 0
+        bursts = 0
+        while done < n:
+            k = min(b, n - done)
+            self._burst(done, k)
+            done += k
+            self.done = done
+            bursts += 1
+            if tick is not None and (bursts & 63 == 0 or done == n):
+                tick(done, n)
+        return n
 
-        def warmup() -> None:
-            """A ring's worth of frames before the measurement: the first kick
-            of a cold device and the first touch of each buffer page (EPT
-            entries built) are one-time costs, not the steady state."""
-            done = 0
-            while done < max(b, int(o["queue_size"])):
-                burst(n + done, b)
-                done += b
+    def warmup(self) -> None:
+        """A ring's worth of frames before the measurement: the first kick of a
+        cold device and the first touch of each buffer page (EPT entries
+        built) are one-time costs, not the steady state."""
+        done = 0
+        while done < max(self.b, self.queue_size):
+            self._burst(self.n + done, self.b)
+            done += self.b
 
-        op.warmup = warmup  # type: ignore[attr-defined]
-        op.done = 0  # type: ignore[attr-defined]
-        op.tick = None  # type: ignore[attr-defined]
-        return op
+
+def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], DatapathRun]:
+    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> DatapathRun:
+        o = datapath_options(opts)
+        return DatapathRun(kind, make_datapath(m, path, o, capture=bool(opts.get("capture"))), o)
 
     return build
 

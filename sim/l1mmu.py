@@ -25,6 +25,7 @@ from __future__ import annotations
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
 from .memory import Epoch, MemoryFault
 from .nested import L1, L2, NestedVmx
+from .refs import weak_method
 from .vept import VirtualEpt
 from .vmx import ExitReason
 
@@ -52,7 +53,10 @@ class L1Mmu:
         self._next_page = mem.nframes // self.frames_per_page  # backing grows down
         self._free_pages: list[int] = []
         self._free_tables: list[int] = []
-        self.ept12 = EptTable(mem, self._alloc_table, self._free_table, self.page_shift, "EPT12")
+        self.ept12 = EptTable(
+            mem, weak_method(self._alloc_table), weak_method(self._free_table), self.page_shift,
+            "EPT12",
+        )  # fmt: skip
         vept.attach_ept12(self.ept12)
         self.swapped: set[int] = set()
         self.epoch = Epoch()  # moves on every EPT12 change L1 makes

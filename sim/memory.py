@@ -19,6 +19,7 @@ virtqueues) goes through them, so bounds are checked in one spot.
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -164,7 +165,7 @@ class Epoch:
 
     def __init__(self) -> None:
         self.value = 0
-        self._views: list[GuestMemory] = []
+        self._views: weakref.WeakSet[GuestMemory] = weakref.WeakSet()  # not theirs to keep
 
     def move(self) -> None:
         self.value += 1
@@ -172,7 +173,7 @@ class Epoch:
             view._cache.clear()
 
     def watch(self, view: GuestMemory) -> None:
-        self._views.append(view)
+        self._views.add(view)
 
 
 class GuestMemory:

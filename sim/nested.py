@@ -370,7 +370,7 @@ class NestedVmx:
         self.l2_apic = VirtualApicPage()
         self.l2_halted = False  # L2 executed HLT and waits for an interrupt
         self.l1_halted = False  # nested: L1 blocked L2's vCPU and halted its own
-        self.memory: Any = None  # (VirtualEpt, L1Mmu) when a workload models memory
+        self._memory: Any = None  # weak references to (VirtualEpt, L1Mmu), see memory
         self._datapath: Any = None  # a weak reference to the Datapath (network workloads)
         self.state = L2
         self._l1_background = 0
@@ -409,6 +409,19 @@ class NestedVmx:
         self._datapath = None if dp is None else weakref.ref(dp)
 
     @property
+    def memory(self) -> Any:
+        """(VirtualEpt, L1Mmu) when a workload models memory, else None; held
+        weakly for the same reason as :attr:`datapath` (both hold the machine)."""
+        if self._memory is None:
+            return None
+        vept, mmu = self._memory[0](), self._memory[1]()
+        return None if vept is None or mmu is None else (vept, mmu)
+
+    @memory.setter
+    def memory(self, parts: Any) -> None:
+        self._memory = None if parts is None else tuple(weakref.ref(p) for p in parts)
+
+    @property
     def stats(self) -> Stats:
         """The counters, with every replayed operation applied."""
         if self._pending:
@@ -429,9 +442,10 @@ class NestedVmx:
         self.vmcs12 = Vmcs("vmcs12")
         self.vmcs02 = Vmcs("vmcs02")
         self.shadow_vmcs = Vmcs("shadow-vmcs12")
-        reflected = lambda: self.stats.reflected  # noqa: E731
-        entries = lambda: self.stats.nested_entries  # noqa: E731
-        full = lambda: self.stats.merges_full  # noqa: E731
+        me = weakref.ref(self)  # the VMCSs belong to the machine: no cycle back to it
+        reflected = lambda: me().stats.reflected  # type: ignore[union-attr]  # noqa: E731
+        entries = lambda: me().stats.nested_entries  # type: ignore[union-attr]  # noqa: E731
+        full = lambda: me().stats.merges_full  # type: ignore[union-attr]  # noqa: E731
         self.vmcs02.bind(False, REFLECT_HOT_SYNC, reflected)
         self.vmcs12.bind(True, REFLECT_HOT_SYNC, reflected)
         self.vmcs12.bind(True, REFLECT_EXIT_INFO, reflected)

@@ -51,6 +51,7 @@ the per-entry path would give.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from .ept import (
@@ -68,6 +69,7 @@ from .ept import (
 )
 from .memory import PAGE_SHIFT, Epoch, HostMemory, L1Memory, MemoryFault
 from .nested import NestedVmx
+from .refs import weak_method
 from .vmx import ExitReason
 
 MMU = "MMU"  # the work row of L0's EPT upkeep (EPT12 walks, EPT01/EPT02 builds, zaps, locks)
@@ -98,7 +100,7 @@ class VirtualEpt:
         self.frames_per_page = 1 << (page_shift - PAGE_SHIFT)
         self.ept01 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT01")
         self.ept02 = EptTable(host, host.alloc_frame, host.free_frame, page_shift, "EPT02")
-        self.l1mem = L1Memory(host, l1_size, self.resolve_l1_frame)
+        self.l1mem = L1Memory(host, l1_size, weak_method(self.resolve_l1_frame))
         # L0's index of its own EPT01: L1 region (512 pages) -> EPT01 leaf table frame
         self._ept01_leaf: dict[int, int] = {}
         self._tcache: dict[int, int] = {}  # translation service: L2 page -> host frame
@@ -185,7 +187,7 @@ class VirtualEpt:
     def attach_ept12(self, ept12: EptTable) -> None:
         self.ept12 = ept12
         if self.scheme in ("shadow", "kvm"):
-            ept12.trap = self
+            ept12.trap = weakref.proxy(self)  # the table is ours: no cycle back (sim.refs)
 
     def protected(self, frame: int) -> bool:
         """Trap protocol: is this EPT12 table page write-protected by L0?"""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
@@ -9,7 +12,7 @@ from xlio.backends.direct import DelegationRefused, QueueState
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.frontends.virtio_net import TXQ
 from xlio.guestfuzz import l2_host_frames
-from xlio.measure import make_config, measure
+from xlio.measure import WORKLOADS, _built, make_config, measure
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
 from xlio.sim.nested import NestedVmx
 from xlio.virtio import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -372,3 +375,29 @@ def test_bad_rx_chains_are_dropped_and_counted(backend: str) -> None:
     assert dev.errors["buffer not mapped in guest memory"] == lost - 1
     assert dp.received is not None and len(dp.received) == 4 - lost  # the others arrived
     assert touched and touched <= l2_frames(dp)
+
+
+@pytest.mark.parametrize("path", ["single", "l1", "l0"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_a_dead_machine_is_freed_by_reference_counting(workload: str, path: str) -> None:
+    """No reference cycle holds a machine, its memory or its datapath: the
+    moment the last reference goes, it is gone (a sweep keeps no dead
+    machines waiting for the cyclic collector)."""
+    gc.collect()
+    gc.disable()
+    try:
+        small = {"working_set_mib": 4, "seconds": 0.05, "l2_mem_gib": 1, "l1_mem_gib": 2}
+        opts = small if workload in ("ept-touch", "ept-churn") else {}
+        m, w, _, op = _built(workload, path, "kvm-2019", opts, 20, {})
+        getattr(op, "warmup", op)()
+        op()
+        assert m.stats.cycles > 0  # it did run
+        parts = [weakref.ref(m)]
+        if m.memory is not None:
+            parts += [weakref.ref(p) for p in m.memory]
+        if m.datapath is not None:
+            parts.append(weakref.ref(m.datapath))
+        del m, w, op
+        assert [p() for p in parts] == [None] * len(parts)
+    finally:
+        gc.enable()
