@@ -367,18 +367,23 @@ def _echo_reply(f: bytes) -> bytes | None:
     return out + f[u : u + 2] + f[u + 4 :]
 
 
+def _answer_queued(fd: int) -> None:
+    """Answer every UDP echo request queued in the tap, until EAGAIN."""
+    while True:
+        try:
+            hf = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        out = _echo_reply(hf[NET_HDR_SIZE:])
+        if out is not None:
+            os.write(fd, HDR + out)
+
+
 def bare_responder(fd: int) -> None:
     """Answer UDP echo on the raw tap: swap MACs, IPs and ports (checksums hold)."""
     while True:
         select.select([fd], [], [])
-        while True:
-            try:
-                hf = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            out = _echo_reply(hf[NET_HDR_SIZE:])
-            if out is not None:
-                os.write(fd, HDR + out)
+        _answer_queued(fd)
 
 
 async def trio_responder(fd: int) -> None:
@@ -386,14 +391,7 @@ async def trio_responder(fd: int) -> None:
     ``select``: what trio's event loop alone costs a round trip."""
     while True:
         await trio.lowlevel.wait_readable(fd)
-        while True:
-            try:
-                hf = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            out = _echo_reply(hf[NET_HDR_SIZE:])
-            if out is not None:
-                os.write(fd, HDR + out)
+        _answer_queued(fd)
 
 
 def straight_ring_echo(fd: int, q: int = 256) -> None:
