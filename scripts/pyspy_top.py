@@ -26,6 +26,7 @@ LAYERS = (
     ("L2 driver", ("frontends/",)),
     ("datapath glue", ("backends/datapath.py", "backends/direct.py")),
     ("L2 endpoint (packets)", ("xlio/packets.py",)),
+    ("start-up (imports)", ("<frozen importlib", "attr/_make.py", "dataclasses.py")),
 )  # fmt: skip
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):\d+\)$")
 

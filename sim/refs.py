@@ -24,14 +24,15 @@ def weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
     Calling it after the object is gone raises ReferenceError: a part that
     outlives its whole is a bug, never a silent no-op.
     """
-    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
-    name = getattr(method, "__qualname__", repr(method))
+    owner = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+    func = method.__func__  # type: ignore[attr-defined]
+    name = func.__qualname__
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        target = ref()
-        if target is None:
+        obj = owner()
+        if obj is None:
             raise ReferenceError(f"{name}: its object is gone")
-        return target(*args, **kwargs)
+        return func(obj, *args, **kwargs)
 
     call.__qualname__ = call.__name__ = f"weak {name}"
     return call

@@ -401,3 +401,14 @@ def test_a_dead_machine_is_freed_by_reference_counting(workload: str, path: str)
         assert [p() for p in parts] == [None] * len(parts)
     finally:
         gc.enable()
+
+
+def test_a_part_that_outlives_its_datapath_fails_loudly() -> None:
+    """A part calls back into its owner weakly; once the owner is gone the
+    call is a ReferenceError, never a silent no-op."""
+    dp = make_datapath(NestedVmx(make_config("kvm-2019", "l0")), "l0", datapath_options({}))
+    driver = dp.driver
+    driver.send([udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, 9, 64, 0)])
+    del dp
+    with pytest.raises(ReferenceError, match="Datapath.kick: its object is gone"):
+        driver.send([udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, 9, 64, 1)])
