@@ -461,8 +461,8 @@ class Datapath:
     def _l1_nic_kick(self, queue: int) -> None:
         """L1 kicks its own NIC: an L1 exit that L0's device for it handles."""
         m = self.m
-        io_kick = ExitReason.IO_INSTRUCTION
-        self._machine("l1_io_kick", lambda: m.l1_exit(io_kick, "io_kick", cause="l1-backend"))
+        pio = ExitReason.IO_INSTRUCTION
+        self._machine("l1_io_kick", lambda: m.l1_exit(pio, "io_kick", cause="l1-backend"))
         if queue == TXQ and self.l0_nic is not None:
             frames, _ = self.l0_nic.tx()
             self._charge_l0(frames)
