@@ -16,6 +16,10 @@ import json
 import subprocess
 import sys
 
+#: Every workload measured per operation (a micro exit, a frame, a request);
+#: ept-touch and ept-churn are one run each (per page, per modeled second).
+PER_OP = ("cpuid", "vmcall", "io-kick", "io-user", "mmio-kick", "tx", "rx", "echo")
+
 CHILD = """
 import time
 from xlio.measure import measure
@@ -38,7 +42,7 @@ def main() -> None:
     rows = []
     print(f"{'workload':<10}{'path':<6}" + "".join(f"{n:>22,}" for n in counts))
     print(f"{'':<16}" + "".join(f"{'us/op   MiB  exits/op':>22}" for _ in counts))
-    for w in ("cpuid", "io-kick", "tx", "rx", "echo"):
+    for w in PER_OP:
         cells = []
         for n in counts:
             code = CHILD.format(w=w, p=a.path, n=n)
