@@ -105,16 +105,16 @@ class NetDevice:
             try:
                 for chain in chains:
                     if isinstance(chain, ChainError):
-                        self._drop_tx(chain.head, chain.reason, used)
+                        self._drop(used, chain.head, chain.reason, "tx_fails")
                         continue
                     head, readable, writable = chain
                     if writable:
-                        self._drop_tx(head, "device-writable descriptor on TX", used)
+                        self._drop(used, head, "device-writable descriptor on TX", "tx_fails")
                         continue
                     total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
                     if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
                         m["tx_malformed_frames"] += 1
-                        self._drop_tx(head, "frame length out of bounds", used, fail=False)
+                        self._drop(used, head, "frame length out of bounds", None)
                         continue
                     try:
                         if len(readable) == 1:
@@ -122,15 +122,15 @@ class NetDevice:
                         else:
                             data = b"".join(read(a, n) for a, n in readable)
                     except MemoryFault:
-                        self._drop_tx(head, "buffer not mapped in guest memory", used)
+                        self._drop(used, head, "buffer not mapped in guest memory", "tx_fails")
                         continue
                     if data[0] or data[1]:  # flags, gso_type: no offload was negotiated
                         m["tx_malformed_frames"] += 1
-                        self._drop_tx(head, "offload not negotiated", used, fail=False)
+                        self._drop(used, head, "offload not negotiated", None)
                         continue
                     if mac is not None and data[SRC_MAC] != mac:
                         m["tx_spoofed_mac_count"] += 1
-                        self._drop_tx(head, "source MAC not the device's", used, fail=False)
+                        self._drop(used, head, "source MAC not the device's", None)
                         continue
                     out.append(data)
                     packets += 1
@@ -151,13 +151,12 @@ class NetDevice:
         self.metrics[f"{way}_bytes_count"] += nbytes
         q.push_many(used)
 
-    def _drop_tx(
-        self, head: int, reason: str, used: list[tuple[int, int]], fail: bool = True
-    ) -> None:
-        """Count a dropped chain; its head goes back with length 0 with the batch's
-        used entries."""
-        if fail:
-            self.metrics["tx_fails"] += 1
+    def _drop(self, used: list[tuple[int, int]], head: int, reason: str, fails: str | None) -> None:
+        """Count a dropped chain (``reason``, and the ``fails`` metric unless None:
+        the malformed-frame drops have their own); its head goes back with length
+        0 with the batch's used entries."""
+        if fails is not None:
+            self.metrics[fails] += 1
         self.errors[reason] += 1
         used.append((head, 0))
 
@@ -206,17 +205,17 @@ class NetDevice:
                     pos += 1
                     self._consumed += 1
                     if isinstance(chain, ChainError):
-                        self._drop_rx(chain.head, chain.reason, used)
+                        self._drop(used, chain.head, chain.reason, "rx_fails")
                         continue
                     head, readable, segments = chain
                     if readable:
-                        self._drop_rx(head, "readable descriptor on RX", used)
+                        self._drop(used, head, "readable descriptor on RX", "rx_fails")
                         continue
                     need = len(data)
                     if (
                         segments[0][1] if len(segments) == 1 else sum(n for _, n in segments)
                     ) < need:
-                        self._drop_rx(head, "RX buffer too small for the frame", used)
+                        self._drop(used, head, "RX buffer too small for the frame", "rx_fails")
                         continue
                     try:
                         if len(segments) == 1:
@@ -224,7 +223,7 @@ class NetDevice:
                         else:
                             self._scatter(segments, data)
                     except MemoryFault:
-                        self._drop_rx(head, "buffer not mapped in guest memory", used)
+                        self._drop(used, head, "buffer not mapped in guest memory", "rx_fails")
                         continue
                     used.append((head, need))
                     packets += 1
@@ -248,11 +247,6 @@ class NetDevice:
             k = min(n, len(view) - pos)
             self.mem.write(gpa, view[pos : pos + k])
             pos += k
-
-    def _drop_rx(self, head: int, reason: str, used: list[tuple[int, int]]) -> None:
-        self.metrics["rx_fails"] += 1
-        self.errors[reason] += 1
-        used.append((head, 0))
 
 
 def with_rx_header(frame: bytes) -> bytes:

@@ -164,11 +164,9 @@ class Epoch:
     the accessor's hit path then makes no call at all)."""
 
     def __init__(self) -> None:
-        self.value = 0
         self._views: weakref.WeakSet[GuestMemory] = weakref.WeakSet()  # not theirs to keep
 
     def move(self) -> None:
-        self.value += 1
         for view in self._views:
             view._cache.clear()
 
