@@ -47,7 +47,13 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
+from xlio.frontends.virtio_net import (
+    RXQ,
+    TXQ,
+    VirtioNetDriver,
+    chain_buffers,
+    layout_bytes,
+)
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, Endpoint, udp_frame_of_size
 from xlio.sim.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryFault
 from xlio.sim.nested import L0, L1, L2, NestedVmx
@@ -77,6 +83,14 @@ DEVICE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VI
 L1_NIC_BASE = 64 << 20
 RX_BATCH = 256  # frames L0's RX thread moves per pass
 KICKS = ("pio", "mmio")
+
+
+def l1_nic_tx_queue_size(queue_size: int, buf_size: int) -> int:
+    """L1's own NIC's TX ring: L2's queue size, or more if the largest frame L1's
+    backend accepts (65,562 bytes with its header) would not fit one chain of
+    L1's buffers, as a relaying bridge's NIC must carry what it was handed."""
+    need = chain_buffers(buf_size)
+    return max(queue_size, 1 << (need - 1).bit_length())
 
 
 class _DeviceModel:
@@ -254,6 +268,7 @@ class Datapath:
             self.l1_nic = VirtioNetDriver(
                 self.l1_view, l1_model, queue_size=queue_size, event_idx=event_idx,
                 buf_size=buf_size, base=L1_NIC_BASE,
+                tx_queue_size=l1_nic_tx_queue_size(queue_size, buf_size),
             )  # fmt: skip
             with m.l1_background():  # L1 boots with its own NIC
                 self.l1_nic.probe()
@@ -593,11 +608,15 @@ class Datapath:
             "l0-direct": self.direct.device,
             "l0-for-l1-nic": self.l0_nic,
         }
-        return {
+        out = {
             k: {**dict(d.metrics), **{f"error: {e}": n for e, n in d.errors.items()}}
             for k, d in devs.items()
             if d is not None
         }
+        if self.l1_nic is not None:  # what L1's NIC driver dropped before its device saw it
+            out["l1-nic-driver"] = {"tx_too_big": self.l1_nic.tx_too_big,
+                                    "tx_busy": self.l1_nic.tx_busy}  # fmt: skip
+        return out
 
 
 # ---------------------------------------------------------------- workloads
@@ -628,12 +647,35 @@ def _buf_size(frame_size: int) -> int:
     return max(2048, (frame_size + NET_HDR_SIZE + 2047) & ~2047)
 
 
+#: L2's and L1's memory for a datapath whose rings and buffers fit (MiB):
+#: the layouts of the default options and every smaller one use these.
+L2_MEM_MIB, L1_MEM_MIB = 64, 256
+_MIB = 1 << 20
+
+
+def _round_mib(n: int, to: int = 64) -> int:
+    return -(-n // (to * _MIB)) * to
+
+
+def datapath_memory(queue_size: int, buf_size: int) -> tuple[int, int]:
+    """(L2 MiB, L1 MiB) that hold the rings and buffers of a datapath: L2's
+    driver's from its base at 1 MiB (and room above them), L1's own NIC's
+    from L1_NIC_BASE, below L2's backing, which fills L1 memory from the top."""
+    l2_need = (1 << 20) + layout_bytes(queue_size, buf_size)
+    l2 = max(L2_MEM_MIB, _round_mib(l2_need) + (64 if l2_need > L2_MEM_MIB * _MIB else 0))
+    nic = layout_bytes(queue_size, buf_size, l1_nic_tx_queue_size(queue_size, buf_size))
+    l1 = max(L1_MEM_MIB, _round_mib(L1_NIC_BASE + nic) + l2 + 64)
+    return l2, l1
+
+
 def make_datapath(
     m: NestedVmx, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None
 ) -> Datapath:
+    buf = _buf_size(o["frame_size"])
+    l2_mib, l1_mib = datapath_memory(o["queue_size"], buf)
     dp = Datapath(
-        m, path, queue_size=o["queue_size"], event_idx=o["event_idx"],
-        buf_size=_buf_size(o["frame_size"]), capture=capture, wire=wire, kick=o["kick"],
+        m, path, queue_size=o["queue_size"], event_idx=o["event_idx"], buf_size=buf,
+        capture=capture, wire=wire, kick=o["kick"], l2_mem_mib=l2_mib, l1_mem_mib=l1_mib,
     )  # fmt: skip
     m.datapath = dp
     return dp

@@ -159,8 +159,33 @@ def netns_name_problem(name: str) -> str | None:
     return None
 
 
+#: A run's tag (letters and digits, at most 4): set in the environment, every
+#: namespace and tap this process and its children create carries it, so a
+#: run (the test suite) can tell what it made from what else is on the host.
+RUN_TAG_ENV = "XLIO_RUN_TAG"
+RUN_TAG = re.compile(r"[a-z0-9]{1,4}")
+
+
+def run_tag() -> str:
+    """This run's tag from ``$XLIO_RUN_TAG`` ('' when unset or not a valid tag)."""
+    tag = os.environ.get(RUN_TAG_ENV, "")
+    return tag if RUN_TAG.fullmatch(tag) else ""
+
+
+def netns_prefix(tag: str | None = None) -> str:
+    """What the names of a run's namespaces start with: ``xlio-TAG-`` (``xlio-`` untagged)."""
+    tag = run_tag() if tag is None else tag
+    return f"xlio-{tag}-" if tag else "xlio-"
+
+
+def tap_prefix(tag: str | None = None) -> str:
+    """What a run's tap names start with: ``xlioTAG-`` (``xlio`` untagged; 15 bytes at most)."""
+    tag = run_tag() if tag is None else tag
+    return f"xlio{tag}-" if tag else "xlio"
+
+
 def unique_netns() -> str:
-    return f"xlio-{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{netns_prefix()}{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def open_tap(ifname: str) -> int:
@@ -217,7 +242,7 @@ class NamespacedTap:
         if problem:
             raise HostSetupError(problem)
         self.name = name
-        self.ifname = f"xlio{secrets.token_hex(3)}"
+        self.ifname = tap_prefix() + secrets.token_hex(3)[: 15 - len(tap_prefix())]
         self.host_ip = host_ip
         self.guest_ip = guest_ip
         self.prefix = prefix
@@ -300,15 +325,17 @@ class NamespacedTap:
         self.close()
 
 
-def leftovers() -> tuple[list[str], list[str]]:
-    """``xlio-`` namespaces and ``xlio`` links that exist now (for tests and checks)."""
+def leftovers(tag: str | None = None) -> tuple[list[str], list[str]]:
+    """The namespaces and root-namespace links of run ``tag`` that exist now
+    (default: this run's, ``$XLIO_RUN_TAG``; ``""``: every ``xlio-`` one)."""
     from pyroute2 import IPRoute, netns
 
-    spaces = [n for n in netns.listnetns() if n.startswith("xlio-")]
+    spaces_of, links_of = netns_prefix(tag), tap_prefix(tag)
+    spaces = [n for n in netns.listnetns() if n.startswith(spaces_of)]
     with IPRoute() as ipr:
         links = [
-            link.get_attr("IFLA_IFNAME")
+            name
             for link in ipr.get_links()
-            if str(link.get_attr("IFLA_IFNAME")).startswith("xlio")
+            if (name := str(link.get_attr("IFLA_IFNAME"))).startswith(links_of)
         ]
     return spaces, links

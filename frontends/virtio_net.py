@@ -10,13 +10,19 @@ device, DRIVER_OK; then it posts every RX buffer. Each register access goes
 through the ``transport`` (a PCI device model in reality; port I/O that
 exits), so its cost lands in the model's set-up figures.
 
-Queue 0 receives, queue 1 transmits; every buffer is one descriptor holding
+Queue 0 receives, queue 1 transmits; an RX buffer is one descriptor holding
 the 12-byte header and the frame. :meth:`send` writes frames, publishes the
 available index once per batch and kicks only if the device asked
-(``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag); a
-frame longer than a buffer is dropped and counted (``tx_too_big``), never
-raised: a bridge relaying a guest's jumbo frame must not stop. TX
-interrupts are suppressed; used TX buffers are reclaimed on the next send.
+(``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag). A
+frame that does not fit one TX buffer goes out as a chain of buffers linked
+with VIRTQ_DESC_F_NEXT, as Linux's virtio-net sends a large skb as a
+scatter-gather list (a bridge relaying a guest's jumbo frame must carry
+it); only a frame over the device's limit (65,562 bytes with the header)
+is dropped and counted (``tx_too_big``), never raised. When the ring has
+too few free descriptors for the rest of a batch, the driver publishes
+what it posted, kicks, reclaims what the device returned and goes on; what
+still cannot be posted is counted (``tx_busy``). TX interrupts are
+suppressed; used TX buffers are reclaimed on the next send.
 :meth:`receive` (the RX interrupt handler) takes used RX buffers, re-posts
 them, kicks if the device wants to hear about new buffers, and re-arms the
 interrupt (``used_event``). If the device reports DEVICE_NEEDS_RESET the
@@ -30,6 +36,7 @@ from typing import Protocol
 from xlio.sim.memory import GuestMemory
 from xlio.virtio import (
     DESC,
+    MAX_TX_CHAIN_BYTES,
     NET_HDR_SIZE,
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -43,6 +50,7 @@ from xlio.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MAC,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     avail_ring_size,
@@ -72,6 +80,21 @@ class DriverError(Exception):
     """The device refused the driver (features not accepted, reset needed)."""
 
 
+def layout_bytes(queue_size: int, buf_size: int, tx_queue_size: int | None = None) -> int:
+    """Bytes a driver's rings and buffers take from its ``base`` (page-aligned rings)."""
+    tx_size = queue_size if tx_queue_size is None else tx_queue_size
+    rings = sum(
+        _align(_align(desc_table_size(n) + avail_ring_size(n), 4) + used_ring_size(n), 4096)
+        for n in (queue_size, tx_size)
+    )
+    return rings + (queue_size + tx_size) * buf_size
+
+
+def chain_buffers(buf_size: int) -> int:
+    """Buffers of ``buf_size`` bytes the largest TX chain (65,562 bytes) takes."""
+    return -(-MAX_TX_CHAIN_BYTES // buf_size)
+
+
 def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
@@ -91,7 +114,8 @@ class DriverQueue:
         self.end = _align(self.used + used_ring_size(size), 4096)
         mem.write(base, bytes(self.end - base))
         self.free = list(range(size - 1, -1, -1))
-        self.in_flight: set[int] = set()
+        self.in_flight: set[int] = set()  # heads posted, not yet returned
+        self.chained: dict[int, list[int]] = {}  # head -> the rest of its chain
         self.avail_idx = 0
         self.published = 0
         self.last_used = 0
@@ -138,6 +162,27 @@ class DriverQueue:
         self.avail_idx = idx
         return out
 
+    def add_chain(self, base: int, stride: int, lengths: list[int]) -> list[int]:
+        """Post one device-readable chain of ``len(lengths)`` free descriptors
+        (descriptor ``i``'s buffer at ``base + i * stride``), linked with
+        VIRTQ_DESC_F_NEXT in order, its head in the next available slot (not
+        yet published); returns the buffers' GPAs in chain order."""
+        ids = [self.free.pop() for _ in lengths]
+        head = ids[0]
+        self.in_flight.add(head)
+        if len(ids) > 1:
+            self.chained[head] = ids[1:]
+        gpas = []
+        for k, (i, n) in enumerate(zip(ids, lengths, strict=True)):
+            gpa = base + i * stride
+            last = k == len(ids) - 1
+            flags, nxt = (0, 0) if last else (VIRTQ_DESC_F_NEXT, ids[k + 1])
+            self.mem.pack_into(DESC, self.desc + 16 * i, gpa, n, flags, nxt)
+            gpas.append(gpa)
+        self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return gpas
+
     def publish(self) -> bool:
         """Expose the new available index; True if the device wants a kick."""
         new = self.avail_idx
@@ -160,6 +205,7 @@ class DriverQueue:
         ring = self.mem.span_page(self.used + 4, 8 * self.size)
         in_flight = self.in_flight
         free = self.free
+        chained = self.chained
         mask = self.size - 1
         last = self.last_used
         while last != idx:
@@ -171,6 +217,8 @@ class DriverQueue:
             if i in in_flight:  # a device returning a buffer twice is ignored
                 in_flight.discard(i)
                 free.append(i)
+                if chained and i in chained:
+                    free.extend(chained.pop(i))
                 out.append((i, n))
         self.last_used = last
         return out
@@ -197,10 +245,12 @@ class VirtioNetDriver:
         event_idx: bool = True,
         buf_size: int = 2048,
         base: int = 1 << 20,
+        tx_queue_size: int | None = None,
     ) -> None:
         self.mem = mem
         self.t = transport
         self.queue_size = queue_size
+        self.tx_queue_size = queue_size if tx_queue_size is None else tx_queue_size
         self.want_event_idx = event_idx
         self.buf_size = buf_size
         self.base = base
@@ -234,11 +284,11 @@ class VirtioNetDriver:
         event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         size = self.queue_size
         rx = DriverQueue(self.mem, size, self.base, event_idx)
-        tx = DriverQueue(self.mem, size, rx.end, event_idx)
+        tx = DriverQueue(self.mem, self.tx_queue_size, rx.end, event_idx)
         self.rx_bufs = tx.end
         self.tx_bufs = self.rx_bufs + size * self.buf_size
         for q, index in ((rx, RXQ), (tx, TXQ)):
-            t.setup_queue(index, size, q.desc, q.avail, q.used)
+            t.setup_queue(index, q.size, q.desc, q.avail, q.used)
         self.rx, self.tx = rx, tx
         tx.interrupts(False)
         rx.interrupts(True)
@@ -267,20 +317,62 @@ class VirtioNetDriver:
         assert tx is not None, "probe() first"
         tx.take_used()
         limit = self.buf_size - NET_HDR_SIZE
-        fits = [f for f in frames if len(f) <= limit]
-        self.tx_too_big += len(frames) - len(fits)  # longer than the MTU set up: dropped
-        if len(fits) > len(tx.free):
-            self.tx_busy += len(fits) - len(tx.free)
-            fits = fits[: len(tx.free)]
-        gpas = tx.add_many(self.tx_bufs, self.buf_size, [NET_HDR_SIZE + len(f) for f in fits],
-                           write=False)  # fmt: skip
-        write = self.mem.write
-        for gpa, frame in zip(gpas, fits, strict=True):
-            write(gpa, TX_HDR + frame)  # visible to the device only at publish()
-        queued = len(fits)
+        if len(frames) <= len(tx.free) and all(len(f) <= limit for f in frames):
+            return self._post(tx, frames)  # the common case: a buffer a frame
+        queued = 0
+        pending = list(frames)
+        while pending:
+            progress = self._post_chains(tx, pending)
+            queued += progress
+            del pending[:progress]
+            if not pending:
+                break
+            if tx.publish():  # the ring is full: let the device drain, then go on
+                self.t.notify(TXQ)
+            before = len(tx.free)
+            tx.take_used()
+            if len(tx.free) == before and not progress:
+                self.tx_busy += len(pending)  # the device returned nothing: dropped
+                break
         if tx.publish():
             self.t.notify(TXQ)
         return queued
+
+    def _post(self, tx: DriverQueue, frames: list[bytes]) -> int:
+        gpas = tx.add_many(self.tx_bufs, self.buf_size, [NET_HDR_SIZE + len(f) for f in frames],
+                           write=False)  # fmt: skip
+        write = self.mem.write
+        for gpa, frame in zip(gpas, frames, strict=True):
+            write(gpa, TX_HDR + frame)  # visible to the device only at publish()
+        if tx.publish():
+            self.t.notify(TXQ)
+        return len(frames)
+
+    def _post_chains(self, tx: DriverQueue, frames: list[bytes]) -> int:
+        """Post frames in order, each in as many buffers as it needs, until
+        one does not fit the free descriptors; returns how many frames were
+        taken (posted, or too big for any chain and counted in ``tx_too_big``)."""
+        stride = self.buf_size
+        write = self.mem.write
+        taken = 0
+        for frame in frames:
+            data = TX_HDR + frame
+            if len(data) > MAX_TX_CHAIN_BYTES:
+                self.tx_too_big += 1  # over what any device takes: dropped
+                taken += 1
+                continue
+            pieces = [data[k : k + stride] for k in range(0, len(data), stride)]
+            if len(pieces) > tx.size:
+                self.tx_too_big += 1  # a chain longer than the whole ring
+                taken += 1
+                continue
+            if len(pieces) > len(tx.free):
+                break
+            gpas = tx.add_chain(self.tx_bufs, stride, [len(p) for p in pieces])
+            for gpa, piece in zip(gpas, pieces, strict=True):
+                write(gpa, piece)
+            taken += 1
+        return taken
 
     def receive(self) -> list[bytes]:
         """The RX interrupt handler: frames received, buffers re-posted."""

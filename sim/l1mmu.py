@@ -23,11 +23,21 @@ swaps the page back in.
 from __future__ import annotations
 
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
-from .memory import Epoch, MemoryFault
+from .memory import PAGE_SHIFT, Epoch, MemoryFault
 from .nested import L1, L2, NestedVmx
 from .refs import weak_method
 from .vept import VirtualEpt
 from .vmx import ExitReason
+
+
+def static_fits(l1_bytes: int, l2_bytes: int, page_shift: int) -> bool:
+    """Whether L1 memory of ``l1_bytes`` can back ``l2_bytes`` of L2 statically:
+    every L2 page (growing down from the top) plus EPT12's leaf tables, one
+    per 512 pages, its upper levels and the reserved first frame (growing up)."""
+    fpp = 1 << (page_shift - PAGE_SHIFT)
+    n = l2_bytes >> page_shift
+    first_l1 = (l1_bytes >> PAGE_SHIFT) // fpp - n
+    return first_l1 * fpp > 1 + n // QW + 8
 
 
 class L1Mmu:
@@ -93,7 +103,7 @@ class L1Mmu:
         n = self.l2_pages
         first_l1 = self._next_page - n
         if first_l1 * self.frames_per_page <= self._next_table + n // QW + 8:
-            raise MemoryFault("L1 memory too small to back L2 statically")
+            raise MemoryFault("L1 memory too small to back L2 statically")  # static_fits()
         self._next_page = first_l1
         for first in range(0, n, QW):
             last = min(first + QW, n)

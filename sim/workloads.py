@@ -17,7 +17,7 @@ from typing import Any
 
 from .costs import CostModel
 from .ept import PAGE_SHIFTS
-from .l1mmu import L1Mmu
+from .l1mmu import L1Mmu, static_fits
 from .memory import HostMemory
 from .nested import L1, NestedVmx
 from .vept import SCHEMES, VirtualEpt
@@ -146,6 +146,18 @@ def ept_options(opts: dict[str, Any], costs: CostModel) -> dict[str, Any]:
     for k in ("rate", "seconds", "touch_hz"):
         if o[k] <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive")
+    if o["static_ept"] or o["static_ept02"]:
+        gib = 1 << 30
+        shift = PAGE_SHIFTS[o["page_size"]]
+        l2 = int(o["l2_mem_gib"] * gib)
+        if not static_fits(int(o["l1_mem_gib"] * gib), l2, shift):
+            need = next(g for g in range(int(o["l1_mem_gib"]), 1 << 20)
+                        if static_fits(g * gib, l2, shift))  # fmt: skip
+            flag = "--static-ept" if o["static_ept"] else "--static-ept02"
+            raise ValueError(
+                f"{flag} needs --l1-mem {need} or more to back --l2-mem {o['l2_mem_gib']} "
+                f"statically (L2's pages plus L1's EPT12 tables; --l1-mem is {o['l1_mem_gib']})"
+            )
     return o
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
 
 import pytest
 
-from xlio.backends.netns import NamespacedTap, leftovers
+from xlio.backends.netns import RUN_TAG_ENV, NamespacedTap, leftovers
+
+# This run's tag, inherited by every xlio the suite starts: the namespaces and
+# taps the suite creates carry it, and the suite checks only those
+# (``leftovers()`` reads it), whatever else named xlio- is on the host.
+os.environ[RUN_TAG_ENV] = secrets.token_hex(2)
 
 
 @pytest.fixture
 def host() -> Iterator[NamespacedTap]:
-    """A fresh ``xlio-`` namespace with our tap; nothing of it outlives the test."""
+    """A fresh ``xlio-TAG-`` namespace with our tap; nothing of it outlives the test."""
     h = NamespacedTap()
     h.open()
     try:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from children import read_until, running, spawn, xlio_args
 from taphosts import needs_taps
 
 from xlio import __version__
@@ -353,29 +354,24 @@ def test_compare_configurations_and_files(tmp_path: Path) -> None:
         ["measure", "--workload", "echo", "--path", "l1", "--count", "5000000"],
         ["sweep", "--workload", "echo", "--param", "batch=1,2", "--count", "5000000"],
         ["demo", "--count", "1000000"],
-        ["netperf", "--path", "l1", "--duration", "3"],  # warm-up: 0.3 modeled s
-        [
-            "compare",
-            "--workload",
-            "echo",
-            "--a",
-            "path=single",
-            "--b",
-            "path=l1",
-            "--count",
-            "12000",
-        ],  # A takes about 2.5 s here: the stop lands in B  # fmt: skip
+        ["netperf", "--path", "l1", "--duration", "10"],
+        # A is over in milliseconds, B takes minutes: the stop lands in B
+        "compare --workload echo --count 5000000 --a path=single --a count=20 --b path=l1".split(),
     ],
+    ids=lambda args: args[0],
 )
 def test_ctrl_c_prints_what_was_measured_and_exits_130(args: list[str]) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xlio.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # the signal goes once the child says it is working: its progress bar,
+    # shown after a second of work when stderr is a terminal (forced here),
+    # for netperf once the bar has left the warm-up (1/100 measured); the
+    # work is sized to last minutes, so no machine finishes it first
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "FORCE_COLOR": "1"}
+    working = r"[1-9]\d*/100\b" if args[0] == "netperf" else f"xlio {args[0]}: "
+    with running(spawn(xlio_args(*args), env=env)) as proc:
+        seen = read_until(proc, working, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + err
     assert "Traceback" not in err
     assert "INTERRUPTED" in out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -20,9 +19,10 @@ import sys
 import time
 
 import pytest
-from taphosts import needs_taps
+from children import spawn, xlio_args
+from taphosts import needs_taps, netns_name
 
-from xlio.backends.netns import leftovers, owner_alive
+from xlio.backends.netns import leftovers, netns_prefix, owner_alive
 
 pytestmark = needs_taps
 GUEST = "198.18.0.2"
@@ -32,11 +32,8 @@ class Serve:
     """``xlio serve`` in a subprocess, its stderr read line by line."""
 
     def __init__(self, *extra: str) -> None:
-        self.name = f"xlio-s{secrets.token_hex(3)}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xlio.cli", "serve", "--netns", self.name, "--json", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        self.name = netns_name("s")
+        self.proc = spawn(xlio_args("serve", "--netns", self.name, "--json", *extra))
         self.err = ""
 
     def wait_for(self, text: str, timeout: float = 20) -> None:
@@ -179,9 +176,8 @@ SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ids=["soak-SIGTERM", "soak-SIGHUP", "bench-SIGINT"],
 )
 def test_a_script_stopped_removes_its_namespace(script: list[str], sig: int) -> None:
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script[0]), *script[1:]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    mine = f"xlio-{proc.pid}-"
+    proc = spawn([sys.executable, os.path.join(SCRIPTS, script[0]), *script[1:]])
+    mine = f"{netns_prefix()}{proc.pid}-"
     try:
         deadline = time.monotonic() + 30
         while not any(n.startswith(mine) for n in leftovers()[0]):

@@ -1,23 +1,22 @@
 """Real taps in real network namespaces, with real kernel tools on the other side.
 
 Needs root and /dev/net/tun (CI has both); elsewhere every test here skips
-with the reason. Every test builds its own ``xlio-`` namespace and checks
-that nothing of it is left afterwards.
+with the reason. Every test builds its own ``xlio-TAG-`` namespace (the run's
+tag, see conftest) and checks that nothing of it is left afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import trio
-from taphosts import needs_taps
+from children import spawn, xlio_args
+from taphosts import needs_taps, netns_name
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
 from xlio.backends.netns import NamespacedTap, leftovers
@@ -216,11 +215,8 @@ async def test_pcap_has_every_frame(host: NamespacedTap, tmp_path) -> None:
 
 # ---------------------------------------------------------------- xlio serve
 def _serve(path: str, name: str, sig: int) -> dict:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xlio.cli", "serve", "--path", path, "--netns", name, "--json",
-         "--preset", "kvm-2019" if path == "l0" else "turtles-2010"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = spawn(xlio_args("serve", "--path", path, "--netns", name, "--json",
+                           "--preset", "kvm-2019" if path == "l0" else "turtles-2010"))  # fmt: skip
     try:
         deadline = time.monotonic() + 20
         ping = None
@@ -250,7 +246,7 @@ def _serve(path: str, name: str, sig: int) -> dict:
 
 @pytest.mark.parametrize(("path", "sig"), [("l1", signal.SIGINT), ("l0", signal.SIGTERM)])
 def test_serve_as_a_user_runs_it(path: str, sig: int) -> None:
-    name = f"xlio-t{secrets.token_hex(3)}"
+    name = netns_name("t")
     r = _serve(path, name, sig)
     assert r["netns"] == name and r["tap"]["frames_from_peer"] >= 5
     assert r["totals"]["l2_exits"] >= 5

@@ -679,6 +679,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
                 raise UsageError(f"{name} is not a JSON result object")
         da, db = docs
         la, lb = a.files
+        b_total = None  # a result file says what it covered, not what it was asked for
     else:
         if a.workload is None or not (a.a_sets or a.b_sets):
             raise UsageError("give --workload and at least one --a or --b setting (or two files)")
@@ -692,11 +693,13 @@ def _cmd_compare(a: argparse.Namespace) -> int:
                 p = with_setting(p, name, value, sets)
             points.append(p)
         sides: list[dict[str, Any]] = []
-        with _progress(2 * a.count, f"xlio compare: {a.workload}, A then B") as advance:
+        total = sum(p.count for p in points)
+        b_total = points[1].count
+        with _progress(total, f"xlio compare: {a.workload}, A then B") as advance:
             for k, p in enumerate(points):
 
-                def tick(done: int, _total: int, k: int = k) -> None:
-                    advance(k * a.count + done, 2 * a.count)
+                def tick(done: int, _total: int, before: int = points[0].count * k) -> None:
+                    advance(before + done, total)
 
                 r = measure(p.workload, p.path, p.costs, count=p.count, options=p.options,
                             progress=tick, **p.switches)  # fmt: skip
@@ -728,7 +731,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         ]  # fmt: skip
         head = f"xlio compare: A = {la} ({describe(da)})\n              B = {lb} ({describe(db)})"
         if interrupted:
-            head += f"\nINTERRUPTED: B covers {db['count']:,} of {a.count:,} operations"
+            of = f" of {b_total:,}" if b_total is not None else ""
+            head += f"\nINTERRUPTED: B covers {db['count']:,}{of} operations"
         return render(head, table(("figure", "A", "B", "B - A", "B / A"), body))
 
     _emit(a, obj, text)
@@ -742,38 +746,50 @@ def _set_values(a: argparse.Namespace, costs: CostModel) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress(total: int, what: str) -> Iterator[Callable[..., None]]:
-    """A progress bar on stderr (never stdout), shown once the work takes over a second."""
-    import time
+    """A progress bar on stderr (never stdout), shown once the work takes over a
+    second, also when no step has finished yet (a timer shows it)."""
+    import threading
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    start = time.monotonic()
     console = Console(stderr=True)  # a pipe or a file gets no progress at all
     bar: Progress | None = None
     task = None
     done = 0
+    lock = threading.Lock()
+
+    def show() -> None:
+        nonlocal bar, task
+        with lock:
+            if bar is None:
+                bar = Progress(
+                    "{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                )  # fmt: skip
+                bar.start()
+                task = bar.add_task(what, total=total, completed=done)
 
     def advance(now: int | None = None, of: int | None = None) -> None:
         """One more done, or ``now`` done of ``of``."""
-        nonlocal bar, task, done, total
+        nonlocal done, total
         done = done + 1 if now is None else now
         total = total if of is None else of
-        if bar is None and console.is_terminal and time.monotonic() - start > 1.0:
-            bar = Progress(
-                "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=console, transient=True,
-            )  # fmt: skip
-            bar.start()
-            task = bar.add_task(what, total=total)
         if bar is not None and task is not None:
             bar.update(task, completed=done, total=total)
 
+    timer = threading.Timer(1.0, show) if console.is_terminal else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         yield advance
     finally:
-        if bar is not None:
-            bar.stop()
+        if timer is not None:
+            timer.cancel()
+        with lock:
+            if bar is not None:
+                bar.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
