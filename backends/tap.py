@@ -27,7 +27,9 @@ differs. Frames cross with their 12-byte virtio-net header (IFF_VNET_HDR).
   waiting in the backlog, or counted as dropped (``tap_write_fails``).
 * ``--pcap``: every frame crossing the tap, both directions, is kept as
   bytes and written to the file in batches with scapy's ``RawPcapWriter``,
-  outside the per-frame path.
+  outside the per-frame path. The file is opened and its header flushed
+  before anything else is built; a batch that cannot be written (disk full)
+  raises :class:`CaptureFailed`, which ends the run like a vanished tap.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ BACKLOG_MAX = 4096
 INBOX_MAX = 4096
 READ_SIZE = 65536 + NET_HDR_SIZE
 PCAP_BATCH = 256
+PCAP_FILE_HEADER = 24  # libpcap global header
+PCAP_RECORD_HEADER = 16  # per-record header: ts_sec, ts_usec, incl_len, orig_len
 _GONE = (errno.EBADFD, errno.ENXIO, errno.ENODEV, errno.EBADF)
 
 
@@ -58,33 +62,106 @@ class TapGone(Exception):
     """The tap went away under us."""
 
 
+class CaptureFailed(Exception):
+    """The ``--pcap`` file could not be written; ``written`` frames reached it.
+
+    Raised when the file is opened and its header test-written (before a
+    namespace is built: a usage error) and by a failed batch during the run
+    (disk full: the run ends, its report says how many frames were captured).
+    """
+
+    def __init__(self, path: str, err: OSError, written: int) -> None:
+        super().__init__(f"cannot write capture {path}: {err.strerror or err}")
+        self.path = path
+        self.written = written
+        self.report: dict[str, object] | None = None  # filled by the run that failed
+
+
 class PcapBatcher:
-    """Collects frames and writes them to a pcap file in batches."""
+    """Collects frames and writes them to a pcap file in batches.
+
+    The file is created and its header flushed at construction, so a file
+    that cannot be written (``/proc/version``: EIO at the first flush; a
+    read-only filesystem: EROFS/EACCES at open) is found before anything is
+    built. ``written`` counts the frames that reached the file.
+    """
 
     def __init__(self, path: str) -> None:
         from scapy.utils import RawPcapWriter
 
-        self._w = RawPcapWriter(path, linktype=1, sync=False)
-        self._w.write_header(None)  # write_packet() below does not add the file header
-        self._pending: list[tuple[float, bytes]] = []
+        self.path = path
         self.written = 0
+        self.failed: CaptureFailed | None = None
+        self._pending: list[tuple[float, bytes]] = []
+        self._w: RawPcapWriter | None = None
+        self._size_at_flush = 0  # bytes of the file before the batch being written
+        try:
+            self._w = RawPcapWriter(path, linktype=1, sync=False)
+            self._w.write_header(None)  # write_packet() below does not add the file header
+            self._w.flush()
+            self._size_at_flush = PCAP_FILE_HEADER
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, e: OSError) -> None:
+        """Stop writing, let go of the file (its own errors are the same failure).
+
+        Part of the failed batch may have reached the file before the disk
+        filled: ``written`` counts the whole records it holds (16-byte
+        record header plus frame), from the size the file ended with.
+        """
+        w, self._w = self._w, None
+        if w is not None:
+            start = self._size_at_flush
+            try:
+                w.close()
+            except OSError:
+                pass
+            try:
+                room = os.path.getsize(self.path) - start
+            except OSError:
+                room = 0
+            for _, frame in self._pending:
+                room -= PCAP_RECORD_HEADER + len(frame)
+                if room < 0:
+                    break
+                self.written += 1
+        self._pending.clear()
+        self.failed = CaptureFailed(self.path, e, self.written)
+        raise self.failed
 
     def add(self, frame: bytes) -> None:
+        if self._w is None:
+            return  # failed or closed: the run is ending with CaptureFailed
         self._pending.append((time.time(), frame))
         if len(self._pending) >= PCAP_BATCH:
             self.flush()
 
     def flush(self) -> None:
-        for ts, frame in self._pending:
-            sec = int(ts)
-            self._w.write_packet(frame, sec=sec, usec=int((ts - sec) * 1e6))
+        if self._w is None:
+            return
+        try:
+            for ts, frame in self._pending:
+                sec = int(ts)
+                self._w.write_packet(frame, sec=sec, usec=int((ts - sec) * 1e6))
+            self._w.flush()
+        except OSError as e:
+            self._fail(e)
         self.written += len(self._pending)
+        self._size_at_flush += sum(PCAP_RECORD_HEADER + len(f) for _, f in self._pending)
         self._pending.clear()
-        self._w.flush()
 
     def close(self) -> None:
+        """Flush and close; after a failure, nothing to do (``failed`` says why)."""
+        if self._w is None:
+            return
         self.flush()
-        self._w.close()
+        w, self._w = self._w, None
+        try:
+            w.close()
+        except OSError as e:
+            self._w = w
+            self._fail(e)
 
 
 class TapWire(Inbox):
@@ -236,7 +313,9 @@ async def serve_tap(
         raise
 
 
-def raise_first(group: BaseExceptionGroup, kind: type[BaseException]) -> None:
+def raise_first(
+    group: BaseExceptionGroup, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> None:
     """Re-raise the first ``kind`` inside a (nested) exception group, unwrapped."""
     match: BaseException | None = group.subgroup(kind)
     while isinstance(match, BaseExceptionGroup):

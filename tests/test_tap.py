@@ -12,14 +12,17 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import trio
-from children import spawn, xlio_args
+from children import read_until, running, spawn, xlio_args
 from taphosts import needs_taps, netns_name
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
-from xlio.backends.netns import NamespacedTap, leftovers
+from xlio.backends.netns import GUEST_IP, NamespacedTap, leftovers
 from xlio.backends.tap import TapGone
 from xlio.measure import make_config
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT
@@ -211,6 +214,64 @@ async def test_pcap_has_every_frame(host: NamespacedTap, tmp_path) -> None:
     pkts = rdpcap(path)
     assert len(pkts) == r["pcap_frames"] == s.wire.frames_to_peer + s.wire.frames_from_peer
     assert sum(1 for p in pkts if p.haslayer(ICMP)) == 10
+
+
+@contextmanager
+def tmpfs(where: Path, *opts: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``where`` for the block (a full disk, a read-only one)."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_capture_that_cannot_be_written_is_refused_before_anything_is_built(
+    tmp_path: Path,
+) -> None:
+    name = netns_name("p")
+    with tmpfs(tmp_path / "ro", "ro", "size=64k") as ro:
+        for bad in ("/proc/version", str(ro / "cap.pcap")):
+            p = subprocess.run(xlio_args("serve", "--pcap", bad, "--netns", name),
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert p.returncode == 2 and p.stdout == "", p
+            [line] = p.stderr.splitlines()
+            assert line.startswith("xlio serve: error: ") and os.path.dirname(bad) in line, line
+            spaces, links = leftovers()
+            assert name not in spaces and not links
+
+
+def test_a_disk_full_during_the_run_ends_it_with_what_was_captured(tmp_path: Path) -> None:
+    """128 KiB hold about 500 frames of a 200-byte ping; 400 pings are 800 frames."""
+    name = netns_name("p")
+    with tmpfs(tmp_path / "small", "size=128k") as small:
+        cap = small / "cap.pcap"
+        proc = spawn(xlio_args("serve", "--pcap", str(cap), "--netns", name, "--json",
+                               "--duration", "60"))  # fmt: skip
+        with running(proc):
+            read_until(proc, "ready: ", timeout=30)
+            subprocess.run(["ip", "netns", "exec", name, "ping", "-q", "-f", "-c", "400",
+                            "-s", "200", "-W", "1", GUEST_IP], capture_output=True,
+                           timeout=60)  # fmt: skip
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and "No space left on device" in errors[0], err
+        r = json.loads(out)
+        assert r["pcap_error"] and r["stopped_by"] is None
+        crossed = r["tap"]["frames_to_peer"] + r["tap"]["frames_from_peer"]
+        assert 0 < r["pcap_frames"] < crossed
+        assert f"after {r['pcap_frames']} frames captured" in errors[0]
+        from scapy.utils import RawPcapReader
+
+        whole = 0
+        for _ in RawPcapReader(str(cap)):  # the last record may be cut off by the full disk
+            whole += 1
+        assert whole in (r["pcap_frames"], r["pcap_frames"] + 1)
+    spaces, links = leftovers()
+    assert name not in spaces and not links
 
 
 # ---------------------------------------------------------------- xlio serve

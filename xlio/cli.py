@@ -818,9 +818,20 @@ def _tap_ready() -> None:
         raise UsageError(str(e)) from None
 
 
+def _serve_text(r: dict[str, Any]) -> str:
+    lines = [
+        format_measure(r, command="serve"),
+        "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()),
+    ]
+    for name, metrics in r.get("devices", {}).items():
+        shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
+        lines.append(f"device {name}: {shown or 'idle'}")
+    return "\n".join(lines)
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from xlio.backends.netns import HostSetupError
-    from xlio.backends.tap import TapGone
+    from xlio.backends.tap import CaptureFailed, PcapBatcher, TapGone
     from xlio.tapsession import serve
 
     _tap_ready()
@@ -836,10 +847,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         print(json.dumps(metrics, separators=(",", ":")), flush=True)
 
     costs = _costs(a)
+    try:  # the capture is test-written before any namespace exists
+        pcap = PcapBatcher(a.pcap) if a.pcap else None
+    except CaptureFailed as e:
+        raise UsageError(str(e)) from None
 
     try:
         r = serve(
-            a.path, a.netns, a.duration, costs, a.pcap, announce, ready=ready,
+            a.path, a.netns, a.duration, costs, pcap, announce, ready=ready,
             interval=a.interval, emit=emit,
         )  # fmt: skip
     except HostSetupError as e:
@@ -847,18 +862,17 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     except TapGone as e:
         print(f"xlio serve: error: {e}; namespace removed", file=sys.stderr)
         return 1
+    except CaptureFailed as e:  # disk full during the run: the report still says what was done
+        if e.report is not None:
+            report = e.report
+            _emit(a, report, lambda: _serve_text(report))
+        print(
+            f"xlio serve: error: {e} after {e.written} frames captured; namespace removed",
+            file=sys.stderr,
+        )
+        return 1
 
-    def text() -> str:
-        lines = [
-            format_measure(r, command="serve"),
-            "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()),
-        ]
-        for name, metrics in r.get("devices", {}).items():
-            shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
-            lines.append(f"device {name}: {shown or 'idle'}")
-        return "\n".join(lines)
-
-    _emit(a, r, text)
+    _emit(a, r, lambda: _serve_text(r))
     stopped = r["stopped_by"]
     return 128 + signal.Signals[stopped] if stopped else 0
 

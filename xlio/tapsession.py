@@ -32,7 +32,14 @@ import trio
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
 from xlio.backends.netns import HostInfo, NamespacedTap
-from xlio.backends.tap import PcapBatcher, TapGone, TapWire, raise_first, serve_tap
+from xlio.backends.tap import (
+    CaptureFailed,
+    PcapBatcher,
+    TapGone,
+    TapWire,
+    raise_first,
+    serve_tap,
+)
 from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.nested import NestedVmx
@@ -48,7 +55,7 @@ class TapSession:
         host: NamespacedTap,
         *,
         preset: str | CostModel = "turtles-2010",
-        pcap: str | None = None,
+        pcap: str | PcapBatcher | None = None,
         record_batches: bool = False,
         **opts: Any,
     ) -> None:
@@ -56,7 +63,7 @@ class TapSession:
         self.path = path
         self.info: HostInfo = host.info
         self.m = NestedVmx(make_config(preset, path))
-        self.pcap = PcapBatcher(pcap) if pcap else None
+        self.pcap = PcapBatcher(pcap) if isinstance(pcap, str) else pcap
         self.wire = TapWire(host.fd, self.pcap, record_batches=record_batches)
         o = datapath_options(opts)
         self.dp: Datapath = make_datapath(self.m, path, o, wire=self.wire)
@@ -81,8 +88,10 @@ class TapSession:
         r["tap"] = self.wire.metrics()
         r["netns"] = self.info.netns
         if self.pcap is not None:
-            self.pcap.close()
+            if self.pcap.failed is None:
+                self.pcap.close()
             r["pcap_frames"] = self.pcap.written
+            r["pcap_error"] = str(self.pcap.failed) if self.pcap.failed else None
         return r
 
     # ------------------------------------------------------------- L2's traffic
@@ -315,7 +324,7 @@ def serve(
     netns_name: str | None,
     duration: float | None,
     preset: str | CostModel,
-    pcap: str | None,
+    pcap: str | PcapBatcher | None,
     announce: Callable[[str], None],
     ready: Callable[[str], None] | None = None,
     interval: float | None = None,
@@ -327,7 +336,9 @@ def serve(
     was answered through the tap: both directions work). With ``interval``,
     ``emit`` gets the metrics of each interval (see :func:`interval_metrics`).
     The result's ``stopped_by`` names the signal that ended the run (None:
-    the duration did).
+    the duration did). A capture that cannot be written ends the run with
+    :class:`CaptureFailed`, its ``report`` holding the run's result (how
+    many frames were captured); the namespace is removed either way.
     """
     with stopping_on_signals():
         host = NamespacedTap(netns_name)
@@ -343,13 +354,18 @@ def serve(
             received: list[int] = []
             _StopState.check()
             try:
-                trio.run(_serve_main, session, duration, received, ready, interval, emit)
-            except BaseExceptionGroup as group:
-                raise_first(group, TapGone)
+                try:
+                    trio.run(_serve_main, session, duration, received, ready, interval, emit)
+                except BaseExceptionGroup as group:
+                    raise_first(group, (TapGone, CaptureFailed))
+                    raise
+                if not received:
+                    _StopState.check()
+                r = session.result()
+            except CaptureFailed as e:
+                e.report = session.result()
+                e.report["stopped_by"] = None
                 raise
-            if not received:
-                _StopState.check()
-            r = session.result()
             r["stopped_by"] = signal.Signals(received[0]).name if received else None
             return r
         finally:
