@@ -31,7 +31,10 @@ import fcntl
 import os
 import re
 import secrets
+import signal
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -261,7 +264,8 @@ class NamespacedTap:
         try:
             self._created_ns = True  # set first: a signal right after create cannot leak it
             _record_owner(self.name)
-            netns.create(self.name)
+            with _signals_held():  # pyroute2 forks a child to mount it: let it finish first
+                netns.create(self.name)
             _disable_ipv6(self.name)
             self.fd = open_tap(self.ifname)
             with IPRoute() as ipr:
@@ -323,6 +327,22 @@ class NamespacedTap:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Stop signals stay pending (blocked) inside the block, delivered after it.
+
+    ``netns.create`` forks a child that unshares and bind-mounts the new
+    namespace onto its file; a stop raised while that child is still at work
+    would remove the file before the child mounts it again, leaving it behind.
+    """
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def leftovers(tag: str | None = None) -> tuple[list[str], list[str]]:

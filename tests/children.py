@@ -40,7 +40,7 @@ def spawn(args: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
 
 
 def xlio_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "xlio.cli", *args]
+    return [sys.executable, "-m", "xlio", *args]
 
 
 def read_until(proc: subprocess.Popen[str], text: str, timeout: float, seen: str = "") -> str:

@@ -13,7 +13,7 @@ import pytest
 
 def xlio(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "xlio.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "xlio", *args], capture_output=True, text=True, timeout=120
     )
 
 

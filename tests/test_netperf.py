@@ -98,7 +98,7 @@ def test_apicv_and_tso_show_in_kvm_2019_at_10g() -> None:
 
 
 def test_netperf_cli_json_and_errors() -> None:
-    cmd = [sys.executable, "-m", "xlio.cli", "netperf"]
+    cmd = [sys.executable, "-m", "xlio", "netperf"]
     p = subprocess.run(
         [*cmd, "-t", "TCP_RR", "--path", "l1", "--duration", "0.01", "--json"],
         capture_output=True, text=True,

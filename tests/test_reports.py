@@ -25,7 +25,7 @@ from xlio.sim.workloads import PATHS
 
 def xlio(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "xlio.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "xlio", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -379,7 +379,7 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(args: list[str]) -> None:
 def test_progress_is_on_stderr_and_never_on_stdout() -> None:
     import os
 
-    args = [sys.executable, "-m", "xlio.cli", "sweep", "--workload", "echo",
+    args = [sys.executable, "-m", "xlio", "sweep", "--workload", "echo",
             "--param", "batch=1,2", "--count", "4000"]  # fmt: skip
     plain = subprocess.run(args, capture_output=True, text=True, timeout=120)
     env = {**os.environ, "TTY_COMPATIBLE": "1", "FORCE_COLOR": "1"}  # as if a terminal

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from children import spawn, xlio_args
+from children import default_signals, running, spawn, xlio_args
 from taphosts import needs_taps, netns_name
 
 from xlio.backends.netns import leftovers, netns_prefix, owner_alive
@@ -82,6 +82,46 @@ def test_a_signal_during_namespace_setup(sig: int, delay: float) -> None:
     assert code == 128 + sig, err
     assert "Traceback" not in err
     _clean(s.name)
+
+
+def _blocked_stops() -> None:
+    """In the child, before exec: the stop signals at their default action, blocked."""
+    default_signals()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_at_the_first_moment_of_xlio_code_ends_quietly(sig: int) -> None:
+    """Sent before the child runs a line of Python and held pending (blocked)
+    until the entry point unblocks it: it lands on xlio's very first moment."""
+    name = netns_name("s")
+    proc = subprocess.Popen(xlio_args("serve", "--netns", name), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_blocked_stops)  # fmt: skip
+    with running(proc):
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert err == f"xlio: stopped by {signal.Signals(sig).name}\n" and out == ""
+    _clean(name)
+
+
+@pytest.mark.parametrize(
+    "sig", (signal.SIGINT, signal.SIGTERM), ids=lambda s: signal.Signals(s).name
+)
+@pytest.mark.parametrize("delay", [0.08, 0.12, 0.16, 0.2, 0.3, 0.45])
+def test_a_signal_while_python_imports_the_commands_ends_quietly(sig: int, delay: float) -> None:
+    """From Python's first 30 ms (its own start and site) on, while the commands
+    import and the namespace is built: 128 + the signal, no traceback, nothing left."""
+    name = netns_name("s")
+    proc = spawn(xlio_args("serve", "--netns", name))
+    with running(proc):
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "stopped by " + signal.Signals(sig).name in err, err
+    _clean(name)
 
 
 @pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
@@ -148,7 +188,7 @@ def test_sigkill_leaves_a_namespace_that_cleanup_removes_and_only_it() -> None:
         spaces, _ = leftovers()
         assert killed.name in spaces and owner_alive(killed.name) is False
         assert owner_alive(live.name) is True
-        p = subprocess.run([sys.executable, "-m", "xlio.cli", "cleanup", "--json"],
+        p = subprocess.run([sys.executable, "-m", "xlio", "cleanup", "--json"],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["removed"] == [killed.name]

@@ -33,7 +33,7 @@ def test_turtles_still_gives_turtles_figure() -> None:
 
 
 def test_vmexit_cli_prints_kvm_unit_tests_lines_and_json() -> None:
-    run = [sys.executable, "-m", "xlio.cli", "vmexit", "--preset", "kvm-2019", "--level", "2"]
+    run = [sys.executable, "-m", "xlio", "vmexit", "--preset", "kvm-2019", "--level", "2"]
     want = ["cpuid", "mov_dr", "self_ipi_sti_nop"]
     p = subprocess.run([*run, *want], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

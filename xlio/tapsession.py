@@ -7,8 +7,9 @@ ping and UDP) and from the namespace's side (a UDP echo server on a socket
 created inside the namespace, the real ``ping``). Exits are charged by the
 same model as on the loopback wire.
 
-Stopping: SIGINT, SIGTERM and SIGHUP stop ``serve`` and ``demo --tap``
-cleanly. Inside trio a signal receiver cancels the run; outside it (while
+Stopping (the vocabulary is :mod:`xlio.stop`): SIGINT, SIGTERM and SIGHUP
+stop ``serve`` and ``demo --tap`` cleanly. Inside trio a signal receiver cancels
+the run; outside it (while
 pyroute2 builds or removes the namespace) a handler raises :class:`Stopped`.
 The first signal counts; later ones are ignored, so a second Ctrl-C cannot
 cut the cleanup or the report short. The command exits with 128 + the
@@ -24,8 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -44,6 +44,7 @@ from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.nested import NestedVmx
 from xlio.sim.presets import CostModel
+from xlio.stop import STOP_SIGNALS, Stopped, StopState, deferring_stops, stopping_on_signals
 
 
 class TapSession:
@@ -209,71 +210,6 @@ async def run_with(session: TapSession, body: Callable[[], Awaitable[Any]]) -> A
 
 
 # ---------------------------------------------------------------- signals
-#: Signals that stop a run cleanly: what it measured is reported, what it
-#: built is removed, and the exit status is 128 + the signal (130 for SIGINT).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Stopped(KeyboardInterrupt):
-    """The run was stopped by ``signum``."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _StopState:
-    """Whether a stop signal was seen; after the first, the others are ignored."""
-
-    seen = False
-    signum = 0
-
-    @classmethod
-    def check(cls) -> None:
-        """Raise the stop now if a signal came but its exception was lost (raised
-        inside a finalizer or a weakref callback, where Python swallows it)."""
-        if cls.seen:
-            raise Stopped(cls.signum)
-
-
-@contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """Outside trio, the first stop signal raises :class:`Stopped` (cleanup runs);
-    any later one is ignored, also after this block: the process is on its
-    way out, and a second Ctrl-C must not cut its cleanup or its report short.
-
-    A forked child (pyroute2 forks helpers, and terminates them with SIGTERM)
-    inherits the handler; there the signal gets its default action back, so
-    the child just ends instead of unwinding into its parent's cleanup.
-    """
-    owner = os.getpid()
-
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if _StopState.seen:
-            return
-        _StopState.seen = True
-        _StopState.signum = signum
-        raise Stopped(signum)
-
-    def unraisable(u: Any) -> None:
-        if not isinstance(u.exc_value, Stopped):  # a lost stop: _StopState.check finds it
-            hook(u)
-
-    hook = sys.unraisablehook
-    sys.unraisablehook = unraisable
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, signal.SIG_IGN if _StopState.seen else h)
-        sys.unraisablehook = hook
-
-
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script that builds namespaces (``scripts/``): a stop signal unwinds
     it, so what it built is removed, and it exits with 128 + the signal."""
@@ -281,11 +217,11 @@ def run_script(main: Callable[[], Any]) -> None:
         with stopping_on_signals():
             main()
     except BaseException:
-        if not _StopState.seen:
+        if not StopState.seen:
             raise
-        name = signal.Signals(_StopState.signum).name
+        name = signal.Signals(StopState.signum).name
         print(f"{os.path.basename(sys.argv[0])}: stopped by {name}", file=sys.stderr)
-        sys.exit(128 + _StopState.signum)
+        sys.exit(128 + StopState.signum)
 
 
 def trio_run_stoppable(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -301,19 +237,35 @@ def trio_run_stoppable(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
             nursery.cancel_scope.cancel()
         return out[0] if out else None
 
-    result = trio.run(main)
+    result = run_trio(main, received=received)
     if received:
         raise Stopped(received[0])
     return result
 
 
+def run_trio(fn: Callable[..., Awaitable[Any]], *args: Any, received: list[int]) -> Any:
+    """``trio.run(fn, *args)``, a stop signal never raised inside trio itself:
+    before ``fn``'s signal receiver opens and after it closes, a signal is
+    only recorded (:func:`~xlio.stop.deferring_stops`); one that came then
+    is appended to ``received`` as if the receiver had heard it."""
+    with deferring_stops():
+        result = trio.run(fn, *args)
+    if not received and StopState.seen:
+        received.append(StopState.signum)
+    return result
+
+
 async def _cancel_on_signal(scope: trio.CancelScope, received: list[int]) -> None:
-    """Inside trio: the first stop signal cancels ``scope`` and is recorded."""
+    """Inside trio: the first stop signal cancels ``scope`` and is recorded
+    (also one that came while trio was starting, before the receiver opened)."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if StopState.seen:
+            received.append(StopState.signum)
+            scope.cancel()
+            return
         async for signum in signals:
             received.append(signum)
-            _StopState.seen = True  # later signals: ignored
-            _StopState.signum = signum
+            StopState.record(signum)  # later signals: ignored
             scope.cancel()
             return
 
@@ -352,15 +304,14 @@ def serve(
                 f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
             )
             received: list[int] = []
-            _StopState.check()
+            StopState.check()
             try:
                 try:
-                    trio.run(_serve_main, session, duration, received, ready, interval, emit)
+                    run_trio(_serve_main, session, duration, received, ready, interval, emit,
+                             received=received)  # fmt: skip
                 except BaseExceptionGroup as group:
                     raise_first(group, (TapGone, CaptureFailed))
                     raise
-                if not received:
-                    _StopState.check()
                 r = session.result()
             except CaptureFailed as e:
                 e.report = session.result()
@@ -496,8 +447,8 @@ def demo_tap(
                     info = host.open()
                     session = TapSession(path, host, preset=preset)
                     received: list[int] = []
-                    _StopState.check()
-                    row = trio.run(_demo_path, session, info, n, received)
+                    StopState.check()
+                    row = run_trio(_demo_path, session, info, n, received, received=received)
                     if received or row is None:
                         raise Stopped(received[0] if received else signal.SIGINT)
                     rows[path] = row
