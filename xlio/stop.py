@@ -47,8 +47,11 @@ class Stopped(KeyboardInterrupt):
     """The run was stopped by ``signum``."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)  # args == (signum,): rebuilt as type(e)(*e.args) (simpy does)
         self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 class StopState:
