@@ -155,13 +155,12 @@ class PcapBatcher:
         """Flush and close; after a failure, nothing to do (``failed`` says why)."""
         if self._w is None:
             return
-        self.flush()
-        w, self._w = self._w, None
+        self.flush()  # a batch that cannot be written raises CaptureFailed here
         try:
-            w.close()
+            self._w.close()
         except OSError as e:
-            self._w = w
-            self._fail(e)
+            self._fail(e)  # closes it again, ignoring that second error
+        self._w = None
 
 
 class TapWire(Inbox):

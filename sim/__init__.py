@@ -1,7 +1,8 @@
 """xlio.sim: an in-process model of nested VMX and EPT that charges every exit."""
 
+from .config import Config
 from .costs import CostModel
-from .nested import Config, ModelError, NestedVmx
+from .nested import ModelError, NestedVmx
 from .presets import PRESETS
 from .vmx import ExitReason, VmcsField
 

@@ -28,14 +28,12 @@ the guest is L0's, and the guest's exits are counted as ``l2_exits`` (the
 workload's guest) so that single-level and nested runs line up column by column.
 
 Pure and deterministic: no I/O, no clocks. For speed, compiled handler
-fragments and their costs are memoized per machine (the configuration is
-fixed for a machine's life), and a whole operation (an exit, L1's handler,
-its VMRESUME; an interrupt; a HLT) can be *replayed* (:meth:`replay`): its
-effect from a given machine state (:meth:`_signature`) is recorded the
-first time and, afterwards, the state is set and the effect is counted as
-pending, applied to the counters when :attr:`stats` is next read. The
-machine's own methods add to the counters directly (adding commutes with
-pending replays); only readers go through :attr:`stats`.
+fragments and their costs are memoized per machine (:mod:`sim.config`: the
+configuration is fixed for its life), and a whole operation can be
+*replayed* (:meth:`replay`, :mod:`sim.replay`) from a machine state
+(:meth:`_signature`). The machine's own methods add to the counters
+directly (adding commutes with pending replays); only readers go through
+:attr:`stats`. L2's APIC bits are :mod:`sim.apic`.
 """
 
 from __future__ import annotations
@@ -53,13 +51,12 @@ from .accounting import (
     L1_HANDLERS,
     L1_IRQ,
     L1_WAKEUPS,
-    SUMMARY_KEYS,
     SYNTHESIZED,
     Stats,
 )
-from .costs import CostModel
+from .apic import NIC_VECTOR, PostedInterruptDescriptor, VirtualApicPage
+from .config import Config
 from .profiles import (
-    CACHE_MODES,
     EMPTY_CACHE,
     FRAGMENTS,
     PROFILES,
@@ -69,6 +66,7 @@ from .profiles import (
     compile_fragment,
     flush_on_entry,
 )
+from .replay import Replay
 from .routing import CR0_TS, CR0_WP, L1Controls, route_l2_exit
 from .vmcs import (
     ENTRY_NATIVE_ACCESSES,
@@ -100,103 +98,10 @@ from .vmx import (
 
 L0, L1, L2 = 0, 1, 2
 R = ExitReason
-OPERANDS = ("register", "memory")
-
-
-#: The vector of L2's virtio-net interrupt (any device vector would do).
-NIC_VECTOR = 0x31
-
-
-class PostedInterruptDescriptor:
-    """A posted-interrupt descriptor (SDM 29.6): the PIR bitmap and ON."""
-
-    __slots__ = ("pir", "on")
-
-    def __init__(self) -> None:
-        self.pir = 0
-        self.on = False
-
-    def post(self, vector: int) -> None:
-        self.pir |= 1 << vector
-        self.on = True
-
-
-class VirtualApicPage:
-    """The IRR and ISR of a virtual-APIC page (what L1 sees of L2's APIC)."""
-
-    __slots__ = ("irr", "isr", "delivered")
-
-    def __init__(self) -> None:
-        self.irr = 0
-        self.isr = 0
-        self.delivered = 0
-
-    def accept(self, pid: PostedInterruptDescriptor) -> None:
-        """Posted-interrupt processing: PIR moves into IRR and ON clears."""
-        if pid.on:
-            self.irr |= pid.pir
-            pid.pir = 0
-            pid.on = False
-
-    def eoi(self) -> None:
-        """The guest handled its highest pending vector and ends it."""
-        if self.irr:
-            v = self.irr.bit_length() - 1
-            self.irr &= ~(1 << v)
-            self.delivered += 1
 
 
 class ModelError(RuntimeError):
     """A caller drove the state machine through a transition that cannot happen."""
-
-
-@dataclass(frozen=True)
-class Config:
-    """A resolved configuration: the cost preset plus every switch."""
-
-    costs: CostModel
-    nested: bool = True
-    shadow_vmcs: bool = False
-    vmcs_exits: bool = True  # False: Turtles' hypothetical exitless VMREAD/VMWRITE
-    operand: str = "register"
-    cache_reg: str = "base"
-    apicv: bool = False  # APICv at L0 and, nested, exposed to L1 for L2
-    virtual_idle: bool = False  # DVH's virtual idle: L0 keeps L2's HLT
-    trace: bool = False
-
-    @classmethod
-    def from_preset(cls, costs: CostModel, **overrides: Any) -> Config:
-        """Defaults from the preset (shadowing, cache mode, APICv), then the overrides."""
-        base: dict[str, Any] = {
-            "shadow_vmcs": costs.shadow_vmcs,
-            "cache_reg": costs.cache_reg,
-            "apicv": costs.apicv,
-        }
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(costs=costs, **base)
-        if cfg.operand not in OPERANDS:
-            raise ValueError(f"operand must be one of {', '.join(OPERANDS)}")
-        if cfg.cache_reg not in CACHE_MODES:
-            raise ValueError(f"cache_reg must be one of {', '.join(CACHE_MODES)}")
-        return cfg
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "preset": self.costs.name,
-            "clock_ghz": self.costs.clock_ghz,
-            "nested": self.nested,
-            "shadow_vmcs": self.shadow_vmcs,
-            "vmcs_exits": self.vmcs_exits,
-            "operand": self.operand,
-            "cache_reg": self.cache_reg,
-            "dirty_tracking": self.costs.dirty_tracking,
-            "apicv": self.apicv,
-            "virtual_idle": self.virtual_idle,
-            "costs": {k: p.value for k, p in sorted(self.costs.params.items())},
-            "costs_set": {
-                k: p.source for k, p in sorted(self.costs.params.items()) if p.kind == "user"
-            },
-        }
 
 
 @dataclass(frozen=True)
@@ -210,131 +115,6 @@ class _Executed:
     dirties: bool
 
 
-_COUNTERS = (*SUMMARY_KEYS, "cycles_switch", "cycles_l0", "cycles_l1")
-
-
-def _merge_reasons(
-    into: dict[tuple[int, int], list[float]],
-    rows: tuple[tuple[tuple[int, int], tuple[float, ...]], ...],
-    n: int,
-) -> None:
-    """Add ``n`` times the exit rows of one operation to a by_reason table."""
-    for key, (count, cycles, lo, hi) in rows:
-        row = into.get(key)
-        if row is None:
-            into[key] = [count * n, cycles * n, lo, hi]
-        else:
-            row[0] += count * n
-            row[1] += cycles * n
-            if lo < row[2]:
-                row[2] = lo
-            if hi > row[3]:
-                row[3] = hi
-
-
-class _Replay:
-    """The recorded effect of one operation on a machine (see NestedVmx.replay)."""
-
-    __slots__ = ("counters", "reasons", "causes", "work", "charges", "accesses", "values",
-                 "changes", "delivered", "eager", "levels", "result")  # fmt: skip
-
-    counters: tuple[tuple[str, float], ...]
-    reasons: tuple[tuple[tuple[int, int], tuple[float, ...]], ...]  # by_reason rows
-    causes: tuple[tuple[str, int], ...]
-    work: tuple[tuple[str, float], ...]
-    charges: tuple[tuple[int, bool, tuple[int, ...], int], ...]  # VMCS by index (_vmcss)
-    accesses: tuple[tuple[int, bool, int, int], ...]
-    values: tuple[tuple[int, int, int], ...]
-    changes: tuple[tuple[int, Any], ...]  # signature fields the operation changes: (index, value)
-    delivered: int  # interrupts the operation delivered (VirtualApicPage.delivered)
-    eager: bool  # values or deliveries to apply at once, not when counters are read
-    levels: dict[str, float]  # cycles by level: switch, L0, L1
-    result: Any
-
-    @classmethod
-    def record(cls, m: NestedVmx, operation: Callable[[], Any]) -> _Replay:
-        """Run ``operation`` on ``m`` (applied to its counters) and record its effect."""
-        s = m.stats  # flushed
-        before = [getattr(s, k) for k in _COUNTERS]
-        # the operation's exits go to a fresh table (its cheapest and dearest
-        # exit are its own), merged into the machine's afterwards
-        reasons, s.by_reason = s.by_reason, {}
-        causes = dict(s.by_cause)
-        work = dict(s.work)
-        vmcss = m._vmcss()
-        snap = [
-            (dict(v._read_batches), dict(v._write_batches), dict(v._reads), dict(v._writes),
-             dict(v.values)) for v in vmcss
-        ]  # fmt: skip
-        rec = cls()
-        sig = m._signature()
-        delivered = m.l2_apic.delivered
-        rec.result = operation()
-        s = m._stats
-        rec.counters = tuple(
-            (k, getattr(s, k) - b) for k, b in zip(_COUNTERS, before, strict=True)
-            if getattr(s, k) != b
-        )  # fmt: skip
-        mine, s.by_reason = s.by_reason, reasons
-        rec.reasons = tuple((k, tuple(v)) for k, v in mine.items())
-        _merge_reasons(reasons, rec.reasons, 1)
-        rec.causes = tuple(
-            (k, v - causes.get(k, 0)) for k, v in s.by_cause.items() if v != causes.get(k, 0)
-        )
-        rec.work = tuple(
-            (k, v - work.get(k, 0.0)) for k, v in s.work.items() if v != work.get(k, 0.0)
-        )
-        charges = []
-        accesses = []
-        values: list[tuple[int, int, int]] = []
-        for i, (v, (rb, wb, r, w, vals)) in enumerate(zip(vmcss, snap, strict=True)):
-            for write, now, old in ((False, v._read_batches, rb), (True, v._write_batches, wb)):
-                for k, times in now.items():
-                    if times != old.get(k, 0):
-                        charges.append((i, write, v._lists[k], times - old.get(k, 0)))
-            for write, now, old in ((False, v._reads, r), (True, v._writes, w)):
-                for f, n in now.items():
-                    if n != old.get(f, 0):
-                        accesses.append((i, write, f, n - old.get(f, 0)))
-            values.extend((i, f, x) for f, x in v.values.items() if vals.get(f) != x)
-        rec.charges = tuple(charges)
-        rec.accesses = tuple(accesses)
-        rec.values = tuple(values)
-        after = m._signature()
-        rec.changes = tuple(
-            (i, a) for i, (b, a) in enumerate(zip(sig, after, strict=True)) if a != b
-        )
-        rec.delivered = m.l2_apic.delivered - delivered
-        rec.eager = bool(rec.values or rec.delivered)
-        d = dict(rec.counters)
-        rec.levels = {
-            "switch": d.get("cycles_switch", 0.0),
-            "L0": d.get("cycles_l0", 0.0),
-            "L1": d.get("cycles_l1", 0.0),
-        }
-        return rec
-
-    @classmethod
-    def traced(cls, m: NestedVmx, operation: Callable[[], Any]) -> _Replay:
-        """Run ``operation`` (tracing: nothing is recorded); only its cycles by level."""
-        s = m.stats
-        sw, l0, l1 = s.cycles_switch, s.cycles_l0, s.cycles_l1
-        rec = cls()
-        rec.result = operation()
-        rec.levels = {
-            "switch": s.cycles_switch - sw,
-            "L0": s.cycles_l0 - l0,
-            "L1": s.cycles_l1 - l1,
-        }
-        return rec
-
-    def apply_eager(self, m: NestedVmx) -> None:
-        vmcss = m._vmcss()
-        for i, field, value in self.values:
-            vmcss[i].values[field] = value
-        m.l2_apic.delivered += self.delivered
-
-
 class NestedVmx:
     """L0's view of one L2 vCPU and its L1: see the module docstring."""
 
@@ -345,8 +125,8 @@ class NestedVmx:
         self._stats = Stats(trace=config.trace)
         # recorded effects of whole operations (see replay) and how many
         # replays of each the counters do not show yet
-        self._replays: dict[Any, dict[tuple[Any, ...], _Replay]] = {}
-        self._pending: dict[_Replay, int] = {}
+        self._replays: dict[Any, dict[tuple[Any, ...], Replay]] = {}
+        self._pending: dict[Replay, int] = {}
         self._new_vmcs()
         apicv = config.apicv
         pin = KVM_L1_PIN_BASED | (KVM_L1_PIN_APICV if apicv else 0)
@@ -495,26 +275,19 @@ class NestedVmx:
         )  # fmt: skip
 
     _SIG_FIELDS = ("state", "_cache", "vmcs12_dirty", "l2_halted", "l1_halted", "_l1_background")
+    _SIG_APIC = ("on", "pir", "irr", "isr")  # signature fields 7-10: l2_pid's, then l2_apic's
 
     def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
         """Set the signature's fields that a replayed operation changes."""
-        pid = self.l2_pid
-        apic = self.l2_apic
         for i, value in changes:
             if i < 6:
                 setattr(self, self._SIG_FIELDS[i], value)
             elif i == 6:
                 self.l1_controls.restore(value)
-            elif i == 7:
-                pid.on = value
-            elif i == 8:
-                pid.pir = value
-            elif i == 9:
-                apic.irr = value
             else:
-                apic.isr = value
+                setattr(self.l2_pid if i < 9 else self.l2_apic, self._SIG_APIC[i - 7], value)
 
-    def replay(self, key: Any, operation: Callable[[], Any]) -> _Replay:
+    def replay(self, key: Any, operation: Callable[[], Any]) -> Replay:
         """Run ``operation`` (machine calls only) or replay what it did before.
 
         The model is deterministic: an operation with the same ``key`` from
@@ -527,7 +300,7 @@ class NestedVmx:
         operations always run (the trace needs their events).
         """
         if self._stats.trace is not None:  # run it: the trace needs its events
-            return _Replay.traced(self, operation)
+            return Replay.traced(self, operation)
         table = self._replays.get(key)
         if table is None:
             table = self._replays[key] = {}
@@ -535,13 +308,13 @@ class NestedVmx:
 
     def _replay_in(
         self,
-        table: dict[tuple[Any, ...], _Replay],
+        table: dict[tuple[Any, ...], Replay],
         sig: tuple[Any, ...],
         operation: Callable[[], Any],
-    ) -> _Replay:
+    ) -> Replay:
         rec = table.get(sig)
         if rec is None:
-            rec = table[sig] = _Replay.record(self, operation)
+            rec = table[sig] = Replay.record(self, operation)
             return rec
         if rec.eager:  # rare: VMCS values, APIC deliveries
             rec.apply_eager(self)
@@ -551,17 +324,17 @@ class NestedVmx:
         pending[rec] = pending.get(rec, 0) + 1
         return rec
 
-    def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], _Replay]:
+    def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], Replay]:
         """:meth:`replay` of one ``key`` and ``operation``, as a function to call often."""
         if self._stats.trace is not None:
-            return lambda: _Replay.traced(self, operation)
+            return lambda: Replay.traced(self, operation)
         table = self._replays.setdefault(key, {})
         replay_in = self._replay_in
         pid = self.l2_pid
         apic = self.l2_apic
         pending = self._pending
 
-        def run() -> _Replay:
+        def run() -> Replay:
             sig = (  # _signature(), inlined: this is the model's hottest line
                 self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
                 self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr,
@@ -579,24 +352,7 @@ class NestedVmx:
         pending = list(self._pending.items())
         self._pending.clear()  # in place: replayers hold this dict
         for rec, n in pending:
-            self._stats_add(rec, n)
-
-    def _stats_add(self, rec: _Replay, n: int) -> None:
-        s = self._stats
-        for name, d in rec.counters:
-            setattr(s, name, getattr(s, name) + d * n)
-        _merge_reasons(s.by_reason, rec.reasons, n)
-        for cause, d in rec.causes:
-            s.by_cause[cause] += d * n
-        for what, w in rec.work:
-            s.work[what] += w * n
-        vmcss = self._vmcss()
-        for i, write, fields, times in rec.charges:
-            v = vmcss[i]
-            v._charge(v._write_batches if write else v._read_batches, fields, times * n)
-        for i, write, field, d in rec.accesses:
-            v = vmcss[i]
-            (v._writes if write else v._reads)[field] += d * n
+            rec.add_to(self._stats, self._vmcss(), n)
 
     def _vmcss(self) -> tuple[Vmcs, Vmcs, Vmcs, Vmcs]:
         """The VMCS objects a replay record refers to by index."""

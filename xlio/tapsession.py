@@ -8,9 +8,9 @@ created inside the namespace, the real ``ping``). Exits are charged by the
 same model as on the loopback wire.
 
 Stopping (the vocabulary is :mod:`xlio.stop`): SIGINT, SIGTERM and SIGHUP
-stop ``serve`` and ``demo --tap`` cleanly. Inside trio a signal receiver cancels
-the run; outside it (while
-pyroute2 builds or removes the namespace) a handler raises :class:`Stopped`.
+stop ``serve`` and ``demo --tap`` cleanly. Inside trio a signal receiver
+cancels the run (:func:`run_trio`); outside it (while pyroute2 builds or
+removes the namespace) a handler raises :class:`Stopped`.
 The first signal counts; later ones are ignored, so a second Ctrl-C cannot
 cut the cleanup or the report short. The command exits with 128 + the
 signal (130 for SIGINT).
@@ -227,9 +227,8 @@ def run_script(main: Callable[[], Any]) -> None:
 def trio_run_stoppable(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """``trio.run(fn, *args)`` in a script: a stop signal cancels it the trio
     way, then raises :class:`Stopped` outside trio (see :func:`run_script`)."""
-    received: list[int] = []
 
-    async def main() -> Any:
+    async def main(received: list[int]) -> Any:
         out = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
@@ -237,22 +236,24 @@ def trio_run_stoppable(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
             nursery.cancel_scope.cancel()
         return out[0] if out else None
 
-    result = run_trio(main, received=received)
-    if received:
-        raise Stopped(received[0])
+    result, stop = run_trio(main)
+    if stop:
+        raise Stopped(stop)
     return result
 
 
-def run_trio(fn: Callable[..., Awaitable[Any]], *args: Any, received: list[int]) -> Any:
-    """``trio.run(fn, *args)``, a stop signal never raised inside trio itself:
-    before ``fn``'s signal receiver opens and after it closes, a signal is
-    only recorded (:func:`~xlio.stop.deferring_stops`); one that came then
-    is appended to ``received`` as if the receiver had heard it."""
+def run_trio(fn: Callable[..., Awaitable[Any]], *args: Any) -> tuple[Any, int | None]:
+    """``trio.run(fn, received, *args)``: ``fn``'s result and the stop signal
+    that came during the run (None: none). ``fn`` hands ``received`` to its
+    :func:`_cancel_on_signal`. A stop signal is never raised inside trio
+    itself: before that receiver opens and after it closes, a signal is only
+    recorded (:func:`~xlio.stop.deferring_stops`) and counts as received."""
+    received: list[int] = []
     with deferring_stops():
-        result = trio.run(fn, *args)
+        result = trio.run(fn, received, *args)
     if not received and StopState.seen:
         received.append(StopState.signum)
-    return result
+    return result, received[0] if received else None
 
 
 async def _cancel_on_signal(scope: trio.CancelScope, received: list[int]) -> None:
@@ -303,12 +304,10 @@ def serve(
                 f"{info.prefix} on {info.ifname}, L2 guest {info.guest_ip}\n"
                 f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
             )
-            received: list[int] = []
             StopState.check()
             try:
                 try:
-                    run_trio(_serve_main, session, duration, received, ready, interval, emit,
-                             received=received)  # fmt: skip
+                    _, stop = run_trio(_serve_main, session, duration, ready, interval, emit)
                 except BaseExceptionGroup as group:
                     raise_first(group, (TapGone, CaptureFailed))
                     raise
@@ -317,14 +316,14 @@ def serve(
                 e.report = session.result()
                 e.report["stopped_by"] = None
                 raise
-            r["stopped_by"] = signal.Signals(received[0]).name if received else None
+            r["stopped_by"] = signal.Signals(stop).name if stop else None
             return r
         finally:
             host.close()
 
 
 async def _serve_main(
-    session: TapSession, duration: float | None, received: list[int],
+    received: list[int], session: TapSession, duration: float | None,
     ready: Callable[[str], None] | None, interval: float | None,
     emit: Callable[[dict[str, Any]], None] | None,
 ) -> None:  # fmt: skip
@@ -391,7 +390,7 @@ def _delta(now: Any, before: Any) -> Any:
 
 # ---------------------------------------------------------------- xlio demo --tap
 async def _demo_path(
-    session: TapSession, host: HostInfo, n: int, received: list[int]
+    received: list[int], session: TapSession, host: HostInfo, n: int
 ) -> dict[str, Any] | None:
     sock = trio.socket.from_stdlib_socket(socket_in_netns(host.netns))
     await sock.bind((host.host_ip, UDP_ECHO_PORT))
@@ -446,11 +445,10 @@ def demo_tap(
                 try:
                     info = host.open()
                     session = TapSession(path, host, preset=preset)
-                    received: list[int] = []
                     StopState.check()
-                    row = run_trio(_demo_path, session, info, n, received, received=received)
-                    if received or row is None:
-                        raise Stopped(received[0] if received else signal.SIGINT)
+                    row, stop = run_trio(_demo_path, session, info, n)
+                    if stop or row is None:
+                        raise Stopped(stop or signal.SIGINT)
                     rows[path] = row
                 finally:
                     host.close()
