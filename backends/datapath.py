@@ -49,6 +49,7 @@ from typing import Any
 
 from xlio.frontends.virtio_net import (
     RXQ,
+    TX_HDR,
     TXQ,
     VirtioNetDriver,
     chain_buffers,
@@ -70,7 +71,7 @@ from xlio.virtio import (
     valid_queue_size,
 )
 
-from .device import NetDevice, with_rx_header
+from .device import RX_HDR, NetDevice, with_rx_header
 from .direct import Delegation, DelegationRefused, DirectBackend, device_queue, queue_state
 from .virtqueue import DeviceQueue, QueueBroken, queue_spans, span_problem
 from .wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
@@ -471,7 +472,11 @@ class Datapath:
     def _l1_relay(self, frames: list[bytes]) -> None:
         """L1's backend passes frames to L1's own NIC (L1 runs, L2 is out)."""
         if frames and self.l1_nic is not None:
-            self.l1_nic.send([f[NET_HDR_SIZE:] for f in frames])
+            # the header L2 gave, when it is a plain one (no offload, as the
+            # device checked); else a fresh one, as L1's driver would build
+            plain = TX_HDR
+            hdr_frames = [f if f.startswith(plain) else plain + f[NET_HDR_SIZE:] for f in frames]
+            self.l1_nic.send(hdr_frames, with_header=True)
 
     def _l1_nic_kick(self, queue: int) -> None:
         """L1 kicks its own NIC: an L1 exit that L0's device for it handles."""
@@ -488,11 +493,15 @@ class Datapath:
         dev = self.l1_dev
         if dev is None or not self.l1_pending:
             return False
-        frames = list(self.l1_pending)
+        pending = self.l1_pending
+        frames = list(pending)
         consumed, irq = dev.rx(frames)
         self._charge_l1(frames[:consumed])
-        for _ in range(consumed):
-            self.l1_pending.popleft()
+        if consumed == len(frames):
+            pending.clear()
+        else:
+            for _ in range(consumed):
+                pending.popleft()
         if irq:
             self._machine("l1_interrupt_l2", self.m.l1_interrupt_l2)
         return irq
@@ -537,8 +546,13 @@ class Datapath:
             return consumed
         # L2 running: a reflected external interrupt; L1 halted: a wake-up
         self._machine("l0_interrupt_l1", m.l0_interrupt_l1)
-        got = self.l1_nic.receive()  # L1's NIC driver (its refill kick is L1's exit)
-        self.l1_pending.extend(with_rx_header(f) for f in got)
+        # L1's NIC driver (its refill kick is L1's exit); L1's backend hands
+        # each frame on with the header L0's device gave it when that is a
+        # plain one (no offloads, one buffer), else with a fresh one
+        got = self.l1_nic.receive(with_header=True)
+        self.l1_pending.extend(
+            f if f.startswith(RX_HDR) else with_rx_header(f[NET_HDR_SIZE:]) for f in got
+        )
         l2_irq = self._l1_to_l2()
         self._machine("l1_vmresume", m.l1_vmresume)
         if l2_irq:

@@ -40,6 +40,8 @@ METRICS = (
     "tap_write_fails",
     "tx_spoofed_mac_count",
 )
+#: Each direction's packet and byte counters.
+_COUNTS = {way: (f"{way}_packets_count", f"{way}_bytes_count") for way in ("rx", "tx")}
 #: The Ethernet source address inside header + frame.
 SRC_MAC = slice(NET_HDR_SIZE + 6, NET_HDR_SIZE + 12)
 
@@ -87,11 +89,13 @@ class NetDevice:
 
     def _tx(self, out: list[bytes], limit: int) -> None:
         """Drain in batches of at most 256 chains: the rings are resolved once per
-        batch, used entries written together, packet counters added per batch."""
+        batch, the chains' shapes checked, their buffers read together
+        (:meth:`GuestMemory.read_many`), the frames checked, used entries
+        written together and packet counters added per batch."""
         q = self.txq
-        m = self.metrics
-        read = self.mem.read
         mac = self.mac
+        drop = self._drop
+        lo, hi = NET_HDR_SIZE + ETH_MIN, MAX_TX_CHAIN_BYTES
         done = 0
         while done < limit:
             want = min(256, limit - done)
@@ -100,43 +104,49 @@ class NetDevice:
                 return
             done += len(chains)
             used: list[tuple[int, int]] = []
-            packets = 0
-            nbytes = 0
+            first = len(out)
             try:
+                segments: list[tuple[int, int]] = []
+                good: list[tuple[int, int]] = []  # (head, descriptors) of well-shaped chains
                 for chain in chains:
                     if isinstance(chain, ChainError):
-                        self._drop(used, chain.head, chain.reason, "tx_fails")
+                        drop(used, chain.head, chain.reason, "tx_fails")
                         continue
                     head, readable, writable = chain
                     if writable:
-                        self._drop(used, head, "device-writable descriptor on TX", "tx_fails")
+                        drop(used, head, "device-writable descriptor on TX", "tx_fails")
                         continue
-                    total = readable[0][1] if len(readable) == 1 else sum(n for _, n in readable)
-                    if total < NET_HDR_SIZE + ETH_MIN or total > MAX_TX_CHAIN_BYTES:
-                        m["tx_malformed_frames"] += 1
-                        self._drop(used, head, "frame length out of bounds", None)
+                    k = len(readable)
+                    total = readable[0][1] if k == 1 else sum(n for _, n in readable)
+                    if total < lo or total > hi:
+                        self.metrics["tx_malformed_frames"] += 1
+                        drop(used, head, "frame length out of bounds", None)
                         continue
-                    try:
-                        if len(readable) == 1:
-                            data = read(readable[0][0], total)
-                        else:
-                            data = b"".join(read(a, n) for a, n in readable)
-                    except MemoryFault:
-                        self._drop(used, head, "buffer not mapped in guest memory", "tx_fails")
-                        continue
-                    if data[0] or data[1]:  # flags, gso_type: no offload was negotiated
-                        m["tx_malformed_frames"] += 1
-                        self._drop(used, head, "offload not negotiated", None)
-                        continue
-                    if mac is not None and data[SRC_MAC] != mac:
-                        m["tx_spoofed_mac_count"] += 1
-                        self._drop(used, head, "source MAC not the device's", None)
-                        continue
-                    out.append(data)
-                    packets += 1
-                    nbytes += total - NET_HDR_SIZE
-                    used.append((head, 0))
+                    segments.extend(readable)
+                    good.append((head, k))
+                datas = self.mem.read_many(segments)
+                at = 0
+                for head, k in good:
+                    if k == 1:
+                        data = datas[at]
+                    else:
+                        parts = datas[at : at + k]
+                        data = None if None in parts else b"".join(parts)  # type: ignore[arg-type]
+                    at += k
+                    if data is None:
+                        drop(used, head, "buffer not mapped in guest memory", "tx_fails")
+                    elif data[0] or data[1]:  # flags, gso_type: no offload was negotiated
+                        self.metrics["tx_malformed_frames"] += 1
+                        drop(used, head, "offload not negotiated", None)
+                    elif mac is not None and data[SRC_MAC] != mac:
+                        self.metrics["tx_spoofed_mac_count"] += 1
+                        drop(used, head, "source MAC not the device's", None)
+                    else:
+                        out.append(data)
+                        used.append((head, 0))
             finally:
+                packets = len(out) - first
+                nbytes = sum(map(len, out[first:])) - NET_HDR_SIZE * packets
                 self._settle(q, "tx", used, packets, nbytes)
             if broken is not None:
                 raise broken
@@ -147,8 +157,9 @@ class NetDevice:
         self, q: DeviceQueue, way: str, used: list[tuple[int, int]], packets: int, nbytes: int
     ) -> None:
         """The end of a batch: its counters added, its used entries written."""
-        self.metrics[f"{way}_packets_count"] += packets
-        self.metrics[f"{way}_bytes_count"] += nbytes
+        packets_key, bytes_key = _COUNTS[way]
+        self.metrics[packets_key] += packets
+        self.metrics[bytes_key] += nbytes
         q.push_many(used)
 
     def _drop(self, used: list[tuple[int, int]], head: int, reason: str, fails: str | None) -> None:
@@ -188,52 +199,69 @@ class NetDevice:
     def _rx(self, frames: list[bytes]) -> bool:
         """Fill buffers, counting frames consumed in ``_consumed`` (a frame is
         consumed also when its chain is bad: it is lost with it); False when
-        the driver ran out of buffers. Batches as :meth:`_tx` does."""
+        the driver ran out of buffers. Batches as :meth:`_tx` does: each
+        batch's single-buffer frames are written together
+        (:meth:`GuestMemory.write_many`)."""
         q = self.rxq
-        m = self.metrics
-        write = self.mem.write
+        drop = self._drop
         pos = 0
         count = len(frames)
         while pos < count:
             chains, broken = q.pop_many(min(256, count - pos))
+            self._consumed += len(chains)  # one frame per chain, good or not
             used: list[tuple[int, int]] = []
-            packets = 0
-            nbytes = 0
+            gpas: list[int] = []
+            datas: list[bytes] = []
+            heads: list[int] = []  # of the frames in gpas, datas
+            packets = nbytes = 0
             try:
                 for chain in chains:
                     data = frames[pos]
                     pos += 1
-                    self._consumed += 1
                     if isinstance(chain, ChainError):
-                        self._drop(used, chain.head, chain.reason, "rx_fails")
+                        drop(used, chain.head, chain.reason, "rx_fails")
                         continue
                     head, readable, segments = chain
                     if readable:
-                        self._drop(used, head, "readable descriptor on RX", "rx_fails")
+                        drop(used, head, "readable descriptor on RX", "rx_fails")
                         continue
                     need = len(data)
-                    if (
-                        segments[0][1] if len(segments) == 1 else sum(n for _, n in segments)
-                    ) < need:
-                        self._drop(used, head, "RX buffer too small for the frame", "rx_fails")
+                    if len(segments) == 1:
+                        if segments[0][1] < need:
+                            drop(used, head, "RX buffer too small for the frame", "rx_fails")
+                            continue
+                        gpas.append(segments[0][0])
+                        datas.append(data)
+                        heads.append(head)
+                        continue
+                    if sum(n for _, n in segments) < need:
+                        drop(used, head, "RX buffer too small for the frame", "rx_fails")
                         continue
                     try:
-                        if len(segments) == 1:
-                            write(segments[0][0], data)
-                        else:
-                            self._scatter(segments, data)
+                        self._scatter(segments, data)
                     except MemoryFault:
-                        self._drop(used, head, "buffer not mapped in guest memory", "rx_fails")
+                        drop(used, head, "buffer not mapped in guest memory", "rx_fails")
                         continue
                     used.append((head, need))
                     packets += 1
                     nbytes += need - NET_HDR_SIZE
+                failed = self.mem.write_many(gpas, datas)
+                if failed:
+                    for i in failed:
+                        drop(used, heads[i], "buffer not mapped in guest memory", "rx_fails")
+                    bad = set(failed)
+                    heads = [h for i, h in enumerate(heads) if i not in bad]
+                    datas = [d for i, d in enumerate(datas) if i not in bad]
+                sizes = list(map(len, datas))
+                used.extend(zip(heads, sizes, strict=True))
+                packets += len(heads)
+                nbytes += sum(sizes) - NET_HDR_SIZE * len(heads)
             finally:
                 self._settle(q, "rx", used, packets, nbytes)
             if broken is not None:
                 raise broken
             if not chains:
-                m["no_rx_avail_buffer"] += 1
+                self.metrics["no_rx_avail_buffer"] += 1
                 q.set_notify(True)
                 return False
         return True

@@ -64,6 +64,8 @@ class QueueBroken(Exception):
     """The ring itself is corrupt: the device needs a reset."""
 
 
+#: (avail page, offset, descriptor table page, offset, used page, offset)
+RingPages = tuple[bytearray, int, bytearray, int, bytearray, int]
 Segments = tuple[tuple[int, int], ...]  # (L2 GPA, length) of each descriptor
 Chain = tuple[int, Segments, Segments]
 """A descriptor chain as the device sees it: (head, readable, writable) (a
@@ -100,8 +102,30 @@ class DeviceQueue:
         self.broken = False
         self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
+        self._pages: RingPages | None = None
+        self._pages_gen = -1  # the view's generation _pages was resolved in
 
     # ------------------------------------------------------------- helpers
+    def _ring_pages(self) -> RingPages | None:
+        """The available ring, the descriptor table and the used ring, each
+        lying in one host page, resolved once per generation of the view
+        (every mapping change moves it); None when they cannot be (a ring
+        across pages, a view that does not cache, a fault): then every
+        access goes through the accessor, which reports what is wrong."""
+        mem = self.mem
+        if self._pages_gen == mem.generation and mem.touched is None:
+            return self._pages
+        size = self.size
+        try:
+            a = mem.pinned_page(self.avail, avail_ring_size(size))
+            d = mem.pinned_page(self.desc, desc_table_size(size))
+            u = mem.pinned_page(self.used, used_ring_size(size))
+        except MemoryFault:
+            return None  # not cached: the accessor says which ring it was
+        self._pages = (*a, *d, *u) if a and d and u else None
+        self._pages_gen = mem.generation
+        return self._pages
+
     def _break(self, reason: str) -> QueueBroken:
         self.broken = True
         self.errors[reason] += 1
@@ -114,8 +138,9 @@ class DeviceQueue:
         n = (self.avail_idx - self.last_avail) & 0xFFFF
         if n:  # entries seen at the last read of the index: no need to read it again
             return n
+        p = self._ring_pages()
         try:  # caught up: read the driver's index (once per batch, as vhost does)
-            idx = self.mem.read_u16(self.avail + 2)
+            idx = _U16.unpack_from(p[0], p[1] + 2)[0] if p else self.mem.read_u16(self.avail + 2)
         except MemoryFault:
             raise self._break("available ring unreadable") from None
         n = (idx - self.last_avail) & 0xFFFF
@@ -162,12 +187,8 @@ class DeviceQueue:
                 return out, None
             mem = self.mem
             size = self.size
-            try:
-                ring = mem.span_page(self.avail + 4, 2 * size)
-                table = mem.span_page(self.desc, 16 * size)
-            except MemoryFault:
-                raise self._break("available ring unreadable") from None
-            if ring is None or table is None:  # rings across pages: one access at a time
+            p = self._ring_pages()
+            if p is None:  # rings across pages: one access at a time
                 while len(out) < limit:
                     try:
                         chain = self.pop()
@@ -178,32 +199,38 @@ class DeviceQueue:
                         break
                     out.append(chain)
                 return out, None
-            apage, aoff = ring
-            dpage, doff = table
+            apage, aoff, dpage, doff = p[0], p[1] + 4, p[2], p[3]
             head_at = _U16.unpack_from
             desc_at = DESC.unpack_from
             mask = size - 1
             end = mem.size
+            put = out.append
             while len(out) < limit:
                 if not pending:
                     pending = self.pending()
                     if not pending:
                         break
-                head = head_at(apage, aoff + 2 * (self.last_avail & mask))[0]
-                self.last_avail = (self.last_avail + 1) & 0xFFFF
-                self.popped += 1
-                pending -= 1
-                if head >= size:
-                    raise self._break("head descriptor index out of range")
-                addr, length, flags, nxt = desc_at(dpage, doff + 16 * head)
-                if not flags & ~VIRTQ_DESC_F_WRITE and length and addr + length <= end:
-                    seg = ((addr, length),)
-                    out.append((head, (), seg) if flags else (head, seg, ()))
-                    continue
+                take = min(pending, limit - len(out))
+                pending -= take
+                first = last = self.last_avail
                 try:
-                    out.append(self._walk(head))
-                except ChainError as e:
-                    out.append(e)
+                    for _ in range(take):
+                        head = head_at(apage, aoff + 2 * (last & mask))[0]
+                        last = (last + 1) & 0xFFFF
+                        if head >= size:
+                            raise self._break("head descriptor index out of range")
+                        addr, length, flags, nxt = desc_at(dpage, doff + 16 * head)
+                        if not flags & ~VIRTQ_DESC_F_WRITE and length and addr + length <= end:
+                            seg = ((addr, length),)
+                            put((head, (), seg) if flags else (head, seg, ()))
+                            continue
+                        try:
+                            put(self._walk(head))
+                        except ChainError as e:
+                            put(e)
+                finally:  # the heads taken off the ring, the bad one included
+                    self.last_avail = last
+                    self.popped += (last - first) & 0xFFFF
             return out, None
         except QueueBroken as e:
             return out, e
@@ -247,15 +274,12 @@ class DeviceQueue:
         if not entries:
             return
         size = self.size
-        try:
-            ring = self.mem.span_page(self.used + 4, 8 * size)
-        except MemoryFault:
-            raise self._break("used ring unwritable") from None
-        if ring is None:
+        p = self._ring_pages()
+        if p is None:
             for head, length in entries:
                 self.push(head, length)
             return
-        page, off = ring
+        page, off = p[4], p[5] + 4
         put = USED_ELEM.pack_into
         mask = size - 1
         idx = self.used_idx
@@ -282,6 +306,15 @@ class DeviceQueue:
         old = self.signalled
         if new == old:
             return False
+        p = self._ring_pages()
+        if p is not None:
+            _U16.pack_into(p[4], p[5] + 2, new)
+            if self.event_idx:
+                notify = need_event(_U16.unpack_from(p[0], p[1] + 4 + 2 * self.size)[0], new, old)
+            else:
+                notify = not _U16.unpack_from(p[0], p[1])[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            self.signalled = new
+            return notify
         try:
             self.mem.write_u16(self.used + 2, new)
             if self.event_idx:
@@ -297,6 +330,14 @@ class DeviceQueue:
     def set_notify(self, enabled: bool) -> None:
         """Ask for kicks (at the next available entry) or suppress them."""
         if self.broken:
+            return
+        p = self._ring_pages()
+        if p is not None:  # as below, in place
+            if self.event_idx:
+                event = self.last_avail if enabled else (self.last_avail + 0x8000) & 0xFFFF
+                _U16.pack_into(p[4], p[5] + 4 + 8 * self.size, event)
+            else:
+                _U16.pack_into(p[4], p[5], 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
             return
         try:
             if self.event_idx:

@@ -31,9 +31,9 @@ driver stops using the queues and :meth:`probe` starts over.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
-from xlio.sim.memory import GuestMemory
+from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import (
     DESC,
     MAX_TX_CHAIN_BYTES,
@@ -119,6 +119,23 @@ class DriverQueue:
         self.avail_idx = 0
         self.published = 0
         self.last_used = 0
+        self._pages: tuple[bytearray, int, bytearray, int, bytearray, int] | None = None
+        self._pages_gen = -1
+
+    def _ring_pages(self) -> tuple[bytearray, int, bytearray, int, bytearray, int] | None:
+        """(descriptor table page, offset, available ring's, used ring's), each
+        ring in one host page, resolved once per generation of the view; None
+        when they cannot be (then each access goes through the accessor)."""
+        mem = self.mem
+        if self._pages_gen == mem.generation and mem.touched is None:
+            return self._pages
+        size = self.size
+        d = mem.pinned_page(self.desc, desc_table_size(size))
+        a = mem.pinned_page(self.avail, avail_ring_size(size))
+        u = mem.pinned_page(self.used, used_ring_size(size))
+        self._pages = (*d, *a, *u) if d and a and u else None
+        self._pages_gen = mem.generation
+        return self._pages
 
     def add(self, base: int, stride: int, length: int, write: bool) -> tuple[int, int]:
         """Post the buffer of a free descriptor (buffer ``i`` is at ``base + i * stride``)
@@ -137,12 +154,10 @@ class DriverQueue:
         """:meth:`add` for each length, the descriptor table and the available
         ring resolved once (when each lies in one page); returns the buffers' GPAs."""
         size = self.size
-        table = self.mem.span_page(self.desc, 16 * size)
-        ring = self.mem.span_page(self.avail + 4, 2 * size)
-        if table is None or ring is None:
+        p = self._ring_pages()
+        if p is None:
             return [self.add(base, stride, n, write)[1] for n in lengths]
-        dpage, doff = table
-        apage, aoff = ring
+        dpage, doff, apage, aoff = p[0], p[1], p[2], p[3] + 4
         put_desc = DESC.pack_into
         put_u16 = U16.pack_into
         flags = VIRTQ_DESC_F_WRITE if write else 0
@@ -189,37 +204,51 @@ class DriverQueue:
         old = self.published
         if new == old:
             return False
-        self.mem.write_u16(self.avail + 2, new)
         self.published = new
+        p = self._ring_pages()
+        if p is not None:  # as below, in place
+            U16.pack_into(p[2], p[3] + 2, new)
+            if self.event_idx:
+                return need_event(U16.unpack_from(p[4], p[5] + 4 + 8 * self.size)[0], new, old)
+            return not U16.unpack_from(p[4], p[5])[0] & VIRTQ_USED_F_NO_NOTIFY
+        self.mem.write_u16(self.avail + 2, new)
         if self.event_idx:
             event = self.mem.read_u16(self.used + 4 + 8 * self.size)
             return need_event(event, new, old)
         return not self.mem.read_u16(self.used) & VIRTQ_USED_F_NO_NOTIFY
 
     def take_used(self) -> list[tuple[int, int]]:
-        """(descriptor id, length) of every buffer the device returned since last time."""
+        """(descriptor id, length) of every buffer the device returned since
+        last time, each id back on the free list."""
         out: list[tuple[int, int]] = []
-        idx = self.mem.read_u16(self.used + 2)
+        p = self._ring_pages()
+        idx = U16.unpack_from(p[4], p[5] + 2)[0] if p else self.mem.read_u16(self.used + 2)
         if self.last_used == idx:
             return out
-        ring = self.mem.span_page(self.used + 4, 8 * self.size)
         in_flight = self.in_flight
         free = self.free
+        put_free = free.append
+        put = out.append
         chained = self.chained
         mask = self.size - 1
         last = self.last_used
+        if p is not None:
+            page, off = p[4], p[5] + 4
+            elem = USED_ELEM.unpack_from
         while last != idx:
-            if ring is None:
+            if p is None:
                 i, n = self.mem.unpack_from(USED_ELEM, self.used + 4 + 8 * (last & mask))
             else:
-                i, n = USED_ELEM.unpack_from(ring[0], ring[1] + 8 * (last & mask))
+                i, n = elem(page, off + 8 * (last & mask))
             last = (last + 1) & 0xFFFF
-            if i in in_flight:  # a device returning a buffer twice is ignored
-                in_flight.discard(i)
-                free.append(i)
-                if chained and i in chained:
-                    free.extend(chained.pop(i))
-                out.append((i, n))
+            try:
+                in_flight.remove(i)
+            except KeyError:  # a device returning a buffer twice is ignored
+                continue
+            put_free(i)
+            if chained and i in chained:
+                free.extend(chained.pop(i))
+            put((i, n))
         self.last_used = last
         return out
 
@@ -227,10 +256,17 @@ class DriverQueue:
         if self.event_idx:
             # interrupt when the device passes last_used; "disabled" puts the
             # event half the index space away
-            ev = self.last_used if enabled else (self.last_used + 0x8000) & 0xFFFF
-            self.mem.write_u16(self.avail + 4 + 2 * self.size, ev)
+            gpa, value = (
+                self.avail + 4 + 2 * self.size,
+                (self.last_used if enabled else (self.last_used + 0x8000) & 0xFFFF),
+            )
         else:
-            self.mem.write_u16(self.avail, 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT)
+            gpa, value = self.avail, 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT
+        p = self._ring_pages()
+        if p is not None:
+            U16.pack_into(p[2], p[3] + gpa - self.avail, value)
+        else:
+            self.mem.write_u16(gpa, value)
 
 
 class VirtioNetDriver:
@@ -311,16 +347,19 @@ class VirtioNetDriver:
         self.probe()
 
     # ------------------------------------------------------------- data
-    def send(self, frames: list[bytes]) -> int:
-        """Queue frames for transmission, one kick per batch if needed; returns frames queued."""
+    def send(self, frames: list[bytes], *, with_header: bool = False) -> int:
+        """Queue frames for transmission, one kick per batch if needed; returns
+        frames queued. ``with_header``: each frame already starts with its
+        virtio-net header (a bridge relaying frames it received with theirs,
+        as vhost-net hands a tap the guest's header)."""
         tx = self.tx
         assert tx is not None, "probe() first"
         tx.take_used()
-        limit = self.buf_size - NET_HDR_SIZE
-        if len(frames) <= len(tx.free) and all(len(f) <= limit for f in frames):
-            return self._post(tx, frames)  # the common case: a buffer a frame
+        data = frames if with_header else [TX_HDR + f for f in frames]
+        if data and len(data) <= len(tx.free) and max(map(len, data)) <= self.buf_size:
+            return self._post(tx, data)  # the common case: a buffer a frame
         queued = 0
-        pending = list(frames)
+        pending = list(data)  # the caller's list stays as it was
         while pending:
             progress = self._post_chains(tx, pending)
             queued += progress
@@ -338,25 +377,23 @@ class VirtioNetDriver:
             self.t.notify(TXQ)
         return queued
 
-    def _post(self, tx: DriverQueue, frames: list[bytes]) -> int:
-        gpas = tx.add_many(self.tx_bufs, self.buf_size, [NET_HDR_SIZE + len(f) for f in frames],
-                           write=False)  # fmt: skip
-        write = self.mem.write
-        for gpa, frame in zip(gpas, frames, strict=True):
-            write(gpa, TX_HDR + frame)  # visible to the device only at publish()
+    def _post(self, tx: DriverQueue, data: list[bytes]) -> int:
+        """Post header + frame of each, a buffer each."""
+        gpas = tx.add_many(self.tx_bufs, self.buf_size, list(map(len, data)), write=False)
+        if self.mem.write_many(gpas, data):  # visible to the device only at publish()
+            raise MemoryFault(f"{self.mem.name}: a TX buffer outside the driver's memory")
         if tx.publish():
             self.t.notify(TXQ)
-        return len(frames)
+        return len(data)
 
     def _post_chains(self, tx: DriverQueue, frames: list[bytes]) -> int:
-        """Post frames in order, each in as many buffers as it needs, until
-        one does not fit the free descriptors; returns how many frames were
-        taken (posted, or too big for any chain and counted in ``tx_too_big``)."""
+        """Post header + frame of each in order, each in as many buffers as it
+        needs, until one does not fit the free descriptors; returns how many
+        were taken (posted, or too big for any chain and counted in ``tx_too_big``)."""
         stride = self.buf_size
         write = self.mem.write
         taken = 0
-        for frame in frames:
-            data = TX_HDR + frame
+        for data in frames:
             if len(data) > MAX_TX_CHAIN_BYTES:
                 self.tx_too_big += 1  # over what any device takes: dropped
                 taken += 1
@@ -374,18 +411,21 @@ class VirtioNetDriver:
             taken += 1
         return taken
 
-    def receive(self) -> list[bytes]:
-        """The RX interrupt handler: frames received, buffers re-posted."""
+    def receive(self, *, with_header: bool = False) -> list[bytes]:
+        """The RX interrupt handler: frames received, buffers re-posted.
+        ``with_header``: each frame with the virtio-net header the device
+        wrote before it (for a bridge that hands it on)."""
         rx = self.rx
         assert rx is not None, "probe() first"
-        out = []
         got = rx.take_used()
-        read = self.mem.read
-        for i, n in got:
-            if NET_HDR_SIZE <= n <= self.buf_size:
-                out.append(read(self.rx_bufs + i * self.buf_size + NET_HDR_SIZE, n - NET_HDR_SIZE))
+        skip = 0 if with_header else NET_HDR_SIZE
+        base, stride = self.rx_bufs + skip, self.buf_size
+        spans = [(base + i * stride, n - skip) for i, n in got if NET_HDR_SIZE <= n <= stride]
+        out = self.mem.read_many(spans)
+        if None in out:
+            raise MemoryFault(f"{self.mem.name}: an RX buffer outside the driver's memory")
         rx.add_many(self.rx_bufs, self.buf_size, [self.buf_size] * len(got), write=True)
         rx.interrupts(True)
         if rx.publish():
             self.t.notify(RXQ)
-        return out
+        return cast(list[bytes], out)

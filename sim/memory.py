@@ -168,7 +168,7 @@ class Epoch:
 
     def move(self) -> None:
         for view in self._views:
-            view._cache.clear()
+            view.invalidate()
 
     def watch(self, view: GuestMemory) -> None:
         self._views.add(view)
@@ -208,6 +208,24 @@ class GuestMemory:
         self.faults = 0
         self.touched: set[int] | None = None
         self._cache: dict[int, tuple[bytearray, int]] = {}
+        #: moves with every invalidation: a page a caller resolved (a ring's,
+        #: :meth:`pinned_page`) is good while this has not moved
+        self.generation = 0
+
+    def invalidate(self) -> None:
+        """A mapping this view relies on changed: every cached page goes."""
+        self._cache.clear()
+        self.generation += 1
+
+    def pinned_page(self, gpa: int, n: int) -> tuple[bytearray, int] | None:
+        """:meth:`span_page` for a caller that keeps the page across batches
+        (a virtqueue's rings): None also when this view does not cache
+        translations or records every frame touched, so that such a caller
+        goes through the accessor each time. The page is good while
+        ``generation`` has not moved."""
+        if not self.caching or self.touched is not None:
+            return None
+        return self.span_page(gpa, n)
 
     def _span(self, gpa: int, n: int) -> None:
         if gpa < 0 or n < 0 or gpa + n > self.size:
@@ -287,6 +305,51 @@ class GuestMemory:
             k = min(n - pos, PAGE_SIZE - o)
             page[o : o + k] = view[pos : pos + k]
             pos += k
+
+    def read_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """:meth:`read` of each (gpa, n) of a batch: the bytes, or None where
+        that read faulted (counted in ``faults``; the rest of the batch goes on).
+        A span inside one cached page is served here; any other goes
+        through :meth:`read` and its checks."""
+        out: list[bytes | None] = []
+        put = out.append
+        cache = self._cache if self.touched is None else {}
+        get = cache.get
+        size = self.size
+        for gpa, n in spans:
+            off = gpa & (PAGE_SIZE - 1)
+            hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
+            if hit is not None and gpa >= 0 and n >= 0:
+                put(bytes(hit[0][off : off + n]))
+                continue
+            try:
+                put(self.read(gpa, n))
+            except MemoryFault:
+                put(None)
+        return out
+
+    def write_many(self, gpas: Sequence[int], datas: Sequence[bytes]) -> list[int]:
+        """:meth:`write` of each ``datas[i]`` at ``gpas[i]`` for a batch;
+        returns the indexes whose write faulted (counted in ``faults``; the
+        rest of the batch is written). A write inside one cached page is
+        done here; any other goes through :meth:`write` and its checks."""
+        failed: list[int] = []
+        cache = self._cache if self.touched is None else {}
+        get = cache.get
+        size = self.size
+        for i, gpa in enumerate(gpas):
+            data = datas[i]
+            n = len(data)
+            off = gpa & (PAGE_SIZE - 1)
+            hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
+            if hit is not None and gpa >= 0:
+                hit[0][off : off + n] = data
+                continue
+            try:
+                self.write(gpa, data)
+            except MemoryFault:
+                failed.append(i)
+        return failed
 
     def unpack_from(self, st: struct.Struct, gpa: int) -> tuple[Any, ...]:
         """``st`` unpacked from guest memory at ``gpa``, with no intermediate copy."""

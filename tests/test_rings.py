@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlio.backends.virtqueue import Chain, ChainError, DeviceQueue, QueueBroken
-from xlio.sim.memory import Epoch, GuestMemory, HostMemory
+from xlio.sim.memory import Epoch, GuestMemory, HostMemory, MemoryFault
 from xlio.virtio import DESC, U16, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 MEM = 1 << 20
@@ -111,3 +111,65 @@ def test_push_many_writes_what_push_writes(size, entries, start) -> None:
                 q.push(*e)
         rings.append((mem.read(0x9000, 4 + 8 * size), q.used_idx))
     assert rings[0] == rings[1]
+
+
+span = st.tuples(
+    st.one_of(st.integers(0, MEM), st.integers(-5000, 1 << 40)), st.integers(0, 9000)
+)  # (gpa, n): in range, across pages, past the end, negative
+
+
+@settings(max_examples=150, deadline=None)
+@given(spans=st.lists(span, max_size=24), fill=st.integers(0, 255))
+def test_read_many_and_write_many_do_what_read_and_write_do(spans, fill) -> None:
+    """The batch accessors return, write and count faults exactly as one
+    access at a time does: a fault is that entry's (None, or its index in
+    the failed list), never the batch's, and nothing outside memory is touched."""
+    one, batch = guest(), guest()
+    datas = [bytes([(fill + i) & 255]) * n for i, (_, n) in enumerate(spans)]
+    failed = []
+    for i, ((gpa, _), data) in enumerate(zip(spans, datas, strict=True)):
+        try:
+            one.write(gpa, data)
+        except MemoryFault:
+            failed.append(i)
+    assert batch.write_many([g for g, _ in spans], datas) == failed
+    assert batch.faults == one.faults
+    expected = []
+    for gpa, n in spans:
+        try:
+            expected.append(one.read(gpa, n))
+        except MemoryFault:
+            expected.append(None)
+    assert batch.read_many(spans) == expected
+    assert batch.faults == one.faults
+
+
+def test_ring_pages_follow_a_mapping_change() -> None:
+    """A queue keeps its rings' host pages between batches; when a mapping
+    under them changes (the view's epoch moves, as when L1 swaps the page
+    out and back in elsewhere) it must read the ring where it is now."""
+    host = HostMemory(MEM)
+    where = {}  # guest page -> host page, changeable
+
+    def translate(gpa: int) -> int:
+        return (where.get(gpa >> 12, gpa >> 12) << 12) | (gpa & 4095)
+
+    epoch = Epoch()
+    mem = GuestMemory(host, MEM, translate, "L2", (epoch,))
+    size, base = 8, 0x10000  # the table in one page, the rings in the next
+    descs = [(BUFS + 4096 * i, 100, 0, 0) for i in range(size)]
+    desc, avail, used = layout(mem, size, descs, list(range(size)), 2, base)
+    q = DeviceQueue(mem, size, desc, avail, used, event_idx=False)
+    chains, broken = q.pop_many(8)
+    assert broken is None and [c[0] for c in chains] == [0, 1]
+    # L1 moves the available ring's page: a copy elsewhere, then the entries change there
+    page = avail >> 12
+    new = 0x80
+    host.write(new, 0, host.read(page, 0, 4096))
+    where[page] = new
+    epoch.move()
+    mem.pack_into(U16, avail + 4 + 2 * 2, 5)
+    mem.pack_into(U16, avail + 2, 3)
+    host.write(page, 0, bytes(4096))  # the old frame no longer holds the ring
+    chains, broken = q.pop_many(8)
+    assert broken is None and [c[0] for c in chains] == [5]
