@@ -63,6 +63,7 @@ from simpy.events import Timeout
 
 from xlio.sim.costs import CostModel
 from xlio.sim.cpus import Cpu
+from xlio.sim.guest_mmu import GuestPaging, Paging
 from xlio.sim.nested import L2, Config, NestedVmx
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
@@ -122,6 +123,7 @@ class NetperfOptions:
     window: int = TCP_WINDOW
     tso: bool | None = None  # TCP segmentation offload (default: the preset's)
     l1_backend: str = "vhost"  # l1 path: vhost in L1's kernel, or QEMU's userspace virtio
+    ticks: bool = True  # the guest's timer tick at the preset's guest_hz while it runs
 
 
 class Ring:
@@ -239,6 +241,7 @@ class Counters:
     sent: int = 0  # packets the guest transmitted
     kicks: int = 0  # guest notifications of its device
     irqs: int = 0  # interrupts delivered to the guest
+    ticks: int = 0  # timer ticks the running guest took
     transactions: int = 0
     latencies: list[float] = field(default_factory=list)
 
@@ -312,6 +315,9 @@ class NetperfModel:
             self.backend = Worker(env, name, self.cpus["cpu1"], "L0")
             env.process(self._worker(self.backend, self._l0_backend_step, self._l0_backend_rearm))
         env.process(self._guest())
+        if opts.ticks:
+            self.paging = GuestPaging(self.m, Paging.NESTED_EPT if nested else Paging.SINGLE)
+            env.process(self._ticks())
 
     # ------------------------------------------------------------ accounting
     def _charge(self, key: Any, fn: Callable[[], Any]) -> Work:
@@ -412,6 +418,25 @@ class NetperfModel:
                 self.guest_halted = False
                 continue
             yield self.guest_wake
+
+    def _ticks(self) -> Generator[Any, Any, None]:
+        """The guest's timer at ``guest_hz``: each tick of a running guest is
+        its TSC-deadline re-arm and the timer interrupt (through L1 when
+        nested, :meth:`GuestPaging.timer_tick`), and nested L1's own tick
+        (:meth:`GuestPaging.l1_timer_tick`), spent on the guest's CPU; a
+        halted guest's tick is stopped (NOHZ idle; L1's is then counted in
+        its HLT handling, not here)."""
+        period = 1.0 / self.costs.guest_hz
+        cpu = self.cpus["cpu0"]
+        m = self.m
+        while True:
+            yield self.env.timeout(period)
+            if self.guest_halted or m.state != L2 or m.l2_halted:
+                continue
+            self.c.ticks += 1
+            cpu.spend(self._charge("timer_tick", self.paging.tick_operation))
+            if self.paging.paging.nested:  # L1's own tick, its vCPU busy running L2
+                cpu.spend(self._charge("l1_timer_tick", self.paging.l1_tick_operation))
 
     def _may_send(self) -> int:
         """How many packets the test lets the guest send now."""
@@ -856,6 +881,7 @@ class NetperfModel:
         out["per_packet"] = {k: v / denom for k, v in summary.items()}
         out["per_packet"]["kicks"] = c.kicks / denom
         out["per_packet"]["interrupts"] = c.irqs / denom
+        out["timer_ticks_per_s"] = c.ticks / seconds
         link = self.to_peer.busy / seconds
         out["link_utilization"] = round(link, 4)
         saturated = []

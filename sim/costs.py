@@ -78,6 +78,7 @@ class CostModel:
     thread_wakeup: int = 5_000  # waking a sleeping host kernel thread (a vhost worker)
     guest_tx_packet: int = 10_000  # the guest's network stack and driver sending one packet
     guest_rx_packet: int = 5_000  # ... receiving one packet
+    guest_hz: int = 250  # the guest kernel's timer tick (CONFIG_HZ), stopped while idle (NOHZ)
     guest_copy_byte: float = 0.5  # the guest copying payload to or from a socket
     tso: bool = False  # TSO/GSO negotiated on the guest's virtio-net (64 KiB segments)
     peer_turnaround_us: float = 8.0  # the bare-metal peer: receive to answer (RR) or ACK
@@ -174,6 +175,13 @@ TURTLES_PARAMS: dict[str, Param] = {
         4_201, "half of guest_tx_packet: a pure ACK or small packet received, no user copy"
     ),
     "guest_copy_byte": P(0.5, "copy_from_user/copy_to_user at about 2 bytes per cycle"),
+    "guest_hz": P(
+        1_000,
+        "estimate: 2.6.3x enterprise guest kernels (RHEL 6) were built with CONFIG_HZ=1000; "
+        "NOHZ idle (2.6.21+) stops the tick of an idle guest",
+        "estimate",
+        "Hz",
+    ),
     "tso": P(
         False, "the Turtles paper's virtio setup is not known to use TSO: off", "estimate", ""
     ),
@@ -229,6 +237,40 @@ TURTLES_PARAMS: dict[str, Param] = {
     ),
     "handler.unsync": P(1_000, "mark an EPT12 leaf unsync and make it writable (no emulation)"),
     "handler.invept": P(1_500, "handle_invept: memory-operand descriptor, checks, free the roots"),
+    # shadow paging of a guest's own page tables (REFERENCE 13): estimates from the
+    # code paths, in units of this preset's other handlers; no published figure
+    "handler.pf_inject": P(
+        2_500,
+        "FNAME(page_fault): walk the guest's 4-level table (FNAME(walk_addr)), the PTE is not "
+        "present, queue the #PF back (kvm_inject_page_fault): a walk plus CPUID's 1,500",
+    ),
+    "handler.pf_fill": P(
+        4_000,
+        "FNAME(page_fault) walk + FNAME(fetch): gfn_to_pfn, mmu_set_spte, rmap_add, "
+        "pte_prefetch: the walk of pf_inject plus an EPT-entry install (ept_violation's 2,000)",
+    ),
+    "handler.pte_unsync": P(
+        2_500, "a write fault on a write-protected leaf table: walk, kvm_unsync_page, make writable"
+    ),
+    "handler.pte_emulate": P(
+        6_000, "decode and emulate the write (as mmio_kick's 4,500) + kvm_mmu_pte_write's update"
+    ),
+    "handler.cr3_load": P(
+        3_000,
+        "kvm_set_cr3 -> kvm_mmu_new_pgd (cached roots) + kvm_mmu_sync_roots' walk, as cr0_write",
+    ),
+    "handler.sync_page": P(
+        12_000,
+        "FNAME(sync_page) of one unsync leaf table at a CR3 load: 512 guest PTE reads "
+        "(kvm_vcpu_read_guest_atomic, ~20 cycles each) and the changed SPTEs updated",
+    ),
+    "handler.invlpg": P(2_000, "kvm_mmu_invlpg -> FNAME(invlpg): a shadow walk, one SPTE zapped"),
+    "handler.invvpid": P(
+        1_500, "handle_invvpid: memory-operand descriptor, checks, flush, as invept"
+    ),
+    "handler.tsc_deadline": P(
+        2_000, "kvm_set_lapic_tscdeadline_msr -> start_apic_timer -> hrtimer_start"
+    ),
 }
 
 TURTLES_2010 = build(

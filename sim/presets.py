@@ -118,6 +118,12 @@ KVM_2019_PARAMS: dict[str, Param] = {
     ),
     "guest_rx_packet": P(4_201, f"{K}: half of guest_tx_packet, as turtles-2010"),
     "guest_copy_byte": P(0.5, f"{K}: as turtles-2010"),
+    "guest_hz": P(
+        250,
+        "Debian's and Ubuntu's x86-64 kernels: CONFIG_HZ_250, NO_HZ_IDLE (their shipped configs)",
+        "published",
+        "Hz",
+    ),
     "tso": P(
         True, "virtio-net and vhost-net negotiate TSO/GSO by default (HOST_TSO4)", "published", ""
     ),
@@ -174,6 +180,17 @@ KVM_2019_PARAMS: dict[str, Param] = {
     "handler.ept12_write": P(1_500, f"{K}: emulate L1's write to a write-tracked EPT12 page"),
     "handler.unsync": P(600, f"{K}: mark an EPT12 leaf unsync and make it writable"),
     "handler.invept": P(1_000, f"{K}: handle_invept: descriptor, checks, free the roots"),
+    # shadow paging of a guest's page tables: half of turtles-2010's, as this preset's
+    # other MMU handlers (ept_violation, cr0_write) are to theirs
+    "handler.pf_inject": P(1_250, f"{K}: FNAME(walk_addr) + kvm_inject_page_fault"),
+    "handler.pf_fill": P(2_000, f"{K}: FNAME(walk_addr) + FNAME(fetch) + pte_prefetch"),
+    "handler.pte_unsync": P(1_250, f"{K}: walk + kvm_unsync_page, the page made writable"),
+    "handler.pte_emulate": P(3_000, f"{K}: emulate the write + kvm_mmu_pte_write"),
+    "handler.cr3_load": P(1_500, f"{K}: kvm_mmu_new_pgd (cached roots) + sync_roots' walk"),
+    "handler.sync_page": P(6_000, f"{K}: FNAME(sync_page): 512 guest PTE reads"),
+    "handler.invlpg": P(1_000, f"{K}: kvm_mmu_invlpg -> FNAME(invlpg)"),
+    "handler.invvpid": P(1_000, f"{K}: handle_invvpid, as invept"),
+    "handler.tsc_deadline": P(1_000, f"{K}: kvm_set_lapic_tscdeadline_msr -> start_apic_timer"),
 }
 
 

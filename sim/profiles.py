@@ -117,6 +117,16 @@ FRAGMENTS: dict[str, tuple[Access, ...]] = {
         _w(F.CR0_READ_SHADOW, "vmx_set_cr0: read shadow"),
         _w(F.GUEST_CR0, "vmx_set_cr0: guest CR0"),
     ),
+    "exception_info": (
+        _r(F.VM_EXIT_INTR_INFO, "handle_exception_nmi: vector and type (#PF)"),
+        _r(F.VM_EXIT_INTR_ERROR_CODE, "handle_exception_nmi: the page-fault error code"),
+        _r(F.EXIT_QUALIFICATION, "handle_exception_nmi: the faulting address (CR2)"),
+    ),
+    "inject_exception": (
+        _w(F.VM_ENTRY_INTR_INFO_FIELD, "vmx_inject_exception: #PF | HARD_EXCEPTION | VALID"),
+        _w(F.VM_ENTRY_EXCEPTION_ERROR_CODE, "vmx_inject_exception: the error code"),
+    ),
+    "load_shadow_root": (_w(F.GUEST_CR3, "vmx_load_mmu_pgd: the new shadow root in GUEST_CR3"),),
     "tsc_adjust": (_w(F.TSC_OFFSET, "kvm_set_msr_common(TSC_ADJUST) -> adjust_tsc_offset_guest"),),
     "inject_irq": (
         _r(F.GUEST_RFLAGS, "vmx_interrupt_allowed: RFLAGS.IF"),
@@ -314,6 +324,48 @@ PROFILES: dict[str, Profile] = {
             ("exit_prologue", "intr_window_on"), "tpr_below_threshold",
             source="handle_tpr_below_threshold with IF=0: enable_irq_window",
             sets_controls=CpuBased.INTR_WINDOW_EXITING,
+        ),
+        # L2's paging under L1's shadow MMU (REFERENCE 13; L1 without EPT for L2)
+        Profile(
+            "pf_inject", ExitReason.EXCEPTION_NMI,
+            ("exit_prologue", "exception_info", "inject_exception"), "pf_inject",
+            source="handle_exception_nmi -> kvm_mmu_page_fault -> FNAME(page_fault): the "
+            "guest PTE is not present, the #PF goes back into L2 (kvm_inject_page_fault)",
+        ),
+        Profile(
+            "pf_fill", ExitReason.EXCEPTION_NMI,
+            ("exit_prologue", "exception_info"), "pf_fill",
+            source="handle_exception_nmi -> kvm_mmu_page_fault -> FNAME(fetch): the guest PTE "
+            "is there now, the shadow entry is filled (pte_prefetch of the neighbours)",
+        ),
+        Profile(
+            "pte_unsync", ExitReason.EXCEPTION_NMI,
+            ("exit_prologue", "exception_info"), "pte_unsync",
+            source="kvm_mmu_page_fault on a write to a write-protected leaf page table: "
+            "mmu_try_to_unsync_pages, the page made writable, the write retried",
+        ),
+        Profile(
+            "pte_emulate", ExitReason.EXCEPTION_NMI,
+            ("exit_prologue", "exception_info", "decode_instruction"), "pte_emulate",
+            source="kvm_mmu_page_fault on a write to an upper-level page table: "
+            "x86_emulate_instruction -> kvm_mmu_pte_write (detect_write_flooding)",
+        ),
+        Profile(
+            "cr3_load", ExitReason.CR_ACCESS,
+            ("exit_prologue", "exit_qualification", "skip_instruction", "load_shadow_root"),
+            "cr3_load",
+            source="handle_cr -> kvm_set_cr3 -> kvm_mmu_new_pgd, kvm_mmu_sync_roots "
+            "(unsync pages resynced), then a TLB flush (vpid_sync_context: INVVPID)",
+        ),
+        Profile(
+            "invlpg", ExitReason.INVLPG,
+            ("exit_prologue", "exit_qualification", "skip_instruction"), "invlpg",
+            source="handle_invlpg -> kvm_mmu_invlpg -> FNAME(invlpg), then INVVPID of the address",
+        ),
+        Profile(
+            "tsc_deadline", ExitReason.MSR_WRITE,
+            ("exit_prologue", "skip_instruction"), "tsc_deadline",
+            source="handle_wrmsr -> kvm_set_lapic_tscdeadline_msr -> start_apic_timer",
         ),
         Profile(
             "cr0_write", ExitReason.CR_ACCESS,

@@ -365,6 +365,7 @@ class Msr:
     """MSR indices used by the model (SDM Vol. 4; Linux ``msr-index.h``)."""
 
     IA32_TSC_ADJUST = 0x3B
+    IA32_TSC_DEADLINE = 0x6E0
     STAR = 0xC0000081
     LSTAR = 0xC0000082
     SYSCALL_MASK = 0xC0000084
@@ -380,8 +381,11 @@ class Msr:
 #: and vmx_update_msr_bitmap_x2apic): TSC_ADJUST always; the x2APIC ICR
 #: always (no IPI virtualization before Sapphire Rapids); TPR, EOI and
 #: SELF_IPI only without virtual-interrupt delivery. KERNEL_GS_BASE is
-#: passed through for a 64-bit guest.
-L1_INTERCEPTED_MSRS: frozenset[int] = frozenset({Msr.IA32_TSC_ADJUST, Msr.X2APIC_ICR})
+#: passed through for a 64-bit guest. TSC_DEADLINE always: the LAPIC timer
+#: is emulated (it is not in vmx_possible_passthrough_msrs).
+L1_INTERCEPTED_MSRS: frozenset[int] = frozenset(
+    {Msr.IA32_TSC_ADJUST, Msr.X2APIC_ICR, Msr.IA32_TSC_DEADLINE}
+)
 L1_INTERCEPTED_MSRS_NO_APICV: frozenset[int] = L1_INTERCEPTED_MSRS | frozenset(
     {Msr.X2APIC_TPR, Msr.X2APIC_EOI, Msr.X2APIC_SELF_IPI}
 )

@@ -17,6 +17,7 @@ from typing import Any
 
 from .costs import CostModel
 from .ept import PAGE_SHIFTS
+from .guest_mmu import L2_MMUS, GuestPaging, Paging
 from .l1mmu import L1Mmu, static_fits
 from .memory import HostMemory
 from .nested import L1, NestedVmx
@@ -24,6 +25,8 @@ from .vept import SCHEMES, VirtualEpt
 from .vmx import ExitReason
 
 PATHS = ("single", "l1", "l0")
+#: The guest-paging micro workloads (their option: ``l2_mmu``).
+PAGING_WORKLOADS = ("guest-pf", "pte-write", "cr3-load", "invlpg", "timer-tick")
 
 #: The legacy virtio-pci notify register of L2's NIC: BAR0 (I/O) + 0x10, with
 #: BAR0 where QEMU usually places the first virtio device's I/O BAR.
@@ -262,6 +265,41 @@ def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     return op
 
 
+def guest_paging(m: NestedVmx, path: str, opts: dict[str, Any]) -> GuestPaging:
+    """L2's paging on ``path`` with ``--l2-mmu`` (default nested EPT); on
+    ``single`` the guest's own MMU mode: EPT, or shadow paging for either shadow mode."""
+    mode = L2_MMUS[opts.get("l2_mmu", "nested-ept")]
+    if path == "single":
+        mode = Paging.SINGLE_SHADOW if mode.shadow else Paging.SINGLE
+    return GuestPaging(m, mode)
+
+
+def _paging(event: str) -> Builder:
+    """One paging event per operation, each from the same shadow state: a
+    fault or a PTE write on a leaf table in sync (the first after a CR3
+    load: the write traps), a CR3 load with no unsynced leaf."""
+
+    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+        g = guest_paging(m, path, opts)
+
+        def op() -> None:
+            g.unsync.clear()  # the state each operation starts from, not an event
+            if event == "guest-pf":
+                g.page_fault(0)
+            elif event == "pte-write":
+                g.pte_write(0)
+            elif event == "cr3-load":
+                g.cr3_load()
+            elif event == "invlpg":
+                g.invlpg()
+            else:
+                g.timer_tick()
+
+        return op
+
+    return build
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -285,6 +323,22 @@ WORKLOADS: dict[str, Workload] = {
             "one port I/O handled by the hypervisor's userspace device model",
         ),
         Workload("mmio-kick", _mmio_kick, "one MMIO virtio kick (EPT misconfiguration)"),
+        Workload(
+            "guest-pf", _paging("guest-pf"),
+            "one demand page fault in the guest, on a leaf page table in sync (--l2-mmu)",
+        ),
+        Workload(
+            "pte-write", _paging("pte-write"),
+            "one guest page-table write to a write-protected leaf table (--l2-mmu)",
+        ),
+        Workload(
+            "cr3-load", _paging("cr3-load"), "one guest CR3 load, a process switch (--l2-mmu)"
+        ),
+        Workload("invlpg", _paging("invlpg"), "one guest INVLPG (--l2-mmu)"),
+        Workload(
+            "timer-tick", _paging("timer-tick"),
+            "one tick of the guest's timer: TSC-deadline WRMSR and the timer interrupt",
+        ),
         Workload(
             "ept-touch", _ept_touch, "L2 touches its working set for the first time",
             per="page", once=True,

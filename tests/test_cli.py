@@ -134,11 +134,14 @@ VALID_THERE = {
     ("sweep", "--csv"): set(MALFORMED) - {""},  # file names
     ("sweep", "--json"): set(MALFORMED) - {""},
     ("sweep", "--metric"): {"abc", "inf", "nan"},  # keys: checked by --of (test_reports)
+    ("profile", "--output"): set(MALFORMED) - {""},  # file names
+    ("estimate", "--plot"): set(MALFORMED) - {""},
 }
 REQUIRED = {
     "measure": ["--workload", "cpuid"],
     "trace": ["--workload", "cpuid"],
     "sweep": ["--workload", "tx", "--param", "batch=1,2"],
+    "estimate": ["kbuild"],
 }
 
 
@@ -164,7 +167,10 @@ VALUE_OPTIONS = _value_options()
 
 def test_every_value_option_is_covered() -> None:
     cmds = {c for c, _ in VALUE_OPTIONS}
-    assert cmds == {"measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare"}
+    assert cmds == {
+        "measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare",
+        "estimate", "profile",
+    }  # fmt: skip
     assert len(VALUE_OPTIONS) >= 35
 
 

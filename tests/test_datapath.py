@@ -15,6 +15,7 @@ from xlio.guestfuzz import l2_host_frames
 from xlio.measure import WORKLOADS, _built, make_config, measure
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, udp_frame_of_size
 from xlio.sim.nested import NestedVmx
+from xlio.sim.workloads import PAGING_WORKLOADS
 from xlio.virtio import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 PATHS = ("single", "l1", "l0")
@@ -388,6 +389,8 @@ def test_a_dead_machine_is_freed_by_reference_counting(workload: str, path: str)
     try:
         small = {"working_set_mib": 4, "seconds": 0.05, "l2_mem_gib": 1, "l1_mem_gib": 2}
         opts = small if workload in ("ept-touch", "ept-churn") else {}
+        if workload in PAGING_WORKLOADS:  # with EPT they cost nothing: run them under a shadow MMU
+            opts = {"l2_mmu": "shadow-on-ept"}
         m, w, _, op = _built(workload, path, "kvm-2019", opts, 20, {})
         getattr(op, "warmup", op)()
         op()

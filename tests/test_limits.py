@@ -53,6 +53,7 @@ BASES: dict[tuple[str, str], list[list[str]]] = {
     ("netperf", "--burst"): [["-t", "TCP_RR", "--path", "l0"]],
     ("serve", "--duration"): [["--netns"]],
     ("serve", "--interval"): [["--netns", "--duration", "2"]],
+    ("estimate", "--rate"): [["kbuild", "--swap", "l1"], ["kbuild", "--swap", "l0"]],
 }
 
 #: All the maxima (and minima) of one group together: the sizes multiply.

@@ -20,7 +20,10 @@ TURTLES = PRESETS["turtles-2010"]
 
 
 def run(costs, test: NetTest, path: Path, **kw) -> dict:
+    """One run; without the guest's timer tick unless ``ticks=True`` (these
+    tests count the datapath's own exits per packet)."""
     switches = {k: kw.pop(k) for k in ("apicv", "virtual_idle") if k in kw}
+    kw.setdefault("ticks", False)
     opts = NetperfOptions(test, path, duration=kw.pop("duration", 0.03), **kw)
     return NetperfModel(costs, opts, **switches).run()
 
@@ -123,3 +126,30 @@ def test_netperf_function_validates() -> None:
 
     with pytest.raises(UsageError):
         netperf("TCP_STREAM", "single", l1_backend_vcpu="third")
+
+
+@pytest.mark.parametrize("path", [Path.SINGLE, Path.L1])
+def test_the_guests_tick_runs_at_its_hz_while_it_runs_and_costs_what_the_model_says(path) -> None:
+    """The guest ticks at guest_hz while it runs and not while it halts (NOHZ
+    idle): the nested stream saturates its CPU and ticks at guest_hz, the
+    single-level one (about half a CPU) about half as often; each tick is
+    the machine operation GuestPaging.timer_tick charges; an RR guest, which
+    halts between transactions, ticks less."""
+    on = run(TURTLES, NetTest.TCP_STREAM, path, duration=0.1, ticks=True)
+    off = run(TURTLES, NetTest.TCP_STREAM, path, duration=0.1)
+    running = on["cpu"]["cpu0"]
+    assert on["timer_ticks_per_s"] == pytest.approx(TURTLES.guest_hz * running, rel=0.15)
+    assert off["timer_ticks_per_s"] == 0
+    from xlio.sim.guest_mmu import GuestPaging, Paging
+
+    m = NestedVmx(Config.from_preset(TURTLES, nested=path is not Path.SINGLE))
+    GuestPaging(m, Paging.SINGLE if path is Path.SINGLE else Paging.NESTED_EPT).timer_tick()
+    tick = m.stats
+    assert tick.l0_exits >= 1
+    if path is Path.SINGLE:  # the CPU has room: the ticks' exits come on top of the datapath's
+        added = sum(on["exits_per_s"].values()) - sum(off["exits_per_s"].values())
+        assert added == pytest.approx(on["timer_ticks_per_s"] * tick.l0_exits, rel=0.15)
+    else:  # a saturated CPU: the ticks' cycles come out of the datapath's
+        assert on["throughput_mbps"] <= off["throughput_mbps"] + 1e-9
+    rr = run(KVM, NetTest.TCP_RR, path, duration=0.1, ticks=True)
+    assert 0 < rr["timer_ticks_per_s"] < KVM.guest_hz  # it halts between transactions

@@ -89,7 +89,7 @@ def _cmd_trace(a: argparse.Namespace) -> int:
 
     opts = {
         "batch": a.batch, "frame_size": a.frame_size, "queue_size": a.queue_size,
-        "event_idx": False if a.no_event_idx else None, "kick": a.kick,
+        "event_idx": False if a.no_event_idx else None, "kick": a.kick, "l2_mmu": a.l2_mmu,
     }  # fmt: skip
     r = trace(
         a.workload, a.path, cost_model(a), count=a.count,
@@ -445,6 +445,7 @@ def _cmd_netperf(a: argparse.Namespace) -> int:
         r = netperf(
             a.test, a.path, costs, link=a.link, duration=a.duration, size=a.size, seed=a.seed,
             burst=a.burst, l1_backend_vcpu=a.l1_backend_vcpu, l1_backend=a.l1_backend, tso=a.tso,
+            ticks=a.ticks,
             apicv=a.apicv,
             virtual_idle=a.virtual_idle, progress=advance,
         )  # fmt: skip
@@ -522,7 +523,57 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
     )
 
 
+def _cmd_profile(a: argparse.Namespace) -> int:
+    from xlio.profile import CommandFailed, profile, to_toml
+
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    try:
+        p = profile(cmd, use_perf=False if a.no_perf else None)
+    except CommandFailed as e:
+        raise UsageError(f"{e}; no profile written") from None
+    text = to_toml(p)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text)
+    if a.json:
+        print(json.dumps(envelope("profile", p.as_dict()), indent=1))
+    elif not a.output:
+        sys.stdout.write(text)
+    else:
+        print(f"xlio profile: {a.output}: {p.run['cpu_seconds']:.2f} CPU s "
+              f"({p.provenance['counters']})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _cmd_estimate(a: argparse.Namespace) -> int:
+    from xlio.estimate import estimate, format_estimate
+    from xlio.profile import ProfileError, load
+    from xlio.profiles import SHIPPED
+
+    costs = cost_model(a)
+    try:
+        prof = load(SHIPPED.get(a.profile, a.profile))
+    except ProfileError as e:
+        raise UsageError(str(e)) from None
+    switches = {"shadow_vmcs": a.shadow_vmcs, "vmcs_exits": not a.no_vmcs_exits}
+    ept = {
+        "virtual_ept": a.virtual_ept, "static_ept": a.static_ept or None,
+        "avoid_invept": a.avoid_invept, "swap": a.swap, "rate": a.rate,
+    }  # fmt: skip
+    if a.swap and not a.rate:
+        raise UsageError("--swap needs --rate (EPT modifications per second)")
+    r = estimate(prof, costs, l2_mmu=a.l2_mmu, scale_to=a.scale_to, switches=switches,
+                 ept={k: v for k, v in ept.items() if v is not None})  # fmt: skip
+    if a.plot:
+        from xlio.plot import plot_estimate
+
+        plot_estimate([r], a.plot)
+    return _emit(a, r, lambda: format_estimate(r))
+
+
 COMMANDS = {
+    "profile": _cmd_profile,
+    "estimate": _cmd_estimate,
     "measure": _cmd_measure,
     "trace": _cmd_trace,
     "sweep": _cmd_sweep,

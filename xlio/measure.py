@@ -13,7 +13,14 @@ from typing import Any
 from xlio.backends.datapath import BUILDERS, DATAPATH_DEFAULTS, datapath_options
 from xlio.sim.nested import Config, NestedVmx
 from xlio.sim.presets import PRESETS, CostModel
-from xlio.sim.workloads import EPT_DEFAULTS, L0_CHANGES, PATHS, Workload, ept_options
+from xlio.sim.workloads import (
+    EPT_DEFAULTS,
+    L0_CHANGES,
+    PAGING_WORKLOADS,
+    PATHS,
+    Workload,
+    ept_options,
+)
 from xlio.sim.workloads import WORKLOADS as MODEL_WORKLOADS
 
 #: Every workload ``xlio measure`` runs: the model's micro and memory workloads,
@@ -76,6 +83,7 @@ def make_config(
 OPTION_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "network": (("tx", "rx", "echo"), tuple(k for k in DATAPATH_DEFAULTS if k != "count")),
     "memory": (("ept-touch", "ept-churn"), (*EPT_DEFAULTS, "virtual_ept", "avoid_invept")),
+    "paging": (PAGING_WORKLOADS, ("l2_mmu",)),
 }
 #: The command-line flag of an option, where it is not --NAME-WITH-DASHES.
 FLAGS = {
@@ -107,6 +115,8 @@ def resolved_options(workload: str, options: dict[str, Any], costs: CostModel) -
             return {k: o[k] for k in OPTION_GROUPS["network"][1]}
         if workload in OPTION_GROUPS["memory"][0]:
             return ept_options(given, costs)
+        if workload in PAGING_WORKLOADS:
+            return {"l2_mmu": given.get("l2_mmu", "nested-ept")}
     except ValueError as e:
         raise UsageError(str(e)) from None
     return {}

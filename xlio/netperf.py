@@ -33,6 +33,7 @@ def netperf(
     tso: bool | None = None,
     apicv: bool | None = None,
     virtual_idle: bool = False,
+    ticks: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """One netperf test on one path; the result with its resolved configuration."""
@@ -59,7 +60,7 @@ def netperf(
         raise UsageError("--l1-backend must be vhost or qemu")
     opts = NetperfOptions(
         t, p, link=link, duration=duration, size=size, seed=seed, burst=burst,
-        l1_backend_vcpu=l1_backend_vcpu, l1_backend=l1_backend, tso=tso,
+        l1_backend_vcpu=l1_backend_vcpu, l1_backend=l1_backend, tso=tso, ticks=ticks,
     )  # fmt: skip
     model = NetperfModel(costs, opts, apicv=apicv, virtual_idle=virtual_idle)
     r = model.run(progress)
@@ -76,6 +77,8 @@ def netperf(
         "l1_backend_vcpu": l1_backend_vcpu,
         "l1_backend": l1_backend,
         "tso": model.tso,
+        "ticks": ticks,
+        "guest_hz": costs.guest_hz,
     }
     return r
 

@@ -26,8 +26,10 @@ from xlio.measure import (
     WORKLOADS,
     UsageError,
 )
+from xlio.profiles import SHIPPED as SHIPPED_PROFILES
 from xlio.sim.config import OPERANDS
 from xlio.sim.ept import PAGE_SHIFTS
+from xlio.sim.guest_mmu import L2_MMUS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
 from xlio.sim.vept import SCHEMES
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_switches(tr, trace=False)
     _add_network_options(tr)
+    _add_l2_mmu(tr)
     sw = sub.add_parser("sweep", help="one or two parameters over values: table, CSV, JSON, plot")
     sw.add_argument(
         "--of", default="measure", choices=[o.value for o in Of],
@@ -382,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TCP segmentation offload (default: the preset's)",
     )
+    npf.add_argument(
+        "--ticks", action=argparse.BooleanOptionalAction, default=True,
+        help="the guest's timer tick at the preset's guest_hz while it runs (default on)",
+    )  # fmt: skip
     _add_apic_switches(npf)
     npf.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -413,6 +420,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=_seconds(3600), default=None, metavar="S",
         help="one JSON line of metrics on stdout every S seconds (the interval's counts)",
     )  # fmt: skip
+    pf = sub.add_parser(
+        "profile",
+        help="run a command natively and record its paging, scheduling, timer and block "
+        "events per CPU second",
+    )
+    pf.add_argument("-o", "--output", type=_writable_file, default=None, metavar="FILE.toml",
+                    help="write the profile here (default: stdout)")  # fmt: skip
+    pf.add_argument("--no-perf", action="store_true", help="read only getrusage and /proc")
+    pf.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    pf.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    es = sub.add_parser(
+        "estimate",
+        help="a profiled program's run time natively, at one level and in L2 by MMU mode",
+    )
+    es.add_argument(
+        "profile", metavar="PROFILE",
+        help=f"a profile file, or a shipped one ({', '.join(SHIPPED_PROFILES)})",
+    )  # fmt: skip
+    _add_costs(es)
+    es.add_argument("--l2-mmu", default=None, choices=L2_MMUS, help="only this L2 row")
+    es.add_argument(
+        "--scale-to", type=_scale_to, default=None, metavar="CONFIG=SECONDS",
+        help="scale the CPU work so that CONFIG (single, native, l2-nested-ept, ...) takes SECONDS",
+    )  # fmt: skip
+    es.add_argument("--shadow-vmcs", action=argparse.BooleanOptionalAction, default=None,
+                    help="VMCS shadowing (default: the preset's)")  # fmt: skip
+    es.add_argument("--no-vmcs-exits", action="store_true",
+                    help="hypothetical: VMREAD/VMWRITE never exit")  # fmt: skip
+    em = es.add_argument_group("memory (first touches and host swap, as ept-touch and ept-churn)")
+    em.add_argument(
+        "--virtual-ept", default=None, choices=SCHEMES, help="EPT12 scheme (default: the preset's)"
+    )
+    em.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
+    em.add_argument(
+        "--avoid-invept", action=argparse.BooleanOptionalAction, default=None,
+        help="no INVEPT for new mappings (default: the preset's L1)",
+    )  # fmt: skip
+    em.add_argument("--swap", default=None, choices=("l1", "l0"), help="who swaps (with --rate)")
+    em.add_argument(
+        "--rate", type=_int(1, 10**7), default=None,
+        help="host swap's EPT modifications per second while the program runs",
+    )  # fmt: skip
+    es.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    es.add_argument(
+        "--plot", type=_writable_file, default=None, metavar="FILE.png",
+        help="the breakdown as stacked bars (matplotlib, xlio[plot])",
+    )  # fmt: skip
     pr = sub.add_parser(
         "presets", help="the cost presets, or every parameter of one with its source"
     )
@@ -443,8 +497,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--page-size", default=None, choices=PAGE_SHIFTS, help="default 4k")
     e.add_argument("--l2-mem", type=_int(1, 1024), default=None, metavar="GiB")
     e.add_argument("--l1-mem", type=_int(1, 2048), default=None, metavar="GiB")
+    _add_l2_mmu(m)
     _add_network_options(m)
     return parser
+
+
+def _scale_to(text: str) -> Any:
+    from xlio.estimate import parse_scale_to
+
+    try:
+        return parse_scale_to(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--scale-to ")) from None
+
+
+def _add_l2_mmu(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest paging workloads (guest-pf, pte-write, cr3-load, invlpg)")
+    g.add_argument(
+        "--l2-mmu", default=None, choices=L2_MMUS,
+        help="how L2's paging is virtualized (default nested-ept; on --path single: "
+        "a shadow mode means the guest's own shadow paging)",
+    )  # fmt: skip
 
 
 def _add_network_options(p: argparse.ArgumentParser) -> None:
@@ -502,6 +575,7 @@ def workload_options(a: argparse.Namespace) -> dict[str, Any]:
         "page_size": a.page_size,
         "l2_mem_gib": a.l2_mem,
         "l1_mem_gib": a.l1_mem,
+        "l2_mmu": getattr(a, "l2_mmu", None),
     }
     opts.update(
         {

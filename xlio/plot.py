@@ -107,3 +107,53 @@ def plot_sweep(
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def plot_estimate(
+    results: list[dict[str, Any]],
+    out: str,
+    marks: list[tuple[str, dict[str, float]] | None] | None = None,
+) -> None:
+    """Write ``out``: for each estimate (a preset), each configuration's time as
+    a stacked bar: the program's own work, then what each class of its
+    events adds (``xlio estimate --plot``). ``marks``: per panel, a label and
+    published times by configuration, drawn as markers beside the bars."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        rows = r["rows"]
+        names = [row["config"] for row in rows]
+        classes = list(rows[0]["breakdown"]["by_class_seconds"])
+        bottoms = [row["seconds"] - row["breakdown"]["added_seconds"] for row in rows]
+        ax.bar(names, bottoms, color="0.75", label="the program's own work (and waits)")
+        cmap = plt.get_cmap("tab10")
+        for i, cls in enumerate(classes):
+            vals = [row["breakdown"]["by_class_seconds"][cls] for row in rows]
+            if not any(v > 0 for v in vals):
+                continue
+            ax.bar(names, vals, bottom=bottoms, color=cmap(i), label=cls)
+            bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
+        for x, row in enumerate(rows):
+            ax.text(x, row["seconds"], f"{row['seconds']:.1f} s", ha="center", va="bottom",
+                    fontsize=8)  # fmt: skip
+        mark = marks[results.index(r)] if marks else None
+        if mark is not None:
+            label, times = mark
+            xs = [names.index(k) + 0.3 for k in times if k in names]
+            ys = [v for k, v in times.items() if k in names]
+            ax.plot(xs, ys, "k_", markersize=14, markeredgewidth=2.5, linestyle="none",
+                    label=label)  # fmt: skip
+        scaled = r["scale_to"]
+        how = f", scaled to {scaled['config']}={scaled['seconds']:g} s" if scaled else ""
+        ax.set_title(f"{r['provenance'].get('command', '')[:40]}\n{r['preset']}{how}", fontsize=9)
+        ax.set_ylabel("modeled run time (s)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
