@@ -271,6 +271,9 @@ TURTLES_PARAMS: dict[str, Param] = {
     "handler.tsc_deadline": P(
         2_000, "kvm_set_lapic_tscdeadline_msr -> start_apic_timer -> hrtimer_start"
     ),
+    "handler.cr4_write": P(
+        3_000, "kvm_set_cr4 changing PGE: kvm_mmu_reset_context, as cr0_write's WP change"
+    ),
 }
 
 TURTLES_2010 = build(

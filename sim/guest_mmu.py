@@ -51,6 +51,7 @@ from enum import Enum
 from typing import Any
 
 from .nested import L1, NestedVmx
+from .routing import CR4_PGE
 from .vmx import CpuBased, ExitReason, Msr
 
 R = ExitReason
@@ -114,6 +115,7 @@ class GuestPaging:
             ctl = m.l1_controls
             ctl.exception_bitmap |= 1 << PF_VECTOR
             ctl.cpu_based |= CpuBased.CR3_LOAD_EXITING | CpuBased.INVLPG_EXITING
+            ctl.cr4_mask |= CR4_PGE  # not guest-owned without EPT (KVM_POSSIBLE_CR4_GUEST_BITS)
 
     # ------------------------------------------------------------- helpers
     def _run(self, key: tuple[object, ...], operation: Callable[[], None]) -> None:
@@ -233,6 +235,30 @@ class GuestPaging:
             self._resume(level)
 
         self._run(("invlpg",), flush)
+
+    def tlb_flush_all(self) -> None:
+        """A flush of every TLB entry, global ones included (``__flush_tlb_all``
+        on a kernel-mapping change): CR4.PGE cleared and set again. With EPT
+        PGE is the guest's own bit (no exit); a shadow MMU intercepts both
+        writes (``handle_cr`` -> ``kvm_set_cr4``: the shadow's global
+        entries are dropped, ``kvm_mmu_reset_context``) and nested L1
+        flushes with INVVPID."""
+        self.events["tlb_flush_all"] += 1
+        if not self.paging.shadow:
+            return
+        m = self.m
+        nested = self.paging.nested
+
+        def flush() -> None:
+            for _ in range(2):  # PGE off, PGE on
+                level = self._exit(R.CR_ACCESS, "cr4_write", cr=4, bits=CR4_PGE)
+                if nested:
+                    m.l1_exit(R.INVVPID, "invvpid", cause="l1-tlb-flush")
+                self._resume(level)
+            self.unsync.clear()  # the reset context resyncs nothing it keeps
+
+        self._run(("tlb_flush_all", len(self.unsync)), flush)
+        self.unsync.clear()
 
     def timer_tick(self) -> None:
         """One tick of the guest's timer: its TSC-deadline WRMSR and the

@@ -191,6 +191,7 @@ KVM_2019_PARAMS: dict[str, Param] = {
     "handler.invlpg": P(1_000, f"{K}: kvm_mmu_invlpg -> FNAME(invlpg)"),
     "handler.invvpid": P(1_000, f"{K}: handle_invvpid, as invept"),
     "handler.tsc_deadline": P(1_000, f"{K}: kvm_set_lapic_tscdeadline_msr -> start_apic_timer"),
+    "handler.cr4_write": P(1_500, f"{K}: kvm_set_cr4 changing PGE: as cr0_write"),
 }
 
 

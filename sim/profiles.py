@@ -126,6 +126,10 @@ FRAGMENTS: dict[str, tuple[Access, ...]] = {
         _w(F.VM_ENTRY_INTR_INFO_FIELD, "vmx_inject_exception: #PF | HARD_EXCEPTION | VALID"),
         _w(F.VM_ENTRY_EXCEPTION_ERROR_CODE, "vmx_inject_exception: the error code"),
     ),
+    "cr4_write": (
+        _w(F.CR4_READ_SHADOW, "vmx_set_cr4: read shadow"),
+        _w(F.GUEST_CR4, "vmx_set_cr4: guest CR4"),
+    ),
     "load_shadow_root": (_w(F.GUEST_CR3, "vmx_load_mmu_pgd: the new shadow root in GUEST_CR3"),),
     "tsc_adjust": (_w(F.TSC_OFFSET, "kvm_set_msr_common(TSC_ADJUST) -> adjust_tsc_offset_guest"),),
     "inject_irq": (
@@ -361,6 +365,12 @@ PROFILES: dict[str, Profile] = {
             "invlpg", ExitReason.INVLPG,
             ("exit_prologue", "exit_qualification", "skip_instruction"), "invlpg",
             source="handle_invlpg -> kvm_mmu_invlpg -> FNAME(invlpg), then INVVPID of the address",
+        ),
+        Profile(
+            "cr4_write", ExitReason.CR_ACCESS,
+            ("exit_prologue", "exit_qualification", "skip_instruction", "cr4_write"), "cr4_write",
+            source="handle_cr -> kvm_set_cr4: a PGE change drops the shadow's global "
+            "entries (kvm_post_set_cr4 -> kvm_mmu_reset_context)",
         ),
         Profile(
             "tsc_deadline", ExitReason.MSR_WRITE,

@@ -26,7 +26,7 @@ from .vmx import ExitReason
 
 PATHS = ("single", "l1", "l0")
 #: The guest-paging micro workloads (their option: ``l2_mmu``).
-PAGING_WORKLOADS = ("guest-pf", "pte-write", "cr3-load", "invlpg", "timer-tick")
+PAGING_WORKLOADS = ("guest-pf", "pte-write", "cr3-load", "invlpg", "tlb-flush-all", "timer-tick")
 
 #: The legacy virtio-pci notify register of L2's NIC: BAR0 (I/O) + 0x10, with
 #: BAR0 where QEMU usually places the first virtio device's I/O BAR.
@@ -292,6 +292,8 @@ def _paging(event: str) -> Builder:
                 g.cr3_load()
             elif event == "invlpg":
                 g.invlpg()
+            elif event == "tlb-flush-all":
+                g.tlb_flush_all()
             else:
                 g.timer_tick()
 
@@ -335,6 +337,10 @@ WORKLOADS: dict[str, Workload] = {
             "cr3-load", _paging("cr3-load"), "one guest CR3 load, a process switch (--l2-mmu)"
         ),
         Workload("invlpg", _paging("invlpg"), "one guest INVLPG (--l2-mmu)"),
+        Workload(
+            "tlb-flush-all", _paging("tlb-flush-all"),
+            "one full TLB flush in the guest: CR4.PGE cleared and set (--l2-mmu)",
+        ),
         Workload(
             "timer-tick", _paging("timer-tick"),
             "one tick of the guest's timer: TSC-deadline WRMSR and the timer interrupt",

@@ -93,6 +93,22 @@ def test_invlpg_and_cr3_load_hand_counts() -> None:
     assert m.stats.l0_exits == 15 + 1
 
 
+def test_a_full_tlb_flush_is_two_cr4_writes_under_a_shadow_mmu() -> None:
+    """Each CR4 write: L2 exit; 6 VMREADs (exit reason, IDT vectoring,
+    qualification, instruction length, RIP, interruptibility) and 3 VMWRITEs
+    (interruptibility, CR4 read shadow, guest CR4); epilogue 4; RIP's
+    deferred write; INVVPID; VMRESUME: 17. With EPT, PGE is the guest's bit."""
+    m, g = paging("turtles-2010", Paging.SHADOW_ON_EPT)
+    g.pte_write(3)
+    before = m.stats.l0_exits
+    g.tlb_flush_all()
+    assert m.stats.l0_exits - before == 2 * (1 + 9 + EPILOGUE + 1 + 1 + 1) == 34
+    assert g.unsync == set()
+    m, g = paging("turtles-2010", Paging.NESTED_EPT)
+    g.tlb_flush_all()
+    assert m.stats.l0_exits == 0
+
+
 def test_shadow_on_shadow_traps_l1s_shadow_table_writes() -> None:
     a, ga = paging("turtles-2010", Paging.SHADOW_ON_EPT)
     b, gb = paging("turtles-2010", Paging.SHADOW_ON_SHADOW)
