@@ -148,7 +148,7 @@ REQUIRED = {
 def _value_options() -> list[tuple[str, str]]:
     import argparse
 
-    from xlio.options import build_parser
+    from xlio.cli import build_parser
 
     out = []
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))

@@ -23,7 +23,7 @@ from taphosts import SKIP as TAP_SKIP
 from taphosts import netns_name
 
 from xlio.backends.netns import leftovers
-from xlio.options import build_parser
+from xlio.cli import build_parser
 
 RUN_FOR = 4.0  # seconds an extreme may run before it is stopped (it has started cleanly)
 

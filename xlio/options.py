@@ -1,10 +1,12 @@
-"""The ``xlio`` command line's grammar: every command, its options, their
-types and limits, and what parsed options resolve to (the cost model, the
-model's switches, a workload's options).
+"""The ``xlio`` command line's shared grammar: the parser class, the option
+types and their limits, the option groups several commands share (cost
+model, model switches, network and paging options), and what parsed options
+resolve to (the cost model, the model's switches, a workload's options).
+Each command declares its own arguments (:mod:`xlio.commands`).
 
-Every bounded number is parsed by :func:`_int` or :func:`_seconds`, whose
+Every bounded number is parsed by :func:`int_in` or :func:`seconds_in`, whose
 ``limits`` the limit walk in ``tests/test_limits.py`` reads; a value outside
-them is one line and exit status 2 (:class:`_Parser`).
+them is one line and exit status 2 (:class:`Parser`).
 """
 
 from __future__ import annotations
@@ -17,28 +19,21 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from xlio import __version__
 from xlio.backends.datapath import KICKS
-from xlio.backends.netperf import LINKS, Test
+from xlio.backends.netperf import Test
 from xlio.measure import (
-    MAX_TRACE_OPS,
-    TRACEABLE,
     WORKLOADS,
     UsageError,
 )
-from xlio.profiles import SHIPPED as SHIPPED_PROFILES
 from xlio.sim.config import OPERANDS
-from xlio.sim.ept import PAGE_SHIFTS
 from xlio.sim.guest_mmu import L2_MMUS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
-from xlio.sim.vept import SCHEMES
 from xlio.sim.vmexit import TESTS as VMEXIT_TESTS
 from xlio.sim.workloads import PATHS
-from xlio.sweep import Of
 
 
-class _Help(argparse.HelpFormatter):
+class Help(argparse.HelpFormatter):
     """Help that shows each option's default (argparse's own shows "None" too)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -49,9 +44,9 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Help)
+        kwargs.setdefault("formatter_class", Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -59,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: a whole number from ``lo`` to ``hi``."""
 
     def parse(text: str) -> int:
@@ -75,7 +70,7 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(hi: float, lo: float = 0.0) -> Callable[[str], float]:
+def seconds_in(hi: float, lo: float = 0.0) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds above ``lo`` (at least
     ``lo`` when it is not 0) and at most ``hi``."""
 
@@ -102,21 +97,21 @@ MAX_DEMO_COUNT = 1_000_000
 MAX_TAP_DEMO_COUNT = 200  # guest pings and echoes are one at a time: about 3 ms each
 
 
-def _add_costs(p: argparse.ArgumentParser, default: str = "turtles-2010") -> None:
+def add_costs(p: argparse.ArgumentParser, default: str = "turtles-2010") -> None:
     """--preset, --set PARAM=VALUE (repeatable) and --costs FILE.toml."""
     g = p.add_argument_group("cost model (see `xlio presets NAME`)")
     g.add_argument("--preset", default=default, choices=PRESETS, help="cost preset")
     g.add_argument(
-        "--set", dest="sets", action="append", default=[], metavar="PARAM=VALUE", type=_setting,
+        "--set", dest="sets", action="append", default=[], metavar="PARAM=VALUE", type=set_value,
         help="set one cost parameter of the preset (repeatable)",
     )  # fmt: skip
     g.add_argument(
-        "--costs", default=None, metavar="FILE.toml", type=_readable_file,
+        "--costs", default=None, metavar="FILE.toml", type=readable_file,
         help="a cost model of your own: base = \"PRESET\" and a [params] table",
     )  # fmt: skip
 
 
-def _setting(text: str) -> str:
+def set_value(text: str) -> str:
     """An argparse type: PARAM=VALUE with a parameter the presets have."""
     name, eq, value = text.partition("=")
     if not eq or not name.strip() or not value.strip():
@@ -128,7 +123,7 @@ def _setting(text: str) -> str:
     return text
 
 
-def _paths(text: str) -> list[str]:
+def path_list(text: str) -> list[str]:
     paths = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in paths if p not in PATHS]
     if not paths or bad or len(set(paths)) != len(paths):
@@ -138,7 +133,7 @@ def _paths(text: str) -> list[str]:
     return paths
 
 
-def _param(text: str) -> tuple[str, list[str]]:
+def param_values(text: str) -> tuple[str, list[str]]:
     from xlio.sweep import parse_param
 
     try:
@@ -147,37 +142,37 @@ def _param(text: str) -> tuple[str, list[str]]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("argument --param: ")) from None
 
 
-def _setting_kv(text: str) -> tuple[str, str]:
+def name_value(text: str) -> tuple[str, str]:
     name, eq, value = text.partition("=")
     if not eq or not name.strip() or not value.strip() or "," in value:
         raise argparse.ArgumentTypeError(f"takes NAME=VALUE, got {text!r}")
     return name.strip(), value.strip()
 
 
-def _ratio(text: str) -> tuple[str, str]:
+def path_ratio(text: str) -> tuple[str, str]:
     a, slash, b = text.partition("/")
     if not slash or a not in PATHS or b not in PATHS or a == b:
         raise argparse.ArgumentTypeError(f"takes PATH/PATH (l1/l0), got {text!r}")
     return a, b
 
 
-def _json_target(text: str) -> str:
-    return text if text == "-" else _writable_file(text)
+def json_target(text: str) -> str:
+    return text if text == "-" else writable_file(text)
 
 
-def _plot_file(text: str) -> str:
+def plot_file(text: str) -> str:
     if not text.endswith((".png", ".svg")):
         raise argparse.ArgumentTypeError(f"a .png or .svg file, got {text!r}")
-    return _writable_file(text)
+    return writable_file(text)
 
 
-def _figure_name(text: str) -> str:
+def figure_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][\w.%]*", text):
         raise argparse.ArgumentTypeError(f"a figure's key (l0_exits, latency_us.p99), got {text!r}")
     return text
 
 
-def _readable_file(text: str) -> str:
+def readable_file(text: str) -> str:
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"cannot read {text!r}")
     return text
@@ -205,8 +200,8 @@ def cost_model(a: argparse.Namespace) -> CostModel:
         raise UsageError(f"argument --set: {e}") from None
 
 
-def _add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
-    _add_costs(p)
+def add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
+    add_costs(p)
     p.add_argument(
         "--shadow-vmcs",
         action=argparse.BooleanOptionalAction,
@@ -223,12 +218,12 @@ def _add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
         "--cache-reg", default=None, choices=CACHE_MODES,
         help="L1 register cache (default: the preset's)",
     )  # fmt: skip
-    _add_apic_switches(p)
+    add_apic_switches(p)
     if trace:
         p.add_argument("--trace", action="store_true", help="record every event in --json (slower)")
 
 
-def _add_apic_switches(p: argparse.ArgumentParser, *, idle: bool = True) -> None:
+def add_apic_switches(p: argparse.ArgumentParser, *, idle: bool = True) -> None:
     p.add_argument(
         "--apicv",
         action=argparse.BooleanOptionalAction,
@@ -254,255 +249,7 @@ def model_switches(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="xlio", description="Cross-layer paravirtual I/O for nested VMX")
-    parser.add_argument("--version", action="version", version=f"xlio {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    m = sub.add_parser("measure", help="charge one workload on one path")
-    m.add_argument("--workload", required=True, choices=WORKLOADS)
-    m.add_argument("--path", default="l1", choices=PATHS)
-    m.add_argument(
-        "--count",
-        type=_int(1, MAX_COUNT),
-        default=1000,
-        help="operations (micro workloads), frames (tx, rx) or requests (echo); "
-        "ept-touch and ept-churn run once (see --working-set, --seconds)",
-    )
-    m.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    m.add_argument("--explain", action="store_true", help="say what each column and counter means")
-    _add_model_switches(m)
-    tr = sub.add_parser("trace", help="the timeline of a few operations, event by event")
-    tr.add_argument("--workload", required=True, choices=TRACEABLE)
-    tr.add_argument("--path", default="l1", choices=PATHS)
-    tr.add_argument(
-        "--count", type=_int(1, MAX_TRACE_OPS), default=1,
-        help="operations (micro workloads) or batches (tx, rx, echo) to trace",
-    )  # fmt: skip
-    tr.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    _add_model_switches(tr, trace=False)
-    _add_network_options(tr)
-    _add_l2_mmu(tr)
-    sw = sub.add_parser("sweep", help="one or two parameters over values: table, CSV, JSON, plot")
-    sw.add_argument(
-        "--of", default="measure", choices=[o.value for o in Of],
-        help="what each point runs (--workload is a vmexit test or a netperf -t test there)",
-    )  # fmt: skip
-    sw.add_argument(
-        "--workload", required=True, choices=SWEEPABLE, metavar="WORKLOAD",
-        help="a workload (measure), a test of `xlio vmexit` or a netperf -t test",
-    )  # fmt: skip
-    sw.add_argument(
-        "--path", type=_paths, default=None,
-        help="comma-separated paths (default: single,l1,l0; vmexit: single,l1)",
-    )  # fmt: skip
-    sw.add_argument(
-        "--param", dest="params", action="append", type=_param, required=True,
-        metavar="NAME=V1,V2,...",
-        help="a parameter and its values (one or two swept; one value is a setting)",
-    )  # fmt: skip
-    sw.add_argument(
-        "--metric", default=None, type=_figure_name,
-        help="the figure shown and plotted (default: l0_exits; vmexit: cycles; netperf: "
-        "throughput_mbps); any numeric key of the result, dotted for nested ones",
-    )  # fmt: skip
-    sw.add_argument("--ratio", type=_ratio, default=None, metavar="A/B",
-                    help="plot the metric of path A over path B (l1/l0)")  # fmt: skip
-    sw.add_argument("--count", type=_int(1, MAX_COUNT), default=1000,
-                    help="operations per point (measure)")  # fmt: skip
-    sw.add_argument("--jobs", type=_int(1, 64), default=1, help="processes")
-    sw.add_argument("--csv", type=_writable_file, default=None, metavar="FILE")
-    sw.add_argument("--json", type=_json_target, default=None, metavar="FILE",
-                    help="the rows as one JSON document (- for stdout)")  # fmt: skip
-    sw.add_argument("--plot", type=_plot_file, default=None, metavar="FILE.png|svg")
-    _add_costs(sw)
-    cp = sub.add_parser(
-        "compare", help="two configurations, or two JSON results, side by side (perf diff)"
-    )
-    cp.add_argument("files", nargs="*", metavar="RESULT.json", help="two --json results")
-    cp.add_argument("--workload", default=None, choices=WORKLOADS)
-    cp.add_argument("--a", dest="a_sets", action="append", type=_setting_kv, default=[],
-                    metavar="NAME=VALUE", help="configuration A (repeatable)")  # fmt: skip
-    cp.add_argument("--b", dest="b_sets", action="append", type=_setting_kv, default=[],
-                    metavar="NAME=VALUE", help="configuration B (repeatable)")  # fmt: skip
-    cp.add_argument("--count", type=_int(1, MAX_COUNT), default=1000)
-    cp.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    _add_costs(cp)
-    dm = sub.add_parser("demo", help="loopback UDP echo on single, l1 and l0, side by side")
-    _add_costs(dm)
-    dm.add_argument(
-        "--count", type=_int(1, MAX_DEMO_COUNT), default=200,
-        help=f"requests per path (at most {MAX_TAP_DEMO_COUNT} with --tap)",
-    )  # fmt: skip
-    dm.add_argument("--batch", type=_int(1, 32768), default=None, help="requests per burst")
-    dm.add_argument("--frame-size", type=_int(60, 9000), default=None, metavar="BYTES")
-    dm.add_argument("--json", action="store_true")
-    dm.add_argument("--tap", action="store_true", help="over a real tap in a fresh namespace")
-    _add_apic_switches(dm)
-
-    npf = sub.add_parser("netperf", help="netperf tests in modeled time: Gb/s, latency, CPU")
-    npf.add_argument(
-        "-t",
-        dest="test",
-        default="TCP_STREAM",
-        choices=[t.value for t in Test],
-        help="netperf test",
-    )
-    npf.add_argument("--path", default="single", choices=PATHS)
-    _add_costs(npf)
-    npf.add_argument("--link", default="1g", choices=LINKS)
-    npf.add_argument(
-        "--duration",
-        type=_seconds(60, lo=0.01),  # below 10 ms, frames in flight at the window edges exceed 1%
-        default=1.0,
-        metavar="MODELED_SECONDS",
-        help="modeled seconds (the first tenth is warm-up; default 1)",
-    )
-    npf.add_argument(
-        "--size",
-        type=_int(1, 1 << 20),
-        default=None,
-        metavar="BYTES",
-        help="payload per packet (streams) or per message (RR)",
-    )
-    npf.add_argument("--seed", type=_int(0, 2**32 - 1), default=1, help="seed of the peer's jitter")
-    npf.add_argument("--burst", type=_int(1, 1024), default=1, help="RR transactions in flight")
-    npf.add_argument(
-        "--l1-backend-vcpu",
-        default="other",
-        choices=("same", "other"),
-        help="L1's vhost on L2's vCPU (same) or another (other, default)",
-    )
-    npf.add_argument(
-        "--l1-backend",
-        default="vhost",
-        choices=("vhost", "qemu"),
-        help="L1's backend: vhost (in L1's kernel, default) or qemu (userspace virtio)",
-    )
-    npf.add_argument(
-        "--tso",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="TCP segmentation offload (default: the preset's)",
-    )
-    npf.add_argument(
-        "--ticks", action=argparse.BooleanOptionalAction, default=True,
-        help="the guest's timer tick at the preset's guest_hz while it runs (default on)",
-    )  # fmt: skip
-    _add_apic_switches(npf)
-    npf.add_argument("--json", action="store_true", help="one JSON object on stdout")
-
-    vx = sub.add_parser(
-        "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
-    )
-    vx.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
-    _add_costs(vx, "kvm-2019")
-    vx.add_argument(
-        "--level", type=int, choices=(1, 2), default=2,
-        help="1: the test guest is a plain VM of L0; 2: it is L1's nested guest",
-    )  # fmt: skip
-    _add_apic_switches(vx, idle=False)
-    vx.add_argument("--json", action="store_true", help="one JSON object on stdout")
-
-    sv = sub.add_parser("serve", help="keep the L2 guest reachable on a real tap")
-    sv.add_argument("--path", default="l1", choices=PATHS)
-    sv.add_argument(
-        "--netns", type=_netns_name, default=None,
-        help="namespace name: xlio- then letters, digits, -, _, . (default: a fresh one)",
-    )  # fmt: skip
-    sv.add_argument("--duration", type=_seconds(7 * 86400), default=None, metavar="S")
-    _add_costs(sv)
-    sv.add_argument(
-        "--pcap", type=_writable_file, default=None, metavar="FILE", help="capture every frame"
-    )
-    sv.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    sv.add_argument(
-        "--interval", type=_seconds(3600), default=None, metavar="S",
-        help="one JSON line of metrics on stdout every S seconds (the interval's counts)",
-    )  # fmt: skip
-    pf = sub.add_parser(
-        "profile",
-        help="run a command natively and record its paging, scheduling, timer and block "
-        "events per CPU second",
-    )
-    pf.add_argument("-o", "--output", type=_writable_file, default=None, metavar="FILE.toml",
-                    help="write the profile here (default: stdout)")  # fmt: skip
-    pf.add_argument("--no-perf", action="store_true", help="read only getrusage and /proc")
-    pf.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    pf.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
-    es = sub.add_parser(
-        "estimate",
-        help="a profiled program's run time natively, at one level and in L2 by MMU mode",
-    )
-    es.add_argument(
-        "profile", metavar="PROFILE",
-        help=f"a profile file, or a shipped one ({', '.join(SHIPPED_PROFILES)})",
-    )  # fmt: skip
-    _add_costs(es)
-    es.add_argument("--l2-mmu", default=None, choices=L2_MMUS, help="only this L2 row")
-    es.add_argument(
-        "--scale-to", type=_scale_to, default=None, metavar="CONFIG=SECONDS",
-        help="scale the CPU work so that CONFIG (single, native, l2-nested-ept, ...) takes SECONDS",
-    )  # fmt: skip
-    es.add_argument("--shadow-vmcs", action=argparse.BooleanOptionalAction, default=None,
-                    help="VMCS shadowing (default: the preset's)")  # fmt: skip
-    es.add_argument("--no-vmcs-exits", action="store_true",
-                    help="hypothetical: VMREAD/VMWRITE never exit")  # fmt: skip
-    em = es.add_argument_group("memory (first touches and host swap, as ept-touch and ept-churn)")
-    em.add_argument(
-        "--virtual-ept", default=None, choices=SCHEMES, help="EPT12 scheme (default: the preset's)"
-    )
-    em.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
-    em.add_argument(
-        "--avoid-invept", action=argparse.BooleanOptionalAction, default=None,
-        help="no INVEPT for new mappings (default: the preset's L1)",
-    )  # fmt: skip
-    em.add_argument("--swap", default=None, choices=("l1", "l0"), help="who swaps (with --rate)")
-    em.add_argument(
-        "--rate", type=_int(1, 10**7), default=None,
-        help="host swap's EPT modifications per second while the program runs",
-    )  # fmt: skip
-    es.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    es.add_argument(
-        "--plot", type=_writable_file, default=None, metavar="FILE.png",
-        help="the breakdown as stacked bars (matplotlib, xlio[plot])",
-    )  # fmt: skip
-    pr = sub.add_parser(
-        "presets", help="the cost presets, or every parameter of one with its source"
-    )
-    pr.add_argument("name", nargs="?", choices=PRESETS, help="a preset (default: list them)")
-    pr.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    cl = sub.add_parser(
-        "cleanup", help="remove xlio- namespaces whose owner died (a run killed by SIGKILL)"
-    )
-    cl.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
-    e.add_argument(
-        "--virtual-ept", default=None, choices=SCHEMES, help="EPT12 scheme (default: the preset's)"
-    )
-    e.add_argument("--static-ept", action="store_true", help="L1 pre-builds EPT12")
-    e.add_argument(
-        "--static-ept02", action="store_true", help="L1 pre-builds EPT12 and L0 pre-builds EPT02"
-    )
-    e.add_argument("--swap", default=None, choices=("l1", "l0"), help="who swaps (default l1)")
-    e.add_argument(
-        "--avoid-invept", action=argparse.BooleanOptionalAction, default=None,
-        help="no INVEPT for new mappings (default: the preset's L1)",
-    )  # fmt: skip
-    e.add_argument("--defer-rebuild", action="store_true", help="L0 defers the EPT02 rebuild")
-    e.add_argument("--working-set", type=_int(1, 1 << 20), default=None, metavar="MiB")
-    e.add_argument("--rate", type=_int(1, 10**7), default=None, help="EPT modifications/s")
-    e.add_argument("--seconds", type=_seconds(3600), default=None, help="modeled duration")
-    e.add_argument("--touch-hz", type=_int(1, 10**6), default=None, help="L2 sweeps per second")
-    e.add_argument("--page-size", default=None, choices=PAGE_SHIFTS, help="default 4k")
-    e.add_argument("--l2-mem", type=_int(1, 1024), default=None, metavar="GiB")
-    e.add_argument("--l1-mem", type=_int(1, 2048), default=None, metavar="GiB")
-    _add_l2_mmu(m)
-    _add_network_options(m)
-    return parser
-
-
-def _scale_to(text: str) -> Any:
+def scale_to(text: str) -> Any:
     from xlio.estimate import parse_scale_to
 
     try:
@@ -511,7 +258,7 @@ def _scale_to(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--scale-to ")) from None
 
 
-def _add_l2_mmu(p: argparse.ArgumentParser) -> None:
+def add_l2_mmu(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest paging workloads (guest-pf, pte-write, cr3-load, invlpg)")
     g.add_argument(
         "--l2-mmu", default=None, choices=L2_MMUS,
@@ -520,18 +267,20 @@ def _add_l2_mmu(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_network_options(p: argparse.ArgumentParser) -> None:
+def add_network_options(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("network workloads (tx, rx, echo)")
-    d.add_argument("--batch", type=_int(1, 32768), default=None, help="frames per kick (default 1)")
-    d.add_argument("--frame-size", type=_int(60, 9000), default=None, metavar="BYTES")
-    d.add_argument("--queue-size", type=_int(2, 32768), default=None, help="default 256")
+    d.add_argument(
+        "--batch", type=int_in(1, 32768), default=None, help="frames per kick (default 1)"
+    )
+    d.add_argument("--frame-size", type=int_in(60, 9000), default=None, metavar="BYTES")
+    d.add_argument("--queue-size", type=int_in(2, 32768), default=None, help="default 256")
     d.add_argument("--no-event-idx", action="store_true", help="flag-based notification")
     d.add_argument(
         "--kick", default=None, choices=KICKS, help="notify by port I/O (default) or MMIO"
     )
 
 
-def _netns_name(text: str) -> str:
+def netns_name(text: str) -> str:
     """A namespace name we may create and remove: ``xlio-`` then letters,
     digits, ``-``, ``_``, ``.``; no ``..``; at most NAME_MAX bytes (a file
     in /run/netns)."""
@@ -543,7 +292,7 @@ def _netns_name(text: str) -> str:
     return text
 
 
-def _writable_file(text: str) -> str:
+def writable_file(text: str) -> str:
     """A file we can create or overwrite, checked before anything is built."""
     if not text:
         raise argparse.ArgumentTypeError("empty file name")

@@ -1,0 +1,28 @@
+"""The ``xlio`` commands, one module each: ``NAME``, ``add_parser(sub)``
+(its arguments, with the shared groups of :mod:`xlio.options`) and
+``run(args) -> exit status``. :mod:`xlio.cli` assembles the parser from
+them in this order (the order ``xlio --help`` lists them in) and dispatches."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from xlio.commands import (
+    cleanup,
+    compare,
+    demo,
+    estimate,
+    measure,
+    netperf,
+    presets,
+    profile,
+    serve,
+    sweep,
+    trace,
+    vmexit,
+)
+
+COMMANDS: tuple[ModuleType, ...] = (
+    measure, trace, sweep, compare, demo, netperf, vmexit, serve, profile, estimate, presets,
+    cleanup,
+)  # fmt: skip
