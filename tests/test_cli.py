@@ -249,3 +249,18 @@ def test_version() -> None:
 
     p = xlio("--version")
     assert p.returncode == 0 and p.stdout.strip() == f"xlio {__version__}"
+
+
+def test_every_package_is_installed() -> None:
+    """A plain (not editable) install carries every package: each folder
+    with an __init__.py under xlio/ is in pyproject's list, as are the three
+    folders installed as subpackages."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {"xlio." + p.parent.name for p in (root / "xlio").glob("*/__init__.py")}
+    assert found <= listed, found - listed
+    assert {"xlio.backends", "xlio.frontends", "xlio.sim"} <= listed
+    assert "*.toml" in cfg["package-data"]["xlio.profiles"]
