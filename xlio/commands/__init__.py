@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from xlio.commands import (
+    calibrate,
     cleanup,
     compare,
     demo,
@@ -23,6 +24,6 @@ from xlio.commands import (
 )
 
 COMMANDS: tuple[ModuleType, ...] = (
-    measure, trace, sweep, compare, demo, netperf, vmexit, serve, profile, estimate, presets,
-    cleanup,
+    measure, trace, sweep, compare, demo, netperf, vmexit, serve, profile, estimate, calibrate,
+    presets, cleanup,
 )  # fmt: skip

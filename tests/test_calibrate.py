@@ -1,0 +1,172 @@
+"""``xlio calibrate``: the round trip through the model's own vmexit output,
+noise, held-out tests, the preset it writes, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xlio.calibrate import (
+    CalibrationError,
+    calibrate,
+    determined_by,
+    free_parameters,
+    parse_vmexit,
+    with_values,
+)
+from xlio.sim.presets import PRESETS
+from xlio.sim.vmexit import format_lines, run
+
+BASE = PRESETS["kvm-2019"]
+
+
+def xlio(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xlio", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def perturbed(seed: int) -> tuple[dict[str, float], dict[int, str]]:
+    """The calibratable parameters of kvm-2019 moved by 0.5x-2x, and the
+    vmexit output of both levels under them."""
+    rng = random.Random(seed)
+    truth = {k: float(BASE.params[k].value) * rng.uniform(0.5, 2) for k in free_parameters(BASE)}
+    model = with_values(BASE, truth, "perturbed")
+    return truth, {lv: format_lines(run(model, lv)) for lv in (1, 2)}
+
+
+def _runs(texts: dict[int, str]) -> dict:
+    return {lv: parse_vmexit(t, lv, f"l{lv}") for lv, t in texts.items()}
+
+
+def _combo_truth(p: dict, truth: dict[str, float]) -> float:
+    c = p["combination"]
+    return sum(w * truth[m] for m, w in zip(c["members"], c["weights"], strict=True))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_round_trip_recovers_what_it_calls_fitted_and_every_combination(seed: int) -> None:
+    truth, texts = perturbed(seed)
+    r = calibrate(BASE, _runs(texts))
+    statuses = {k: p["status"] for k, p in r["parameters"].items()}
+    for k, p in r["parameters"].items():
+        if p["status"] == "fitted":
+            assert p["value"] == pytest.approx(truth[k], rel=0.02), k
+        elif p["status"] == "combination":
+            assert p["combination"]["value"] == pytest.approx(_combo_truth(p, truth), rel=0.02), k
+    for row in r["residuals"]:
+        assert abs(row["residual_pct"]) < 1, row
+    # not identified: exactly the calibratable parameters no test's cycles depend on
+    names = free_parameters(BASE)
+    nobody = sorted(k for k, t in determined_by(BASE, names).items() if t is None)
+    not_identified = sorted(k for k, s in statuses.items() if s == "not identified")
+    assert set(nobody) <= set(not_identified)
+    for k in set(not_identified) - set(nobody):  # some test has it, just not these inputs
+        assert "would determine it" in r["parameters"][k]["source"]
+    assert statuses["hw_exit"] == "combination"  # it enters every row with a handler
+    assert statuses["clock_ghz"] == "fixed" and statuses["l1_pollution"] == "fixed"
+
+
+def test_round_trip_with_noise_stays_within_ten_percent() -> None:
+    truth, texts = perturbed(3)
+    rng = random.Random(7)
+    noisy = {}
+    for lv, t in texts.items():
+        lines = []
+        for line in t.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                line = f"{parts[0]} {round(int(parts[1]) * rng.uniform(0.97, 1.03))}"
+            lines.append(line)
+        noisy[lv] = "\n".join(lines)
+    r = calibrate(BASE, _runs(noisy))
+    for k, p in r["parameters"].items():
+        if p["status"] == "fitted":
+            assert p["value"] == pytest.approx(truth[k], rel=0.10), k
+        elif p["status"] == "combination":
+            assert p["combination"]["value"] == pytest.approx(_combo_truth(p, truth), rel=0.10)
+
+
+def test_held_out_rows_are_predicted_not_fitted(tmp_path: Path) -> None:
+    _, texts = perturbed(1)
+    runs = _runs(texts)
+    r = calibrate(BASE, runs, hold_out=["vmcall", "pci-io"])
+    held = [row for row in r["residuals"] if not row["used"]]
+    assert {row["test"] for row in held} == {"vmcall", "pci-io"}
+    # only the three published 2019 rows: the rest is predicted
+    three = {1: "cpuid 1060\nvmcall 1529\n", 2: "cpuid 13142\n"}
+    r = calibrate(BASE, _runs(three))
+    assert {(p["test"], p["level"]) for p in r["predictions"]} >= {("pci-io", 2), ("vmcall", 2)}
+    assert all(abs(row["residual_pct"]) < 0.5 for row in r["residuals"])
+
+
+def test_the_written_preset_is_a_costs_file_every_command_takes(tmp_path: Path) -> None:
+    _, texts = perturbed(2)
+    for lv, t in texts.items():
+        (tmp_path / f"l{lv}.txt").write_text("QEMU ... -append cpuid\nenabling apic\n" + t)
+    out = tmp_path / "mine.toml"
+    p = xlio("calibrate", "--vmexit", f"l1={tmp_path / 'l1.txt'}", "--vmexit",
+             f"l2={tmp_path / 'l2.txt'}", "-o", str(out), "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert {"parameters", "residuals"} <= set(doc)
+    assert {"value", "stderr", "status", "source"} <= set(doc["parameters"]["hw_exit"])
+    v = xlio("vmexit", "--costs", str(out), "--level", "2", "cpuid", "--json")
+    assert v.returncode == 0, v.stderr
+    fitted = next(r["fitted"] for r in doc["residuals"] if r["test"] == "cpuid" and r["level"] == 2)
+    assert json.loads(v.stdout)["tests"]["cpuid"] == pytest.approx(fitted, abs=1)
+    assert "calibrated: fitted to" in out.read_text()
+
+
+def test_bad_input_is_one_line_and_nothing_is_half_written(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("cpuid 1060\nvmcall 1529\n")
+    files = {
+        "empty": b"",
+        "binary": b"\x00\x01cpuid 12\x00",
+        "none": b"enabling apic\npaging enabled\n",
+        "negative": b"cpuid -1060\n",
+        "text": b"cpuid lots\n",
+        "clock1": b"qemu -cpu host,tsc-frequency=2100000000\ncpuid 1060\n",
+        "clock2": b"qemu -cpu host,tsc-frequency=2600000000\ncpuid 1100\n",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out.toml"
+    cases = [
+        ["--vmexit", f"l1={tmp_path / 'empty'}"],
+        ["--vmexit", f"l1={tmp_path / 'binary'}"],
+        ["--vmexit", f"l1={tmp_path / 'none'}"],
+        ["--vmexit", f"l1={tmp_path / 'negative'}"],
+        ["--vmexit", f"l1={tmp_path / 'text'}"],
+        ["--vmexit", f"l3={good}"],
+        ["--vmexit", f"l1={tmp_path / 'clock1'}", "--vmexit", f"l1={tmp_path / 'clock2'}"],
+        ["--vmexit", f"l1={good}", "--hold-out", "ipi"],
+        ["--vmexit", f"l1={tmp_path / 'missing'}"],
+        ["--vmexit", f"l1={good}", "--base", "nehalem-1999"],
+        ["--vmexit", f"l1={good}", "-o", str(tmp_path / "no" / "such" / "dir.toml")],
+        ["--vmexit", "l1"],
+    ]
+    for args in cases:
+        p = (
+            xlio("calibrate", *args, "-o", str(out))
+            if "-o" not in args
+            else xlio("calibrate", *args)
+        )
+        assert p.returncode == 2, (args, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("xlio calibrate: error: "), (args, lines)
+        assert not out.exists(), args
+    impossible = tmp_path / "fast.txt"
+    impossible.write_text("cpuid 100\n")
+    p = xlio("calibrate", "--vmexit", f"l1={impossible}", "-o", str(out))
+    assert p.returncode == 1 and "best point reached" in p.stderr and not out.exists()
+    only_unknown = parse_vmexit("enabling apic\nnew_test 1234\n", 1, "x")
+    assert only_unknown.unknown == ["new_test"]  # listed, not fatal...
+    with pytest.raises(CalibrationError):  # ...but nothing to fit
+        calibrate(BASE, {1: only_unknown})

@@ -1,0 +1,538 @@
+"""``xlio calibrate``: a preset fitted to kvm-unit-tests ``vmexit`` output from a user's machine.
+
+Theory of operation
+-------------------
+:func:`parse_vmexit` reads ``x86/vmexit.c`` output as users have it (a raw
+console log of ``./x86/run`` or ``run_tests.sh``: the QEMU command line and
+other lines around the results are skipped), one ``NAME CYCLES`` line per
+test run (several runs of a test are all kept: their spread is information),
+``NAME (skipped)`` lines, and the ``  ipi NAME N`` / ``  eoi NAME N``
+sub-lines (kept apart, not fitted). Test names the model does not have are
+listed, not fatal.
+
+The fit runs each measured test through the code ``xlio vmexit`` uses
+(:func:`xlio.sim.vmexit.run_test`) with a candidate preset, and
+``scipy.optimize.least_squares`` moves the candidate's free parameters
+(each a multiplicative factor on the base preset's value, bounded by
+:data:`BOUNDS`) to minimise the relative residuals of every measured run.
+Which parameter each row determines comes from the model itself: the
+Jacobian of every test's cycles with respect to every parameter, taken at
+the base preset by finite differences (the model is linear in the cycle
+parameters, so one difference is exact). A parameter whose column is zero
+for every measured row is *not identified* (kept at the base value; the
+report names a test of the model whose cycles depend on it); parameters
+whose columns are parallel enter every row together (L0's reflection and
+its VMRESUME emulation in a nested exit, say) and form a *combination*: its
+members move by one common factor, so the base's split is kept and only
+the combination's value (the sum of the members weighted by their columns)
+is fitted; published and derived parameters, booleans and the clock are
+*fixed*. A fit that cannot converge raises :class:`FitFailed` with the best
+point reached. Standard errors come from the Jacobian at the solution,
+scaled by the residuals' variance.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from xlio.sim.costs import CostModel, P, with_params
+from xlio.sim.vmexit import BY_NAME, LEVELS, TESTS, run_test
+
+#: Physical bounds on a fitted parameter's value (cycles unless said):
+#: no negative cycles, a hardware exit round trip no less than about 250.
+BOUNDS: dict[str, tuple[float, float]] = {"hw_exit": (250.0, 20_000.0)}
+DEFAULT_BOUNDS = (0.0, 2_000_000.0)
+#: A fit that leaves a used row further off than this has not found the machine.
+MAX_RESIDUAL = 0.25
+#: A parameter the rows determine alone is reported fitted when 1% noise on
+#: every row would move it by at most this much (relative): else it is only
+#: as good as its row's combination.
+WEAK = 0.05
+FIT_KINDS = ("calibrated", "estimate", "user")  # kinds a calibration may move
+
+_TEST_LINE = re.compile(r"^(?P<name>[A-Za-z][\w-]*)[ \t]+(?P<value>\S+)\s*$")
+_SKIPPED = re.compile(r"^(?P<name>[A-Za-z][\w-]*)[ \t]+\(skipped\)\s*$")
+_SUB_LINE = re.compile(r"^\s+(?P<part>ipi|eoi)\s+(?P<name>[\w-]+)\s+(?P<value>\S+)\s*$")
+_TSC_HZ = re.compile(r"tsc[-_ ]frequency[=: ]+(?P<hz>\d+)", re.IGNORECASE)
+
+
+class CalibrationError(ValueError):
+    """A user's input cannot be calibrated from: one line, exit status 2."""
+
+
+class FitFailed(Exception):
+    """The fit did not converge: one line, exit status 1, with the best point."""
+
+    def __init__(self, message: str, best: dict[str, float]) -> None:
+        super().__init__(message)
+        self.best = best
+
+
+@dataclass
+class VmexitRuns:
+    """One level's measured runs: test -> cycles of each run."""
+
+    level: int
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    parts: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    tsc_hz: int | None = None
+
+
+def parse_level(text: str) -> int:
+    """``l1``, ``l2``, ``1`` or ``2``."""
+    t = text.strip().lower().removeprefix("l")
+    if t not in ("1", "2"):
+        raise CalibrationError(f"level {text!r}: a level is l1 (a plain VM) or l2 (nested)")
+    return int(t)
+
+
+def parse_vmexit(text: str, level: int, where: str, into: VmexitRuns | None = None) -> VmexitRuns:
+    """The runs of one vmexit log (added to ``into``, for a level given twice)."""
+    out = into if into is not None else VmexitRuns(level)
+    found = 0
+    for line in text.splitlines():
+        m = _TSC_HZ.search(line)
+        if m:
+            hz = int(m["hz"])
+            if out.tsc_hz is not None and out.tsc_hz != hz:
+                raise CalibrationError(
+                    f"{where}: level {level} was given with two clocks "
+                    f"(tsc-frequency {out.tsc_hz} and {hz}): one machine per level"
+                )
+            out.tsc_hz = hz
+        if _SKIPPED.match(line):
+            out.skipped.append(line.split()[0])
+            found += 1
+            continue
+        sub = _SUB_LINE.match(line)
+        if sub:
+            out.parts.setdefault(sub["name"], []).append(
+                (sub["part"], _cycles(sub["value"], where, line))
+            )
+            continue
+        m = _TEST_LINE.match(line)
+        if not m:
+            continue
+        name, value = m["name"], m["value"]
+        if name in BY_NAME:
+            out.runs.setdefault(name, []).append(_cycles(value, where, line))
+            found += 1
+        elif re.fullmatch(r"-?\d+(\.\d+)?", value) and re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            if value.startswith("-"):
+                raise CalibrationError(f"{where}: {line.strip()!r}: negative cycles")
+            out.unknown.append(name)
+            found += 1
+    if not found:
+        raise CalibrationError(
+            f"{where}: no vmexit test line (NAME CYCLES) found: is this kvm-unit-tests "
+            "x86/vmexit.c output?"
+        )
+    out.sources.append(where)
+    return out
+
+
+def _cycles(value: str, where: str, line: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise CalibrationError(f"{where}: {line.strip()!r}: cycles are not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise CalibrationError(f"{where}: {line.strip()!r}: negative or non-finite cycles")
+    return v
+
+
+def read_vmexit(level_text: str, path: str, runs: dict[int, VmexitRuns]) -> None:
+    """``--vmexit LEVEL=FILE``: the file read and added to its level's runs."""
+    level = parse_level(level_text)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CalibrationError(f"cannot read {path}: {e.strerror}") from None
+    if b"\0" in raw:
+        raise CalibrationError(f"{path}: a binary file, not vmexit output")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: not text (UTF-8), not vmexit output") from None
+    runs[level] = parse_vmexit(text, level, path, runs.get(level))
+
+
+# ---------------------------------------------------------------- the model
+#: Parameters a calibration holds fixed whatever their kind, and why.
+HELD: dict[str, str] = {
+    "l1_pollution": "it enters only multiplied by L1's handler cycles, so cycles cannot tell "
+    "it from the handlers: kept at the base's value",
+}
+
+
+def free_parameters(base: CostModel) -> list[str]:
+    """The parameters a calibration may move: numeric cycle costs of kind
+    calibrated, estimate or user (not the clock, not :data:`HELD`). The
+    model's cycles are linear in them."""
+    out = []
+    for k, p in base.params.items():
+        if k == "clock_ghz" or k in HELD:
+            continue
+        if isinstance(p.value, bool) or not isinstance(p.value, int | float):
+            continue
+        if p.kind in FIT_KINDS and p.value > 0:
+            out.append(k)
+    return out
+
+
+def model_cycles(costs: CostModel, rows: list[tuple[str, int]]) -> list[float]:
+    """Cycles per iteration of each (test, level), as ``xlio vmexit`` computes them."""
+    out = []
+    for name, level in rows:
+        c = run_test(name, costs, level)["cycles"]
+        out.append(float("nan") if c is None else float(c))
+    return out
+
+
+def with_values(
+    base: CostModel, values: dict[str, float], source: str, *, whole: bool = True
+) -> CostModel:
+    """``base`` with ``values`` set (kind calibrated); ``whole``: integer
+    parameters rounded to whole cycles, as a preset holds them."""
+    params = {}
+    for k, v in values.items():
+        p = base.params[k]
+        value: float | int = round(v) if whole and isinstance(p.value, int) else v
+        params[k] = P(value, source, "calibrated", p.unit)
+    return with_params(base, base.name, base.description, **params)
+
+
+def jacobian(base: CostModel, names: list[str], rows: list[tuple[str, int]]) -> list[list[float]]:
+    """d cycles / d (relative change of each parameter), per row, at ``base``."""
+    at = model_cycles(base, rows)
+    cols = []
+    for k in names:
+        v = float(base.params[k].value)
+        h = 0.01
+        bumped = with_params(base, base.name, "", **{k: P(v * (1 + h), "d", "user")})
+        if isinstance(base.params[k].value, int):  # an integer parameter: a whole step
+            step = max(1, round(v * h))
+            bumped = with_params(base, base.name, "", **{k: P(int(v) + step, "d", "user")})
+            h = step / v
+        cols.append([(b - a) / h for a, b in zip(at, model_cycles(bumped, rows), strict=True)])
+    return [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in rows]
+
+
+@dataclass
+class Identified:
+    """What the measured rows determine (:func:`identify`)."""
+
+    fit: list[str]  # moved by the fit: a set of parameters the rows pin together
+    alone: list[str]  # of those, the ones the rows determine each by itself
+    held: list[str]  # kept at the base's value: the rows see them only with others
+    zero: list[str]  # no measured row depends on them
+    combos: dict[str, dict[str, float]]  # a parameter not alone -> a determined combination
+
+
+def identify(
+    base: CostModel, names: list[str], J: list[list[float]], measured: list[float]
+) -> Identified:
+    """From the model's own Jacobian ``J`` (rows x ``names``, d cycles / d
+    relative change) at the base: the null space of the rows' relative
+    sensitivities says what the rows cannot tell apart. A parameter outside
+    it is determined alone. Every other one is part of a combination: the
+    projection of its direction on the rows' space is a linear function of
+    several parameters' values that the rows do determine (its weights on
+    each member's value, the parameter's own 1); a pivoted QR keeps the
+    fewest of them at the base's value (the base's split) and the fit moves
+    the rest."""
+    import numpy as np
+    from scipy.linalg import qr
+
+    A = np.array(J, dtype=float) / np.array(measured, dtype=float)[:, None]
+    norms = np.linalg.norm(A, axis=0)
+    top = float(norms.max()) if norms.size else 0.0
+    zero = [k for k, n in zip(names, norms, strict=True) if n <= 1e-9 * max(top, 1e-300)]
+    live = [i for i, k in enumerate(names) if k not in zero]
+    if not live:
+        return Identified([], [], [], zero, {})
+    B = A[:, live] / norms[live]
+    _, sv, vt = np.linalg.svd(B, full_matrices=True)
+    rank = int((sv > 1e-8 * sv[0]).sum())
+    null = vt[rank:].T
+    proj = null @ null.T if null.size else np.zeros((len(live), len(live)))
+    _, _, piv = qr(B, pivoting=True, mode="economic")
+    keep = sorted(int(i) for i in piv[:rank])
+    fit = [names[live[i]] for i in keep]
+    held = [names[live[i]] for i in range(len(live)) if i not in keep]
+    # alone: outside the null space, and resolved: 1% noise on every row moves
+    # it by at most WEAK (else it is reported in its row's combination)
+    cov = np.linalg.pinv(A[:, live].T @ A[:, live])
+    spread = np.sqrt(np.clip(np.diag(cov), 0, None)) * 0.01
+    alone = [names[live[i]] for i in range(len(live))
+             if abs(proj[i, i]) < 1e-8 and spread[i] <= WEAK]  # fmt: skip
+    # a parameter not determined alone is reported in the sparsest measured
+    # row that holds it: that row's cycles are one combination the data fix
+    # (its weights: d cycles / d value, the times the row pays each cost)
+    Jabs = np.array(J, dtype=float) / np.array(
+        [float(base.params[k].value) for k in names], dtype=float
+    )
+    combos: dict[str, dict[str, float]] = {}
+    for i in range(len(live)):
+        k = names[live[i]]
+        if k in alone:
+            continue
+        rows = [r for r in range(Jabs.shape[0]) if abs(Jabs[r, live[i]]) > 1e-9]
+        best = min(rows, key=lambda r: int((np.abs(Jabs[r]) > 1e-9).sum()))
+        combos[k] = {names[j]: round(float(Jabs[best, j]), 6) for j in range(len(names))
+                     if abs(Jabs[best, j]) > 1e-9}  # fmt: skip
+    return Identified(fit, alone, held, zero, combos)
+
+
+def combination_label(weights: dict[str, float]) -> str:
+    return " + ".join(
+        m if abs(w - 1) < 1e-9 else f"{w:.3g} x {m}" for m, w in weights.items()
+    ).replace("+ -", "- ")
+
+
+def determined_by(base: CostModel, names: list[str]) -> dict[str, str | None]:
+    """For each parameter, a test of the model (at a level) whose cycles depend on it."""
+    rows = [(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
+    J = jacobian(base, names, rows)
+    out: dict[str, str | None] = {}
+    for i, k in enumerate(names):
+        out[k] = next(
+            (f"{t} at level {lv}" for (t, lv), row in zip(rows, J, strict=True)
+             if abs(row[i]) > 1e-6 and not math.isnan(row[i])),
+            None,
+        )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- the fit
+def calibrate(
+    base: CostModel,
+    runs: dict[int, VmexitRuns],
+    *,
+    hold_out: list[str] | None = None,
+    clock_ghz: float | None = None,
+) -> dict[str, Any]:
+    """Fit ``base``'s free parameters to the measured runs; the report."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    if clock_ghz is not None:
+        base = with_params(base, base.name, base.description,
+                           clock_ghz=P(clock_ghz, "--clock", "user", "GHz"))  # fmt: skip
+    held = set(hold_out or [])
+    measured = {(t, lv) for lv, r in runs.items() for t in r.runs}
+    missing = sorted(h for h in held if not any(t == h for t, _ in measured))
+    if missing:
+        raise CalibrationError(f"--hold-out {missing[0]}: no such test in the input")
+    modelable = {(t, lv) for t, lv in measured if not BY_NAME[t].skip}
+    # a test the model runs at native speed at this level (no exit) has no figure to fit
+    distinct = sorted(k for k in modelable if not math.isnan(model_cycles(base, [k])[0]))
+    used_rows = [k for k in distinct if k[0] not in held]
+    if not used_rows:
+        raise CalibrationError(
+            "nothing to fit: every test given is held out or skipped by the model"
+        )
+    names = free_parameters(base)
+    J = jacobian(base, names, used_rows)
+    at_base = model_cycles(base, used_rows)
+    ident = identify(base, names, J, at_base)
+    not_identified = ident.zero
+    units = [[k] for k in ident.fit + ident.held]  # every parameter some row depends on
+    # every run is a residual row (relative), of its (test, level)
+    obs = [(k, v) for k in used_rows for v in runs[k[1]].runs[k[0]]]
+    x0 = np.ones(len(units))
+    lo, hi = [], []
+    for u in units:
+        los, his = [], []
+        for m in u:
+            b = float(base.params[m].value)
+            a, z = BOUNDS.get(m, DEFAULT_BOUNDS)
+            los.append(a / b)
+            his.append(z / b)
+        lo.append(max(los) if max(los) < 1 else 0.999)
+        hi.append(min(his) if min(his) > 1 else 1.001)
+
+    def values_of(x: Any) -> dict[str, float]:
+        return {m: float(base.params[m].value) * float(s) for u, s in zip(units, x, strict=True)
+                for m in u}  # fmt: skip
+
+    # the model's cycles are linear in these parameters (L1's cache pollution
+    # held): the fit runs on J, taken once at the base, and its answer is
+    # checked on the model itself below
+    index = {k: i for i, k in enumerate(used_rows)}
+    rows_of = np.array([index[k] for k, _ in obs])
+    meas = np.array([v for _, v in obs])
+    col = {k: i for i, k in enumerate(names)}
+    Ju = np.array(J, dtype=float)[:, [col[u[0]] for u in units]]  # d cycles / d factor
+    c0 = np.array(at_base, dtype=float)
+    # within what the rows cannot tell apart, the fit moves the parameters
+    # least (relative to the base): the base's split, kept as far as the data allow
+    reg = 1e-4
+
+    def residuals(x: Any) -> Any:
+        pred = c0 + Ju @ (np.asarray(x) - 1.0)
+        return np.concatenate([(pred[rows_of] - meas) / meas, reg * (np.asarray(x) - 1.0)])
+
+    jac_rows = np.vstack([Ju[rows_of] / meas[:, None], reg * np.eye(len(units))])
+
+    try:
+        sol = least_squares(residuals, x0, jac=lambda x: jac_rows, bounds=(lo, hi),
+                            method="trf", x_scale="jac", xtol=1e-14, ftol=1e-15, gtol=1e-15,
+                            max_nfev=2000)  # fmt: skip
+    except ValueError as e:
+        raise FitFailed(f"the fit could not start: {e}", values_of(x0)) from None
+    best = values_of(sol.x)
+    if sol.status <= 0:
+        raise FitFailed(f"the fit did not converge: {sol.message}", best)
+    data = sol.fun[: len(obs)]
+    worst = int(np.argmax(np.abs(data)))
+    if abs(data[worst]) > MAX_RESIDUAL:
+        (t, lv), v = obs[worst]
+        at_bound = [u[0] for u, xv, a, z in zip(units, sol.x, lo, hi, strict=True)
+                    if xv <= a * (1 + 1e-9) or xv >= z * (1 - 1e-9)]  # fmt: skip
+        raise FitFailed(
+            f"the model cannot reach the measurements within its bounds: l{lv} {t} measured "
+            f"{v:,.0f}, best {v * (1 + data[worst]):,.0f}"
+            + (f" (at a bound: {', '.join(at_bound)})" if at_bound else ""),
+            best,
+        )
+    n, p = len(obs), len(units)
+    res = sol.fun[: len(obs)]
+    dof = max(n - p, 1)
+    s2 = float(res @ res) / dof
+    try:
+        cov = np.linalg.pinv(sol.jac.T @ sol.jac) * max(s2, 1e-30)
+        err = np.sqrt(np.clip(np.diag(cov), 0, None))
+    except np.linalg.LinAlgError:
+        err = np.full(p, float("nan"))
+    sources = sorted({f"l{lv} {t}" for t, lv in used_rows})
+    files = sorted({s for r in runs.values() for s in r.sources})
+    source = f"calibrated: fitted to {', '.join(sources)} from {', '.join(files)}"
+    final = with_values(base, best, source)
+    params: dict[str, dict[str, Any]] = {}
+    errs = {u[0]: float(best[u[0]] / sx * e) for u, sx, e in zip(units, sol.x, err, strict=True)}
+    values = {**{k: float(base.params[k].value) for k in ident.held}, **best}
+    for k in ident.fit + ident.held:
+        if k in ident.alone:
+            params[k] = {"value": values[k], "stderr": errs.get(k), "status": "fitted",
+                         "source": source}  # fmt: skip
+            continue
+        w = ident.combos[k]
+        combo = sum(v * values[m] for m, v in w.items())
+        label = combination_label(w)
+        how = "the base's value kept" if k in ident.held else "fitted with the others"
+        params[k] = {
+            "value": values[k], "stderr": errs.get(k), "status": "combination",
+            "source": f"{source}; determined only as {label} = {combo:,.1f} ({how})",
+            "combination": {"members": list(w), "weights": list(w.values()), "label": label,
+                            "value": combo},
+        }  # fmt: skip
+    deciders = determined_by(base, not_identified) if not_identified else {}
+    for m in not_identified:
+        decider = deciders[m]
+        why = "no measured test depends on it" + (
+            f"; {decider} would determine it" if decider else "; no vmexit test does"
+        )
+        params[m] = {"value": float(base.params[m].value), "stderr": None,
+                     "status": "not identified", "why": why,
+                     "source": f"{base.params[m].source} ({why})"}  # fmt: skip
+    for k, p_ in base.params.items():
+        if k not in params:
+            why = f"{p_.source} ({HELD[k]})" if k in HELD else p_.source
+            params[k] = {"value": p_.value, "stderr": None, "status": "fixed", "source": why}
+    all_rows = sorted(modelable)
+    pred_all = dict(zip(all_rows, model_cycles(final, all_rows), strict=True))
+    residual_rows = []
+    for row in all_rows:
+        for v in runs[row[1]].runs[row[0]]:
+            f = pred_all[row]
+            residual_rows.append({
+                "test": row[0], "level": row[1], "measured": v, "fitted": f,
+                "residual_pct": (f - v) / v * 100 if v else None, "used": row in index,
+            })  # fmt: skip
+    everything = [(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
+    others = [k for k in everything if k not in measured]
+    predictions = [
+        {"test": t, "level": lv, "cycles": c}
+        for (t, lv), c in zip(others, model_cycles(final, others), strict=True)
+        if not math.isnan(c)
+    ]
+    skipped_by_model = sorted({t for t, _ in measured if BY_NAME[t].skip}
+                              | {t for t, lv in measured if (t, lv) not in distinct})  # fmt: skip
+    return {
+        "base": base.name, "clock_ghz": base.clock_ghz, "model": final,
+        "parameters": params, "residuals": residual_rows, "predictions": predictions,
+        "unknown_tests": sorted({t for r in runs.values() for t in r.unknown}),
+        "not_modeled": skipped_by_model, "held_out": sorted(held),
+        "cost": float(sol.cost), "nfev": int(sol.nfev), "files": files,
+    }  # fmt: skip
+
+
+def to_toml(r: dict[str, Any]) -> str:
+    """The calibrated preset in the ``--costs`` format: ``base`` and ``[params]``."""
+    lines = [
+        "# xlio calibrate: a preset for `--costs FILE.toml` (every command takes it)",
+        f'base = "{r["base"]}"',
+        f'name = "calibrated-{r["base"]}"',
+        f'description = "{r["base"]} calibrated to {", ".join(r["files"])}"'.replace("\\", "/"),
+        "",
+        "[params]",
+    ]
+    for k, p in r["parameters"].items():
+        if p["status"] in ("fitted", "combination") or (
+            k == "clock_ghz" and p["source"] == "--clock"
+        ):
+            v = p["value"]
+            value = str(round(v)) if isinstance(r["model"].params[k].value, int) else repr(v)
+            src = p["source"].replace("\\", "/").replace('"', "'")
+            lines.append(f'"{k}" = {{ value = {value}, source = "{src}" }}')
+    return "\n".join(lines) + "\n"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    out = [
+        f"xlio calibrate: base {r['base']} at {r['clock_ghz']:g} GHz, from {', '.join(r['files'])}",
+        "",
+    ]
+    out.append(f"{'test':<30}{'level':>6}{'measured':>12}{'fitted':>12}{'residual':>10}  used")
+    for row in r["residuals"]:
+        res = f"{row['residual_pct']:+.2f}%" if row["residual_pct"] is not None else ""
+        out.append(f"{row['test']:<30}{row['level']:>6}{row['measured']:>12,.0f}{row['fitted']:>12,.0f}"
+                   f"{res:>10}  {'yes' if row['used'] else 'held out'}")  # fmt: skip
+    out.append("")
+    out.append(f"{'parameter':<28}{'value':>12}{'stderr':>10}  status")
+    for k, p in r["parameters"].items():
+        if p["status"] == "fixed":
+            continue
+        err = (
+            f"{p['stderr']:,.0f}" if p["stderr"] is not None and p["stderr"] == p["stderr"] else ""
+        )
+        v = p["value"]
+        vs = f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        extra = ""
+        if p["status"] == "combination":
+            c = p["combination"]
+            extra = f" ({c['label']} = {c['value']:,.1f})"
+        elif p["status"] == "not identified":
+            extra = f" ({p['why']})"
+        out.append(f"{k:<28}{vs:>12}{err:>10}  {p['status']}{extra}")
+    if r["predictions"]:
+        out.append("")
+        out.append("predicted by the calibrated preset, not in the input:")
+        out.extend(f"  l{p['level']} {p['test']} {p['cycles']:,.0f}" for p in r["predictions"])
+    fixed = sum(1 for p in r["parameters"].values() if p["status"] == "fixed")
+    out.append(f"({fixed} parameters fixed: published, derived, switches and the clock)")
+    if r["unknown_tests"]:
+        out.append("tests the model does not have (not fitted): " + ", ".join(r["unknown_tests"]))
+    if r["not_modeled"]:
+        out.append(
+            "tests the model skips (no exit, or not modeled): " + ", ".join(r["not_modeled"])
+        )
+    return "\n".join(out)
