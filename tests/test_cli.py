@@ -136,12 +136,15 @@ VALID_THERE = {
     ("sweep", "--metric"): {"abc", "inf", "nan"},  # keys: checked by --of (test_reports)
     ("profile", "--output"): set(MALFORMED) - {""},  # file names
     ("estimate", "--plot"): set(MALFORMED) - {""},
+    ("calibrate", "--output"): set(MALFORMED) - {""},  # file names
+    ("calibrate", "--hold-out"): set(MALFORMED) - {""},  # test names: checked against the input
 }
 REQUIRED = {
     "measure": ["--workload", "cpuid"],
     "trace": ["--workload", "cpuid"],
     "sweep": ["--workload", "tx", "--param", "batch=1,2"],
     "estimate": ["kbuild"],
+    "calibrate": ["--vmexit", "l1=/dev/null"],
 }
 
 
@@ -169,7 +172,7 @@ def test_every_value_option_is_covered() -> None:
     cmds = {c for c, _ in VALUE_OPTIONS}
     assert cmds == {
         "measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare",
-        "estimate", "profile",
+        "estimate", "profile", "calibrate",
     }  # fmt: skip
     assert len(VALUE_OPTIONS) >= 35
 
