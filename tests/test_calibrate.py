@@ -121,6 +121,14 @@ def test_the_written_preset_is_a_costs_file_every_command_takes(tmp_path: Path) 
     fitted = next(r["fitted"] for r in doc["residuals"] if r["test"] == "cpuid" and r["level"] == 2)
     assert json.loads(v.stdout)["tests"]["cpuid"] == pytest.approx(fitted, abs=1)
     assert "calibrated: fitted to" in out.read_text()
+    # and beside a built-in preset in xlio compare
+    c = xlio("compare", "--workload", "cpuid", "--count", "100", "--a", "preset=kvm-2019",
+             "--b", f"costs={out}", "--json")  # fmt: skip
+    assert c.returncode == 0, c.stderr
+    rows = {r["figure"]: r for r in json.loads(c.stdout)["rows"]}
+    assert rows["cycles per op"]["b"] == pytest.approx(fitted, rel=0.01)
+    bad = xlio("compare", "--workload", "cpuid", "--b", f"costs={tmp_path / 'none.toml'}")
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
 
 
 def test_bad_input_is_one_line_and_nothing_is_half_written(tmp_path: Path) -> None:

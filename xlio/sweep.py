@@ -32,7 +32,7 @@ from typing import Any
 
 from xlio.measure import OPTION_GROUPS, WORKLOADS, UsageError, measure
 from xlio.sim.accounting import SUMMARY_KEYS
-from xlio.sim.presets import PRESETS, CostModel, override, parse_value
+from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.workloads import PATHS
 
 
@@ -120,6 +120,15 @@ def with_setting(p: Point, name: str, text: str, base_sets: dict[str, Any]) -> P
             raise UsageError(f"argument --param: preset takes {', '.join(PRESETS)}, got {text!r}")
         costs = _set_costs(PRESETS[text], base_sets)
         return replace(p, costs=costs, values={**p.values, name: text})
+    if name == "costs":  # a preset file, as --costs takes it (xlio calibrate -o writes one)
+        try:
+            with open(text, encoding="utf-8") as f:
+                costs = costs_from_toml(f.read(), text)
+        except OSError as e:
+            raise UsageError(f"costs={text}: cannot read it: {e.strerror}") from None
+        except ValueError as e:
+            raise UsageError(f"costs={text}: {e}") from None
+        return replace(p, costs=_set_costs(costs, base_sets), values={**p.values, name: text})
     if name == "count":
         return replace(p, count=_typed(name, text, 1), values={**p.values, name: int(text)})
     if name in SWITCHES:
