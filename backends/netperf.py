@@ -37,7 +37,8 @@ guest halts, and the interrupt that wakes it takes the path of
 :meth:`NestedVmx.l0_interrupt_l2` (posted interrupt, reflected HLT, virtual
 idle).
 
-The link serializes frames at its rate in each direction (Ethernet's 38
+The link (:mod:`xlio.backends.timed`, with the rings and worker threads)
+serializes frames at its rate in each direction (Ethernet's 38
 bytes of header, FCS, preamble and gap per frame); the peer is bare metal and
 never the bottleneck: it acknowledges every second TCP segment and answers a
 request after a turnaround. Being a pure function of arrival times, the
@@ -59,7 +60,6 @@ from enum import StrEnum
 from typing import Any
 
 import simpy
-from simpy.events import Timeout
 
 from xlio.sim.costs import CostModel
 from xlio.sim.cpus import Cpu
@@ -67,6 +67,8 @@ from xlio.sim.guest_mmu import GuestPaging, Paging
 from xlio.sim.nested import L2, Config, NestedVmx
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
+
+from .timed import Link, Ring, Worker
 
 R = ExitReason
 Work = dict[str, float]
@@ -97,10 +99,8 @@ LINKS: dict[str, float] = {"1g": 1e9, "10g": 10e9, "25g": 25e9, "100g": 100e9}
 MTU = 1500
 TCP_IP_HEADERS = 52  # IPv4 20 + TCP 20 + timestamps 12
 UDP_IP_HEADERS = 28
-ETH_WIRE_OVERHEAD = 38  # Ethernet header 14, FCS 4, preamble 8, inter-frame gap 12
 ETH_HEADER = 14
 VNET_HDR = 12
-MIN_FRAME = 64 + 20  # minimum frame plus preamble and gap
 GSO_MAX = 65_536  # the largest GSO segment Linux builds
 NAPI_BUDGET = 64  # Linux NAPI_POLL_WEIGHT
 VHOST_PKT_WEIGHT = 256  # vhost-net: packets per run before yielding (VHOST_NET_PKT_WEIGHT)
@@ -124,116 +124,6 @@ class NetperfOptions:
     tso: bool | None = None  # TCP segmentation offload (default: the preset's)
     l1_backend: str = "vhost"  # l1 path: vhost in L1's kernel, or QEMU's userspace virtio
     ticks: bool = True  # the guest's timer tick at the preset's guest_hz while it runs
-
-
-class Ring:
-    """One virtqueue by index: published, consumed and returned packets.
-
-    ``kick_armed``: the consumer (device) sleeps and wants a notification;
-    ``irq_armed``: the driver wants an interrupt for used buffers.
-    """
-
-    __slots__ = ("size", "avail", "used", "kick_armed", "irq_armed")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.avail: deque[Any] = deque()  # published by the driver, not yet taken
-        self.used: deque[Any] = deque()  # returned by the device, not yet reaped
-        self.kick_armed = True
-        self.irq_armed = True
-
-    def free(self) -> int:
-        return self.size - len(self.avail) - len(self.used)
-
-
-class Worker:
-    """A backend thread (vhost worker or L0's direct-service thread) on one CPU."""
-
-    def __init__(self, env: simpy.Environment, name: str, cpu: Cpu, level: str) -> None:
-        self.env = env
-        self.name = name
-        self.cpu = cpu
-        self.level = level
-        self.sleeping = False
-        self.wake_event: simpy.Event = env.event()
-        self.timer_at = float("inf")  # a wake-up already set for this time
-
-    def wake_at(self, t: float) -> None:
-        """Wake up at ``t`` (a frame's arrival), unless a timer fires earlier."""
-        if t >= self.timer_at:
-            return
-        self.timer_at = t
-        env = self.env
-        delay = t - env._now
-        timer = Timeout(env, delay if delay > 0.0 else 0.0)
-        timer.callbacks.append(self._fire)
-
-    def _fire(self, _: simpy.Event) -> None:
-        self.timer_at = float("inf")
-        self.wake()
-
-    def wake(self) -> None:
-        if self.sleeping:
-            self.sleeping = False
-            self.wake_event.succeed()
-
-    def sleep(self) -> simpy.Event:
-        self.sleeping = True
-        self.wake_event = self.env.event()
-        return self.wake_event
-
-
-class Link:
-    """One direction of the wire: frames serialized back to back at ``rate``.
-
-    Both ends of this wire are pure functions of arrival times (the peer, and
-    a backend's inbox read by timestamp), so a frame is handed over when it
-    is sent, with the time it will arrive: no event per frame. The sender's
-    queue (the host NIC's, ``txqueuelen`` 1000) is bounded: a frame that
-    finds it full is dropped and counted.
-    """
-
-    QUEUE = 1000
-
-    def __init__(
-        self, env: simpy.Environment, rate: float, deliver: Callable[[Any, float], None]
-    ) -> None:
-        self.env = env
-        self.rate = rate
-        self.deliver = deliver  # deliver(item, arrival time)
-        self.free_at = 0.0
-        self.busy = 0.0  # seconds spent serializing
-        self.dropped = 0
-        self.arrivals: deque[float] = deque()  # of frames not yet arrived
-
-    def in_transit(self) -> int:
-        """Frames sent and not yet arrived."""
-        arrivals = self.arrivals
-        now = self.env.now
-        while arrivals and arrivals[0] <= now:
-            arrivals.popleft()
-        return len(arrivals)
-
-    def send(self, item: Any, l3_bytes: int, frames: int = 1, at: float | None = None) -> bool:
-        """Queue ``frames`` frames carrying ``l3_bytes`` (from time ``at``, now by
-        default; calls come in time order), delivered as one item at the end of
-        the last; False (and counted) when the queue is full."""
-        arrivals = self.arrivals
-        if len(arrivals) >= self.QUEUE and self.in_transit() >= self.QUEUE:
-            self.dropped += 1
-            return False
-        wire = l3_bytes + frames * ETH_WIRE_OVERHEAD
-        if wire < frames * MIN_FRAME:
-            wire = frames * MIN_FRAME
-        t = wire * 8 / self.rate
-        start = self.env._now if at is None else at
-        if start < self.free_at:
-            start = self.free_at
-        end = self.free_at = start + t
-        self.busy += t
-        arrivals.append(end)
-        self.deliver(item, end)
-        return True
 
 
 @dataclass

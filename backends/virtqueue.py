@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from xlio.sim.memory import GuestMemory, MemoryFault
+from xlio.sim.memory import GuestMemory, MemoryFault, RingPages
 from xlio.virtio import (
     DESC,
     USED_ELEM,
@@ -64,8 +64,6 @@ class QueueBroken(Exception):
     """The ring itself is corrupt: the device needs a reset."""
 
 
-#: (avail page, offset, descriptor table page, offset, used page, offset)
-RingPages = tuple[bytearray, int, bytearray, int, bytearray, int]
 Segments = tuple[tuple[int, int], ...]  # (L2 GPA, length) of each descriptor
 Chain = tuple[int, Segments, Segments]
 """A descriptor chain as the device sees it: (head, readable, writable) (a
@@ -102,30 +100,14 @@ class DeviceQueue:
         self.broken = False
         self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
-        self._pages: RingPages | None = None
-        self._pages_gen = -1  # the view's generation _pages was resolved in
+        # the available ring, the descriptor table and the used ring, kept
+        self._ring_pages = RingPages(
+            mem,
+            ((avail, avail_ring_size(size)), (desc, desc_table_size(size)),
+             (used, used_ring_size(size))),
+        ).get  # fmt: skip
 
     # ------------------------------------------------------------- helpers
-    def _ring_pages(self) -> RingPages | None:
-        """The available ring, the descriptor table and the used ring, each
-        lying in one host page, resolved once per generation of the view
-        (every mapping change moves it); None when they cannot be (a ring
-        across pages, a view that does not cache, a fault): then every
-        access goes through the accessor, which reports what is wrong."""
-        mem = self.mem
-        if self._pages_gen == mem.generation and mem.touched is None:
-            return self._pages
-        size = self.size
-        try:
-            a = mem.pinned_page(self.avail, avail_ring_size(size))
-            d = mem.pinned_page(self.desc, desc_table_size(size))
-            u = mem.pinned_page(self.used, used_ring_size(size))
-        except MemoryFault:
-            return None  # not cached: the accessor says which ring it was
-        self._pages = (*a, *d, *u) if a and d and u else None
-        self._pages_gen = mem.generation
-        return self._pages
-
     def _break(self, reason: str) -> QueueBroken:
         self.broken = True
         self.errors[reason] += 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Protocol, cast
 
-from xlio.sim.memory import GuestMemory, MemoryFault
+from xlio.sim.memory import GuestMemory, MemoryFault, RingPages
 from xlio.virtio import (
     DESC,
     MAX_TX_CHAIN_BYTES,
@@ -119,23 +119,12 @@ class DriverQueue:
         self.avail_idx = 0
         self.published = 0
         self.last_used = 0
-        self._pages: tuple[bytearray, int, bytearray, int, bytearray, int] | None = None
-        self._pages_gen = -1
-
-    def _ring_pages(self) -> tuple[bytearray, int, bytearray, int, bytearray, int] | None:
-        """(descriptor table page, offset, available ring's, used ring's), each
-        ring in one host page, resolved once per generation of the view; None
-        when they cannot be (then each access goes through the accessor)."""
-        mem = self.mem
-        if self._pages_gen == mem.generation and mem.touched is None:
-            return self._pages
-        size = self.size
-        d = mem.pinned_page(self.desc, desc_table_size(size))
-        a = mem.pinned_page(self.avail, avail_ring_size(size))
-        u = mem.pinned_page(self.used, used_ring_size(size))
-        self._pages = (*d, *a, *u) if d and a and u else None
-        self._pages_gen = mem.generation
-        return self._pages
+        # the descriptor table, the available ring and the used ring, kept
+        self._ring_pages = RingPages(
+            mem,
+            ((self.desc, desc_table_size(size)), (self.avail, avail_ring_size(size)),
+             (self.used, used_ring_size(size))),
+        ).get  # fmt: skip
 
     def add(self, base: int, stride: int, length: int, write: bool) -> tuple[int, int]:
         """Post the buffer of a free descriptor (buffer ``i`` is at ``base + i * stride``)

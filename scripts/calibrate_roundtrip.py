@@ -65,9 +65,10 @@ def main() -> None:
           f"{lo}-{hi}; worst fitted parameter "
           f"{max(o['fit'] for o in out) * 100:.2f}%, worst combination "
           f"{max(o['combo'] for o in out) * 100:.2f}%, worst test "
-          f"{max(o['rows'] for o in out):.2f}% off; every fitted parameter within 2 standard "
-          f"errors of its truth in {all_covered} of {a.seeds} seeds "
-          f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
+          f"{max(o['rows'] for o in out):.2f}% off; "
+          + (f"every fitted parameter within 2 standard errors of its truth in {all_covered} "
+             f"of {a.seeds} seeds " if hi else "no parameter fitted, so no coverage to count ")
+          + f"({time.perf_counter() - t:.1f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -141,6 +141,19 @@ class GuestPaging:
         else:
             m.l0_work(cycles, what)
 
+    def _l1_flushes_tlb(self) -> None:
+        """Nested, L1 flushes L2's translations with INVVPID (an exit of L1)."""
+        if self.paging.nested:
+            self.m.l1_exit(R.INVVPID, "invvpid", cause="l1-tlb-flush")
+
+    def _l1_takes_its_timer(self) -> None:
+        """L0's timer for L1 fires while L2 runs (a reflected external
+        interrupt) and L1 takes it: an EOI exit without APICv."""
+        m = self.m
+        m.l0_interrupt_l1()
+        if not m.cfg.apicv:
+            m.l1_exit(R.MSR_WRITE, "eoi", cause="l1-timer")
+
     def _resume(self, level: int) -> None:
         if level == L1:
             self.m.l1_vmresume()
@@ -202,15 +215,13 @@ class GuestPaging:
             return
         n = len(self.unsync)
         m = self.m
-        nested = self.paging.nested
 
         def load() -> None:
             level = self._exit(R.CR_ACCESS, "cr3_load", cr=CR3)
             if n:
                 self._shadow_work(n * m.costs.handlers["sync_page"], "shadow resync")
                 self._shadow_writes(n, "l1-shadow-resync")
-            if nested:
-                m.l1_exit(R.INVVPID, "invvpid", cause="l1-tlb-flush")
+            self._l1_flushes_tlb()
             if self.paging.l0_shadows_l1:  # a new GUEST_CR3 in vmcs12: L0's own root switch
                 m.l0_work(m.costs.handlers["cr3_load"], "shadow root switch")
             self._resume(level)
@@ -224,14 +235,11 @@ class GuestPaging:
         self.events["invlpg"] += 1
         if not self.paging.shadow:
             return
-        m = self.m
-        nested = self.paging.nested
 
         def flush() -> None:
             level = self._exit(R.INVLPG, "invlpg")
             self._shadow_writes(1, "l1-shadow-zap")
-            if nested:
-                m.l1_exit(R.INVVPID, "invvpid", cause="l1-tlb-flush")
+            self._l1_flushes_tlb()
             self._resume(level)
 
         self._run(("invlpg",), flush)
@@ -246,18 +254,14 @@ class GuestPaging:
         self.events["tlb_flush_all"] += 1
         if not self.paging.shadow:
             return
-        m = self.m
-        nested = self.paging.nested
 
         def flush() -> None:
             for _ in range(2):  # PGE off, PGE on
                 level = self._exit(R.CR_ACCESS, "cr4_write", cr=4, bits=CR4_PGE)
-                if nested:
-                    m.l1_exit(R.INVVPID, "invvpid", cause="l1-tlb-flush")
+                self._l1_flushes_tlb()
                 self._resume(level)
-            self.unsync.clear()  # the reset context resyncs nothing it keeps
 
-        self._run(("tlb_flush_all", len(self.unsync)), flush)
+        self._run(("tlb_flush_all",), flush)
         self.unsync.clear()
 
     def timer_tick(self) -> None:
@@ -282,12 +286,9 @@ class GuestPaging:
 
     def l1_tick_operation(self) -> None:
         """:meth:`l1_timer_tick`'s machine calls, not replayed."""
-        m = self.m
-        m.l0_interrupt_l1()
-        if not m.cfg.apicv:
-            m.l1_exit(R.MSR_WRITE, "eoi", cause="l1-timer")
-        m.l1_exit(R.MSR_WRITE, "tsc_deadline", cause="l1-timer")
-        m.l1_vmresume()
+        self._l1_takes_its_timer()
+        self.m.l1_exit(R.MSR_WRITE, "tsc_deadline", cause="l1-timer")
+        self.m.l1_vmresume()
 
     def tick_operation(self) -> None:
         """The machine calls of one tick of a running guest, not replayed (for
@@ -296,9 +297,7 @@ class GuestPaging:
         if self._exit(R.MSR_WRITE, "tsc_deadline", msr=Msr.IA32_TSC_DEADLINE) == L1:
             m.l1_exit(R.MSR_WRITE, "tsc_deadline", cause="l1-timer")
             m.l1_vmresume()
-            m.l0_interrupt_l1()  # L1's timer fires while L2 runs
-            if not m.cfg.apicv:
-                m.l1_exit(R.MSR_WRITE, "eoi", cause="l1-timer")
+            self._l1_takes_its_timer()
             m.l1_interrupt_l2(LOCAL_TIMER_VECTOR)
             m.l1_vmresume()
         else:

@@ -383,3 +383,37 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         self.pack_into(_U16, gpa, value & 0xFFFF)
+
+
+#: Three rings' host pages and offsets, flat: (page, offset) x 3.
+Pages3 = tuple[bytearray, int, bytearray, int, bytearray, int]
+
+
+class RingPages:
+    """The host pages of a queue's three rings (``spans``: (GPA, bytes) each,
+    in the order the owner reads them back), kept between batches and
+    resolved again only when the view's ``generation`` moves (every mapping
+    change moves it). :meth:`get` is None when they cannot be kept (a ring
+    across pages, a view that does not cache or records what it touches, a
+    fault): then the owner goes through the accessor, which says what is wrong."""
+
+    __slots__ = ("mem", "spans", "_pages", "_gen")
+
+    def __init__(self, mem: GuestMemory, spans: tuple[tuple[int, int], ...]) -> None:
+        self.mem = mem
+        self.spans = spans
+        self._pages: Pages3 | None = None
+        self._gen = -1
+
+    def get(self) -> Pages3 | None:
+        mem = self.mem
+        if self._gen == mem.generation and mem.touched is None:
+            return self._pages
+        try:
+            found = [mem.pinned_page(gpa, n) for gpa, n in self.spans]
+        except MemoryFault:
+            return None  # not kept: the accessor reports which ring it was
+        a, b, c = found
+        self._pages = (*a, *b, *c) if a and b and c else None
+        self._gen = mem.generation
+        return self._pages

@@ -20,15 +20,21 @@ Jacobian of every test's cycles with respect to every parameter, taken at
 the base preset by finite differences (the model is linear in the cycle
 parameters, so one difference is exact). A parameter whose column is zero
 for every measured row is *not identified* (kept at the base value; the
-report names a test of the model whose cycles depend on it); parameters
-whose columns are parallel enter every row together (L0's reflection and
-its VMRESUME emulation in a nested exit, say) and form a *combination*: its
-members move by one common factor, so the base's split is kept and only
-the combination's value (the sum of the members weighted by their columns)
-is fitted; published and derived parameters, booleans and the clock are
-*fixed*. A fit that cannot converge raises :class:`FitFailed` with the best
-point reached. Standard errors come from the Jacobian at the solution,
-scaled by the residuals' variance.
+report names a test of the model whose cycles depend on it). A parameter
+outside the null space of the rows' sensitivities (and resolved: 1% noise
+moves it by at most :data:`WEAK`) is *fitted*; any other enters the rows
+only together with others (the hardware exit with every handler at level
+1, L0's reflection with its VMRESUME emulation in every nested exit) and is
+reported in a *combination*, the sparsest measured row that holds it,
+whose value the data fix; within what the rows cannot tell apart, a small
+regularization moves the parameters least from the base, so its split is
+kept as far as the data allow. L1's cache pollution is held (it only
+multiplies handler cycles), which keeps the cycles linear: the fit runs on
+the Jacobian and is checked on the model. Published and derived
+parameters, booleans and the clock are *fixed*. A fit that cannot
+converge, or leaves a used row more than :data:`MAX_RESIDUAL` off, raises
+:class:`FitFailed` with the best point reached. Standard errors come from
+the Jacobian at the solution, scaled by the residuals' variance.
 """
 
 from __future__ import annotations
@@ -229,9 +235,8 @@ def jacobian(base: CostModel, names: list[str], rows: list[tuple[str, int]]) -> 
 class Identified:
     """What the measured rows determine (:func:`identify`)."""
 
-    fit: list[str]  # moved by the fit: a set of parameters the rows pin together
+    moved: list[str]  # every parameter some measured row depends on: the fit moves them
     alone: list[str]  # of those, the ones the rows determine each by itself
-    held: list[str]  # kept at the base's value: the rows see them only with others
     zero: list[str]  # no measured row depends on them
     combos: dict[str, dict[str, float]]  # a parameter not alone -> a determined combination
 
@@ -244,12 +249,9 @@ def identify(
     sensitivities says what the rows cannot tell apart. A parameter outside
     it is determined alone. Every other one is part of a combination: the
     projection of its direction on the rows' space is a linear function of
-    several parameters' values that the rows do determine (its weights on
-    each member's value, the parameter's own 1); a pivoted QR keeps the
-    fewest of them at the base's value (the base's split) and the fit moves
-    the rest."""
+    several parameters' values that the rows do determine, reported as the
+    sparsest measured row that holds it."""
     import numpy as np
-    from scipy.linalg import qr
 
     A = np.array(J, dtype=float) / np.array(measured, dtype=float)[:, None]
     norms = np.linalg.norm(A, axis=0)
@@ -257,16 +259,13 @@ def identify(
     zero = [k for k, n in zip(names, norms, strict=True) if n <= 1e-9 * max(top, 1e-300)]
     live = [i for i, k in enumerate(names) if k not in zero]
     if not live:
-        return Identified([], [], [], zero, {})
+        return Identified([], [], zero, {})
     B = A[:, live] / norms[live]
     _, sv, vt = np.linalg.svd(B, full_matrices=True)
     rank = int((sv > 1e-8 * sv[0]).sum())
     null = vt[rank:].T
     proj = null @ null.T if null.size else np.zeros((len(live), len(live)))
-    _, _, piv = qr(B, pivoting=True, mode="economic")
-    keep = sorted(int(i) for i in piv[:rank])
-    fit = [names[live[i]] for i in keep]
-    held = [names[live[i]] for i in range(len(live)) if i not in keep]
+    moved = [names[i] for i in live]
     # alone: outside the null space, and resolved: 1% noise on every row moves
     # it by at most WEAK (else it is reported in its row's combination)
     cov = np.linalg.pinv(A[:, live].T @ A[:, live])
@@ -288,7 +287,7 @@ def identify(
         best = min(rows, key=lambda r: int((np.abs(Jabs[r]) > 1e-9).sum()))
         combos[k] = {names[j]: round(float(Jabs[best, j]), 6) for j in range(len(names))
                      if abs(Jabs[best, j]) > 1e-9}  # fmt: skip
-    return Identified(fit, alone, held, zero, combos)
+    return Identified(moved, alone, zero, combos)
 
 
 def combination_label(weights: dict[str, float]) -> str:
@@ -344,24 +343,19 @@ def calibrate(
     at_base = model_cycles(base, used_rows)
     ident = identify(base, names, J, at_base)
     not_identified = ident.zero
-    units = [[k] for k in ident.fit + ident.held]  # every parameter some row depends on
+    units = ident.moved  # each moved by a factor on its base value
     # every run is a residual row (relative), of its (test, level)
     obs = [(k, v) for k in used_rows for v in runs[k[1]].runs[k[0]]]
     x0 = np.ones(len(units))
     lo, hi = [], []
-    for u in units:
-        los, his = [], []
-        for m in u:
-            b = float(base.params[m].value)
-            a, z = BOUNDS.get(m, DEFAULT_BOUNDS)
-            los.append(a / b)
-            his.append(z / b)
-        lo.append(max(los) if max(los) < 1 else 0.999)
-        hi.append(min(his) if min(his) > 1 else 1.001)
+    for m in units:
+        b = float(base.params[m].value)
+        a, z = BOUNDS.get(m, DEFAULT_BOUNDS)
+        lo.append(min(a / b, 0.999))  # the base itself always inside
+        hi.append(max(z / b, 1.001))
 
     def values_of(x: Any) -> dict[str, float]:
-        return {m: float(base.params[m].value) * float(s) for u, s in zip(units, x, strict=True)
-                for m in u}  # fmt: skip
+        return {m: float(base.params[m].value) * float(f) for m, f in zip(units, x, strict=True)}
 
     # the model's cycles are linear in these parameters (L1's cache pollution
     # held): the fit runs on J, taken once at the base, and its answer is
@@ -370,7 +364,7 @@ def calibrate(
     rows_of = np.array([index[k] for k, _ in obs])
     meas = np.array([v for _, v in obs])
     col = {k: i for i, k in enumerate(names)}
-    Ju = np.array(J, dtype=float)[:, [col[u[0]] for u in units]]  # d cycles / d factor
+    Ju = np.array(J, dtype=float)[:, [col[m] for m in units]]  # d cycles / d factor
     c0 = np.array(at_base, dtype=float)
     # within what the rows cannot tell apart, the fit moves the parameters
     # least (relative to the base): the base's split, kept as far as the data allow
@@ -395,7 +389,7 @@ def calibrate(
     worst = int(np.argmax(np.abs(data)))
     if abs(data[worst]) > MAX_RESIDUAL:
         (t, lv), v = obs[worst]
-        at_bound = [u[0] for u, xv, a, z in zip(units, sol.x, lo, hi, strict=True)
+        at_bound = [m for m, xv, a, z in zip(units, sol.x, lo, hi, strict=True)
                     if xv <= a * (1 + 1e-9) or xv >= z * (1 - 1e-9)]  # fmt: skip
         raise FitFailed(
             f"the model cannot reach the measurements within its bounds: l{lv} {t} measured "
@@ -417,20 +411,19 @@ def calibrate(
     source = f"calibrated: fitted to {', '.join(sources)} from {', '.join(files)}"
     final = with_values(base, best, source)
     params: dict[str, dict[str, Any]] = {}
-    errs = {u[0]: float(best[u[0]] / sx * e) for u, sx, e in zip(units, sol.x, err, strict=True)}
-    values = {**{k: float(base.params[k].value) for k in ident.held}, **best}
-    for k in ident.fit + ident.held:
+    errs = {m: float(best[m] / f * e) for m, f, e in zip(units, sol.x, err, strict=True)}
+    for k in units:
         if k in ident.alone:
-            params[k] = {"value": values[k], "stderr": errs.get(k), "status": "fitted",
+            params[k] = {"value": best[k], "stderr": errs[k], "status": "fitted",
                          "source": source}  # fmt: skip
             continue
         w = ident.combos[k]
-        combo = sum(v * values[m] for m, v in w.items())
+        combo = sum(v * best[m] for m, v in w.items())
         label = combination_label(w)
-        how = "the base's value kept" if k in ident.held else "fitted with the others"
         params[k] = {
-            "value": values[k], "stderr": errs.get(k), "status": "combination",
-            "source": f"{source}; determined only as {label} = {combo:,.1f} ({how})",
+            "value": best[k], "stderr": errs[k], "status": "combination",
+            "source": f"{source}; determined only as {label} = {combo:,.1f} (within what the "
+            "rows cannot tell apart, moved least from the base)",
             "combination": {"members": list(w), "weights": list(w.values()), "label": label,
                             "value": combo},
         }  # fmt: skip

@@ -36,7 +36,6 @@ Rules, each an estimate stated here and in the README:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from xlio.measure import UsageError, costs_of
@@ -64,13 +63,6 @@ SHORT = ("faults", "pt-writes", "CR3", "INVLPG", "ticks", "block", "1st-touch", 
 #: The order a slice's events run in: the CR3 load that ends it comes last.
 CLASSES_IN_A_SLICE = ("page faults", "page-table writes", "INVLPG", "timer ticks", "block I/O",
                       "CR3 loads")  # fmt: skip
-
-
-@dataclass
-class Row:
-    config: Paging
-    seconds: float
-    breakdown: dict[str, Any]
 
 
 def _spread(total: float, n: int) -> list[int]:
