@@ -1,4 +1,5 @@
-"""``xlio calibrate``: a preset fitted to kvm-unit-tests ``vmexit`` output from a user's machine.
+"""``xlio calibrate``: a preset fitted to kvm-unit-tests ``vmexit`` output
+and ``perf kvm stat`` reports from a user's machine.
 
 Theory of operation
 -------------------
@@ -8,7 +9,13 @@ other lines around the results are skipped), one ``NAME CYCLES`` line per
 test run (several runs of a test are all kept: their spread is information),
 ``NAME (skipped)`` lines, and the ``  ipi NAME N`` / ``  eoi NAME N``
 sub-lines (kept apart, not fitted). Test names the model does not have are
-listed, not fatal.
+listed, not fatal. :mod:`xlio.perf_kvm` reads perf kvm stat reports; each
+of a report's reasons becomes a :class:`Row` matched to a run of the model
+(:func:`perf_rows`: the run xlio's header names, else the first of
+:data:`CANONICAL` that exits with the reason), its average per exit with
+(xlio's table) or without (perf's, ``kvm_exit`` to ``kvm_entry``) the
+hardware round trip: perf's form is what tells ``hw_exit`` from L0's
+handlers, which every vmexit row adds together.
 
 The fit runs each measured test through the code ``xlio vmexit`` uses
 (:func:`xlio.sim.vmexit.run_test`) with a candidate preset, and
@@ -21,12 +28,13 @@ the base preset by finite differences (the model is linear in the cycle
 parameters, so one difference is exact). A parameter whose column is zero
 for every measured row is *not identified* (kept at the base value; the
 report names a test of the model whose cycles depend on it). A parameter
-outside the null space of the rows' sensitivities (and resolved: 1% noise
-moves it by at most :data:`WEAK`) is *fitted*; any other enters the rows
-only together with others (the hardware exit with every handler at level
-1, L0's reflection with its VMRESUME emulation in every nested exit) and is
-reported in a *combination*, the sparsest measured row that holds it,
-whose value the data fix; within what the rows cannot tell apart, a small
+outside the null space of the rows' sensitivities (and resolved: 1%
+noise, or a row's rounding if larger, moves it by at most :data:`WEAK`) is
+*fitted*; any other enters the rows only together with others (the
+hardware exit with every handler at level 1, L0's reflection with its
+VMRESUME emulation in every nested exit) and is reported in a
+*combination*, the sparsest well-printed measured row that holds it, whose
+value the data fix; within what the rows cannot tell apart, a small
 regularization moves the parameters least from the base, so its split is
 kept as far as the data allow. L1's cache pollution is held (it only
 multiplies handler cycles), which keeps the cycles linear: the fit runs on
@@ -34,7 +42,10 @@ the Jacobian and is checked on the model. Published and derived
 parameters, booleans and the clock are *fixed*. A fit that cannot
 converge, or leaves a used row more than :data:`MAX_RESIDUAL` off, raises
 :class:`FitFailed` with the best point reached. Standard errors come from
-the Jacobian at the solution, scaled by the residuals' variance.
+the Jacobian at the solution: the residuals' variance plus each figure's
+rounding as printed (perf prints 0.01 us, 23 cycles at 2.3 GHz), through
+the sandwich of the least-squares solution; a combination's from the same
+covariance.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from xlio.perf_kvm import Form, InputError, PerfReport, half_digit, read_text
 from xlio.sim.costs import CostModel, P, with_params
 from xlio.sim.vmexit import BY_NAME, LEVELS, TESTS, run_test
 
@@ -54,9 +66,10 @@ DEFAULT_BOUNDS = (0.0, 2_000_000.0)
 #: A fit that leaves a used row further off than this has not found the machine.
 MAX_RESIDUAL = 0.25
 #: A parameter the rows determine alone is reported fitted when 1% noise on
-#: every row would move it by at most this much (relative): else it is only
+#: every row (or the row's rounding as printed, if larger) would move it by
+#: at most this much (relative), twice the rows' own error: else it is only
 #: as good as its row's combination.
-WEAK = 0.05
+WEAK = 0.02
 FIT_KINDS = ("calibrated", "estimate", "user")  # kinds a calibration may move
 
 _TEST_LINE = re.compile(r"^(?P<name>[A-Za-z][\w-]*)[ \t]+(?P<value>\S+)\s*$")
@@ -65,7 +78,7 @@ _SUB_LINE = re.compile(r"^\s+(?P<part>ipi|eoi)\s+(?P<name>[\w-]+)\s+(?P<value>\S
 _TSC_HZ = re.compile(r"tsc[-_ ]frequency[=: ]+(?P<hz>\d+)", re.IGNORECASE)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError):
     """A user's input cannot be calibrated from: one line, exit status 2."""
 
 
@@ -83,6 +96,7 @@ class VmexitRuns:
 
     level: int
     runs: dict[str, list[float]] = field(default_factory=dict)
+    resolution: dict[str, float] = field(default_factory=dict)  # half the last digit printed
     parts: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
@@ -128,6 +142,7 @@ def parse_vmexit(text: str, level: int, where: str, into: VmexitRuns | None = No
         name, value = m["name"], m["value"]
         if name in BY_NAME:
             out.runs.setdefault(name, []).append(_cycles(value, where, line))
+            out.resolution[name] = max(out.resolution.get(name, 0.0), half_digit(value))
             found += 1
         elif re.fullmatch(r"-?\d+(\.\d+)?", value) and re.fullmatch(r"[a-z][a-z0-9_-]*", name):
             if value.startswith("-"):
@@ -156,17 +171,7 @@ def _cycles(value: str, where: str, line: str) -> float:
 def read_vmexit(level_text: str, path: str, runs: dict[int, VmexitRuns]) -> None:
     """``--vmexit LEVEL=FILE``: the file read and added to its level's runs."""
     level = parse_level(level_text)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CalibrationError(f"cannot read {path}: {e.strerror}") from None
-    if b"\0" in raw:
-        raise CalibrationError(f"{path}: a binary file, not vmexit output")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CalibrationError(f"{path}: not text (UTF-8), not vmexit output") from None
+    text = read_text(path, "vmexit")
     runs[level] = parse_vmexit(text, level, path, runs.get(level))
 
 
@@ -193,13 +198,118 @@ def free_parameters(base: CostModel) -> list[str]:
     return out
 
 
-def model_cycles(costs: CostModel, rows: list[tuple[str, int]]) -> list[float]:
-    """Cycles per iteration of each (test, level), as ``xlio vmexit`` computes them."""
-    out = []
-    for name, level in rows:
-        c = run_test(name, costs, level)["cycles"]
-        out.append(float("nan") if c is None else float(c))
+@dataclass(frozen=True)
+class Spec:
+    """A run of the model whose per-reason averages a perf kvm stat report is matched to."""
+
+    workload: str
+    path: str
+    count: int
+    switches: tuple[tuple[str, Any], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured figure the fit matches: a vmexit test at a level
+    (``spec`` None), or one exit reason's average in a perf kvm stat report
+    of a run like ``spec`` (``l0_only``: perf's own form, without the
+    exit's hardware round trip)."""
+
+    test: str  # a vmexit test, or an exit reason
+    level: int  # where the test or the workload ran
+    spec: Spec | None = None
+    exit_level: int | None = None  # xlio's form: the level that exited; None: any
+    l0_only: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.spec is None:
+            return self.test
+        who = f" from L{self.exit_level}" if self.exit_level is not None else ""
+        return f"perf {self.test}{who} ({self.spec.workload})"
+
+
+#: The workloads a ``perf kvm stat report`` row of reason R is matched to,
+#: first that exits with R (the report does not say what ran): L0's work per
+#: exit of a reason is the same in every workload of the model but for
+#: EPT violations and VMRESUME's merge.
+CANONICAL = ("cpuid", "vmcall", "io-kick", "io-user", "mmio-kick", "timer-tick", "tx", "echo")
+MODEL_COUNT = 200  # operations of a model run for a perf row: the steady state
+
+
+def _averages(costs: CostModel, spec: Spec) -> dict[tuple[int | None, str], tuple[int, float]]:
+    """(exiting level or None, reason) -> (exits, cycles) of a model run."""
+    from xlio.measure import UsageError, measure
+
+    try:
+        r = measure(spec.workload, spec.path, costs, count=spec.count,
+                    options=dict(spec.options), **dict(spec.switches))  # fmt: skip
+    except UsageError as e:
+        raise CalibrationError(f"the report's run cannot be made on the model: {e}") from None
+    out: dict[tuple[int | None, str], tuple[int, float]] = {}
+    for row in r["by_reason"]:
+        for key in ((int(row["level"][1]), row["reason"]), (None, row["reason"])):
+            n, c = out.get(key, (0, 0.0))
+            out[key] = (n + row["count"], c + row["cycles"])
     return out
+
+
+def model_cycles(costs: CostModel, rows: list[Row]) -> list[float]:
+    """Cycles of each row as the model gives them: a vmexit test's cycles per
+    iteration (``xlio vmexit``'s), a perf row's average per exit."""
+    out = []
+    runs: dict[Spec, dict[tuple[int | None, str], tuple[int, float]]] = {}
+    for row in rows:
+        if row.spec is None:
+            c = run_test(row.test, costs, row.level)["cycles"]
+            out.append(float("nan") if c is None else float(c))
+            continue
+        if row.spec not in runs:
+            runs[row.spec] = _averages(costs, row.spec)
+        n, cycles = runs[row.spec].get((row.exit_level, row.test), (0, 0.0))
+        if not n:
+            out.append(float("nan"))
+            continue
+        out.append(cycles / n - (costs.hw_exit if row.l0_only else 0.0))
+    return out
+
+
+def perf_rows(
+    report: PerfReport, base: CostModel
+) -> tuple[list[tuple[Row, float, float]], list[str]]:
+    """A report's rows matched to model runs, with their measured cycles and
+    the rounding of the printed figure, and the reasons no model run exits with."""
+    if report.workload is not None:  # xlio's header says what ran
+        assert report.path is not None
+        if (report.path == "single") != (report.level == 1):
+            raise CalibrationError(
+                f"{report.source}: a run on path {report.path} is level "
+                f"{1 if report.path == 'single' else 2}, given as l{report.level}"
+            )
+        spec = Spec(report.workload, report.path, min(report.count or 1, MODEL_COUNT),
+                    tuple(sorted(report.switches.items())),
+                    tuple(sorted(report.options.items())))  # fmt: skip
+        specs = {r.reason: spec for r in report.rows}
+    else:
+        path = "single" if report.level == 1 else "l1"
+        specs = {}
+        for w in CANONICAL:
+            spec = Spec(w, path, MODEL_COUNT)
+            for _, reason in _averages(base, spec):
+                specs.setdefault(reason, spec)
+    out, missing = [], list(report.unknown)
+    l0_only = report.form is Form.PERF
+    for r in report.rows:
+        if r.reason not in specs:
+            missing.append(r.reason)
+            continue
+        row = Row(r.reason, report.level, specs[r.reason], r.exit_level, l0_only)
+        if math.isnan(model_cycles(base, [row])[0]):
+            missing.append(r.reason if r.exit_level is None else f"L{r.exit_level} {r.reason}")
+            continue
+        out.append((row, r.avg_cycles, r.resolution))
+    return out, missing
 
 
 def with_values(
@@ -215,7 +325,7 @@ def with_values(
     return with_params(base, base.name, base.description, **params)
 
 
-def jacobian(base: CostModel, names: list[str], rows: list[tuple[str, int]]) -> list[list[float]]:
+def jacobian(base: CostModel, names: list[str], rows: list[Row]) -> list[list[float]]:
     """d cycles / d (relative change of each parameter), per row, at ``base``."""
     at = model_cycles(base, rows)
     cols = []
@@ -242,7 +352,11 @@ class Identified:
 
 
 def identify(
-    base: CostModel, names: list[str], J: list[list[float]], measured: list[float]
+    base: CostModel,
+    names: list[str],
+    J: list[list[float]],
+    measured: list[float],
+    rounding: list[float] | None = None,
 ) -> Identified:
     """From the model's own Jacobian ``J`` (rows x ``names``, d cycles / d
     relative change) at the base: the null space of the rows' relative
@@ -266,10 +380,14 @@ def identify(
     null = vt[rank:].T
     proj = null @ null.T if null.size else np.zeros((len(live), len(live)))
     moved = [names[i] for i in live]
-    # alone: outside the null space, and resolved: 1% noise on every row moves
-    # it by at most WEAK (else it is reported in its row's combination)
-    cov = np.linalg.pinv(A[:, live].T @ A[:, live])
-    spread = np.sqrt(np.clip(np.diag(cov), 0, None)) * 0.01
+    # alone: outside the null space, and resolved: 1% noise on every row (or
+    # the row's rounding as printed, if larger: a uniform +-q) moves it by at
+    # most WEAK (else it is reported in its row's combination)
+    sigma = np.full(len(measured), 0.01)
+    if rounding is not None:
+        q = np.array(rounding, dtype=float) / np.array(measured, dtype=float)
+        sigma = np.maximum(sigma, q / math.sqrt(3))
+    spread = np.sqrt((np.linalg.pinv(A[:, live]) ** 2) @ sigma**2)
     alone = [names[live[i]] for i in range(len(live))
              if abs(proj[i, i]) < 1e-8 and spread[i] <= WEAK]  # fmt: skip
     # a parameter not determined alone is reported in the sparsest measured
@@ -284,7 +402,9 @@ def identify(
         if k in alone:
             continue
         rows = [r for r in range(Jabs.shape[0]) if abs(Jabs[r, live[i]]) > 1e-9]
-        best = min(rows, key=lambda r: int((np.abs(Jabs[r]) > 1e-9).sum()))
+        # the sparsest row, of those printed to better than 1% if any (a perf
+        # kvm stat average of 0.05 us is only known to 10%)
+        best = min(rows, key=lambda r: (bool(sigma[r] > 0.01), int((np.abs(Jabs[r]) > 1e-9).sum())))
         combos[k] = {names[j]: round(float(Jabs[best, j]), 6) for j in range(len(names))
                      if abs(Jabs[best, j]) > 1e-9}  # fmt: skip
     return Identified(moved, alone, zero, combos)
@@ -298,12 +418,12 @@ def combination_label(weights: dict[str, float]) -> str:
 
 def determined_by(base: CostModel, names: list[str]) -> dict[str, str | None]:
     """For each parameter, a test of the model (at a level) whose cycles depend on it."""
-    rows = [(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
+    rows = [Row(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
     J = jacobian(base, names, rows)
     out: dict[str, str | None] = {}
     for i, k in enumerate(names):
         out[k] = next(
-            (f"{t} at level {lv}" for (t, lv), row in zip(rows, J, strict=True)
+            (f"{r.test} at level {r.level}" for r, row in zip(rows, J, strict=True)
              if abs(row[i]) > 1e-6 and not math.isnan(row[i])),
             None,
         )  # fmt: skip
@@ -315,10 +435,12 @@ def calibrate(
     base: CostModel,
     runs: dict[int, VmexitRuns],
     *,
+    perf: list[PerfReport] | None = None,
     hold_out: list[str] | None = None,
     clock_ghz: float | None = None,
 ) -> dict[str, Any]:
-    """Fit ``base``'s free parameters to the measured runs; the report."""
+    """Fit ``base``'s free parameters to the measured vmexit runs and perf
+    kvm stat reports; the report."""
     import numpy as np
     from scipy.optimize import least_squares
 
@@ -327,13 +449,29 @@ def calibrate(
                            clock_ghz=P(clock_ghz, "--clock", "user", "GHz"))  # fmt: skip
     held = set(hold_out or [])
     measured = {(t, lv) for lv, r in runs.items() for t in r.runs}
-    missing = sorted(h for h in held if not any(t == h for t, _ in measured))
-    if missing:
-        raise CalibrationError(f"--hold-out {missing[0]}: no such test in the input")
+    values: dict[Row, list[float]] = {}
+    rounding: dict[Row, float] = {}  # half the last printed digit, cycles
+    not_produced: list[str] = []
+    for report in perf or []:
+        rows, missing = perf_rows(report, base)
+        not_produced += [f"l{report.level} {m} ({report.source})" for m in missing]
+        for row, v, q in rows:
+            values.setdefault(row, []).append(v)
+            rounding[row] = max(rounding.get(row, 0.0), q)
+    names_given = {t for t, _ in measured} | {r.test for r in values}
+    missing_held = sorted(h for h in held if h not in names_given)
+    if missing_held:
+        raise CalibrationError(f"--hold-out {missing_held[0]}: no such test in the input")
     modelable = {(t, lv) for t, lv in measured if not BY_NAME[t].skip}
     # a test the model runs at native speed at this level (no exit) has no figure to fit
-    distinct = sorted(k for k in modelable if not math.isnan(model_cycles(base, [k])[0]))
-    used_rows = [k for k in distinct if k[0] not in held]
+    vm_rows = [Row(t, lv) for t, lv in sorted(modelable)]
+    vm_rows = [r for r, c in zip(vm_rows, model_cycles(base, vm_rows), strict=True)
+               if not math.isnan(c)]  # fmt: skip
+    for r in vm_rows:
+        values[r] = runs[r.level].runs[r.test]
+        rounding[r] = runs[r.level].resolution.get(r.test, 0.5)
+    all_rows = vm_rows + [r for r in values if r.spec is not None]
+    used_rows = [r for r in all_rows if r.test not in held]
     if not used_rows:
         raise CalibrationError(
             "nothing to fit: every test given is held out or skipped by the model"
@@ -341,11 +479,11 @@ def calibrate(
     names = free_parameters(base)
     J = jacobian(base, names, used_rows)
     at_base = model_cycles(base, used_rows)
-    ident = identify(base, names, J, at_base)
+    ident = identify(base, names, J, at_base, [rounding[r] for r in used_rows])
     not_identified = ident.zero
     units = ident.moved  # each moved by a factor on its base value
-    # every run is a residual row (relative), of its (test, level)
-    obs = [(k, v) for k in used_rows for v in runs[k[1]].runs[k[0]]]
+    # every run is a residual row (relative), of its row
+    obs = [(k, v) for k in used_rows for v in values[k]]
     x0 = np.ones(len(units))
     lo, hi = [], []
     for m in units:
@@ -388,30 +526,41 @@ def calibrate(
     data = sol.fun[: len(obs)]
     worst = int(np.argmax(np.abs(data)))
     if abs(data[worst]) > MAX_RESIDUAL:
-        (t, lv), v = obs[worst]
+        row, v = obs[worst]
         at_bound = [m for m, xv, a, z in zip(units, sol.x, lo, hi, strict=True)
                     if xv <= a * (1 + 1e-9) or xv >= z * (1 - 1e-9)]  # fmt: skip
         raise FitFailed(
-            f"the model cannot reach the measurements within its bounds: l{lv} {t} measured "
-            f"{v:,.0f}, best {v * (1 + data[worst]):,.0f}"
+            f"the model cannot reach the measurements within its bounds: l{row.level} "
+            f"{row.label} measured {v:,.0f}, best {v * (1 + data[worst]):,.0f}"
             + (f" (at a bound: {', '.join(at_bound)})" if at_bound else ""),
             best,
         )
+    # standard errors: the residuals' scatter, plus each figure's rounding as
+    # printed (a uniform error of +-half its last digit: variance q^2/3),
+    # through the sandwich of the least-squares solution
     n, p = len(obs), len(units)
-    res = sol.fun[: len(obs)]
-    dof = max(n - p, 1)
+    res = sol.fun[:n]
+    Jd = sol.jac[:n]
+    dof = max(n - int(np.linalg.matrix_rank(Jd)), 1)
     s2 = float(res @ res) / dof
+    q_rel = np.array([rounding[k] / v for k, v in obs])
+    var = s2 + q_rel**2 / 3
     try:
-        cov = np.linalg.pinv(sol.jac.T @ sol.jac) * max(s2, 1e-30)
+        H = np.linalg.pinv(sol.jac.T @ sol.jac)
+        cov = H @ (Jd.T * var) @ Jd @ H
         err = np.sqrt(np.clip(np.diag(cov), 0, None))
     except np.linalg.LinAlgError:
+        cov = np.full((p, p), float("nan"))
         err = np.full(p, float("nan"))
-    sources = sorted({f"l{lv} {t}" for t, lv in used_rows})
-    files = sorted({s for r in runs.values() for s in r.sources})
+    sources = sorted({f"l{r.level} {r.label}" for r in used_rows})
+    files = sorted({s for r in runs.values() for s in r.sources}
+                   | {rep.source for rep in perf or []})  # fmt: skip
     source = f"calibrated: fitted to {', '.join(sources)} from {', '.join(files)}"
     final = with_values(base, best, source)
     params: dict[str, dict[str, Any]] = {}
-    errs = {m: float(best[m] / f * e) for m, f, e in zip(units, sol.x, err, strict=True)}
+    scale = np.array([best[m] / f for m, f in zip(units, sol.x, strict=True)])  # base values
+    errs = {m: float(s_ * e) for m, s_, e in zip(units, scale, err, strict=True)}
+    ucol = {m: i for i, m in enumerate(units)}
     for k in units:
         if k in ident.alone:
             params[k] = {"value": best[k], "stderr": errs[k], "status": "fitted",
@@ -419,13 +568,19 @@ def calibrate(
             continue
         w = ident.combos[k]
         combo = sum(v * best[m] for m, v in w.items())
+        # the combination's standard error: its gradient in the factors through cov
+        g = np.zeros(p)
+        for m, v in w.items():
+            if m in ucol:
+                g[ucol[m]] = v * scale[ucol[m]]
+        combo_err = float(np.sqrt(max(float(g @ cov @ g), 0.0)))
         label = combination_label(w)
         params[k] = {
             "value": best[k], "stderr": errs[k], "status": "combination",
             "source": f"{source}; determined only as {label} = {combo:,.1f} (within what the "
             "rows cannot tell apart, moved least from the base)",
             "combination": {"members": list(w), "weights": list(w.values()), "label": label,
-                            "value": combo},
+                            "value": combo, "stderr": combo_err},
         }  # fmt: skip
     deciders = determined_by(base, not_identified) if not_identified else {}
     for m in not_identified:
@@ -440,31 +595,32 @@ def calibrate(
         if k not in params:
             why = f"{p_.source} ({HELD[k]})" if k in HELD else p_.source
             params[k] = {"value": p_.value, "stderr": None, "status": "fixed", "source": why}
-    all_rows = sorted(modelable)
     pred_all = dict(zip(all_rows, model_cycles(final, all_rows), strict=True))
     residual_rows = []
     for row in all_rows:
-        for v in runs[row[1]].runs[row[0]]:
+        for v in values[row]:
             f = pred_all[row]
             residual_rows.append({
-                "test": row[0], "level": row[1], "measured": v, "fitted": f,
+                "test": row.label, "level": row.level, "measured": v, "fitted": f,
                 "residual_pct": (f - v) / v * 100 if v else None, "used": row in index,
+                "input": "vmexit" if row.spec is None else "perf kvm stat",
             })  # fmt: skip
-    everything = [(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
-    others = [k for k in everything if k not in measured]
+    everything = [Row(t.name, lv) for t in TESTS for lv in LEVELS if not t.skip]
+    others = [r for r in everything if (r.test, r.level) not in measured]
     predictions = [
-        {"test": t, "level": lv, "cycles": c}
-        for (t, lv), c in zip(others, model_cycles(final, others), strict=True)
+        {"test": r.test, "level": r.level, "cycles": c}
+        for r, c in zip(others, model_cycles(final, others), strict=True)
         if not math.isnan(c)
     ]
     skipped_by_model = sorted({t for t, _ in measured if BY_NAME[t].skip}
-                              | {t for t, lv in measured if (t, lv) not in distinct})  # fmt: skip
+                              | {t for t, lv in modelable if Row(t, lv) not in values})  # fmt: skip
     return {
         "base": base.name, "clock_ghz": base.clock_ghz, "model": final,
         "parameters": params, "residuals": residual_rows, "predictions": predictions,
         "unknown_tests": sorted({t for r in runs.values() for t in r.unknown}),
-        "not_modeled": skipped_by_model, "held_out": sorted(held),
-        "cost": float(sol.cost), "nfev": int(sol.nfev), "files": files,
+        "not_modeled": skipped_by_model, "not_produced": not_produced,
+        "held_out": sorted(held), "cost": float(sol.cost), "nfev": int(sol.nfev),
+        "files": files,
     }  # fmt: skip
 
 
@@ -512,7 +668,7 @@ def format_report(r: dict[str, Any]) -> str:
         extra = ""
         if p["status"] == "combination":
             c = p["combination"]
-            extra = f" ({c['label']} = {c['value']:,.1f})"
+            extra = f" ({c['label']} = {c['value']:,.1f} +- {c['stderr']:,.1f})"
         elif p["status"] == "not identified":
             extra = f" ({p['why']})"
         out.append(f"{k:<28}{vs:>12}{err:>10}  {p['status']}{extra}")
@@ -524,6 +680,11 @@ def format_report(r: dict[str, Any]) -> str:
     out.append(f"({fixed} parameters fixed: published, derived, switches and the clock)")
     if r["unknown_tests"]:
         out.append("tests the model does not have (not fitted): " + ", ".join(r["unknown_tests"]))
+    if r["not_produced"]:
+        out.append(
+            "perf kvm stat rows no run of the model exits with (not fitted): "
+            + ", ".join(r["not_produced"])
+        )
     if r["not_modeled"]:
         out.append(
             "tests the model skips (no exit, or not modeled): " + ", ".join(r["not_modeled"])

@@ -1,5 +1,5 @@
-"""``xlio calibrate``: a preset fitted to kvm-unit-tests vmexit output from the
-user's machine (:mod:`xlio.calibrate`)."""
+"""``xlio calibrate``: a preset fitted to kvm-unit-tests vmexit output and
+perf kvm stat reports from the user's machine (:mod:`xlio.calibrate`)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def add_parser(sub: Any) -> None:
         metavar="LEVEL=FILE",
         help="x86/vmexit.c output: l1 (a plain VM of L0) or l2 (a nested guest); repeatable",
     )  # fmt: skip
+    c.add_argument(
+        "--perf-kvm-stat", dest="perf", action="append", type=_level_file, default=[],
+        metavar="LEVEL=FILE",
+        help="perf kvm stat report (or xlio measure's table) of a workload at that level; "
+        "repeatable",
+    )  # fmt: skip
     c.add_argument("--base", default="kvm-2019", choices=PRESETS, help="the preset to start from")
     c.add_argument("--clock", type=_clock, default=None, metavar="GHZ",
                    help="the machine's TSC clock (default: the base's)")  # fmt: skip
@@ -63,20 +69,24 @@ def add_parser(sub: Any) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from xlio.calibrate import (
-        CalibrationError,
         FitFailed,
         calibrate,
         format_report,
+        parse_level,
         read_vmexit,
         to_toml,
     )
+    from xlio.perf_kvm import InputError, read_perf_kvm_stat
 
     runs: dict[int, Any] = {}
+    base = PRESETS[a.base]
+    clock = a.clock or base.clock_ghz
     try:
         for level, path in a.vmexit:
             read_vmexit(level, path, runs)
-        r = calibrate(PRESETS[a.base], runs, hold_out=a.hold_out, clock_ghz=a.clock)
-    except CalibrationError as e:
+        perf = [read_perf_kvm_stat(parse_level(lv), path, clock) for lv, path in a.perf]
+        r = calibrate(base, runs, perf=perf, hold_out=a.hold_out, clock_ghz=a.clock)
+    except InputError as e:
         raise UsageError(str(e)) from None
     except FitFailed as e:
         best = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(e.best.items()))

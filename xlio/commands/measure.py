@@ -26,7 +26,7 @@ from xlio.options import (
     seconds_in,
     workload_options,
 )
-from xlio.report import format_measure
+from xlio.report import format_measure, format_perf_kvm_stat
 from xlio.sim.ept import PAGE_SHIFTS
 from xlio.sim.vept import SCHEMES
 from xlio.sim.workloads import PATHS
@@ -47,6 +47,10 @@ def add_parser(sub: Any) -> None:
     )
     m.add_argument("--json", action="store_true", help="one JSON object on stdout")
     m.add_argument("--explain", action="store_true", help="say what each column and counter means")
+    m.add_argument(
+        "--perf-kvm-stat", action="store_true",
+        help="print the exits as perf kvm stat report does at L0 (for xlio calibrate)",
+    )  # fmt: skip
     add_model_switches(m)
     e = m.add_argument_group("memory workloads (ept-touch, ept-churn)")
     e.add_argument(
@@ -80,5 +84,8 @@ def run(a: argparse.Namespace) -> int:
             a.workload, a.path, costs, count=a.count, options=workload_options(a),
             progress=advance, **model_switches(a),
         )  # fmt: skip
-    emit(a, r, lambda: format_measure(r, a.explain))
+    if a.perf_kvm_stat:
+        emit(a, r, lambda: format_perf_kvm_stat(r, costs.hw_exit))
+    else:
+        emit(a, r, lambda: format_measure(r, a.explain))
     return interrupted_status(a, r)
