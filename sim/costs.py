@@ -11,6 +11,12 @@ whose ``kind`` says where its value comes from:
 ``estimate``    no source exists; ``source`` states the basis of the guess;
 ``user``        set by a user (``--set``, ``--costs FILE.toml``); ``source`` says where.
 
+Every numeric parameter but the published, derived and user-set ones also
+spans a range, ``low`` to ``high`` (:func:`param_range`): given in its table
+with its basis (a measured spread, two published figures), or by
+:data:`RANGE_RULES` from its kind. Studies (``--samples``, ``xlio
+sensitivity``) draw parameter sets within these ranges.
+
 ``turtles-2010`` is calibrated on Turtles (Ben-Yehuda et al., "The Turtles
 Project", OSDI 2010, section 4.1; 2.9 GHz Nehalem-era Xeon, KVM at L0 and L1,
 no VMCS shadowing): one L2 CPUID is 13 hardware exits, 11 of them emulated
@@ -45,6 +51,40 @@ class Param:
     source: str
     kind: str = "estimate"
     unit: str = "cycles"
+    low: float | None = None  # the range a study draws from (None: by RANGE_RULES)
+    high: float | None = None
+    basis: str = ""  # where the range comes from
+
+
+#: The range of a parameter whose table gives none, by its kind: (low factor,
+#: high factor, basis). Published and derived values, user settings,
+#: booleans, names and zeros have none.
+RANGE_RULES: dict[str, tuple[float, float, str]] = {
+    "estimate": (0.5, 2.0, "estimate: x0.5-x2 of the stated value (no source gives its spread)"),
+    "calibrated": (
+        0.8, 1.25,
+        "calibrated on a published total through estimated shares: x0.8-x1.25 (estimate)",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    basis: str
+
+
+def param_range(p: Param) -> Range | None:
+    """The range a study draws ``p`` from, or None (a fixed value)."""
+    if p.low is not None and p.high is not None:
+        return Range(float(p.low), float(p.high), p.basis or p.source)
+    if isinstance(p.value, bool) or not isinstance(p.value, int | float) or p.value == 0:
+        return None
+    rule = RANGE_RULES.get(p.kind)
+    if rule is None:
+        return None
+    return Range(p.value * rule[0], p.value * rule[1], rule[2])
 
 
 @dataclass(frozen=True)
@@ -109,6 +149,13 @@ def build(name: str, description: str, params: dict[str, Param]) -> CostModel:
     for k, p in params.items():
         if p.kind not in KINDS:
             raise ValueError(f"{k}: kind {p.kind!r}")
+        if (p.low is None) != (p.high is None):
+            raise ValueError(f"{k}: a range needs both low and high")
+        if p.low is not None and p.high is not None:
+            if p.low > p.high:
+                raise ValueError(f"{k}: range low {p.low} > high {p.high}")
+            if not p.low <= p.value <= p.high:
+                raise ValueError(f"{k}: value {p.value} outside its range {p.low}-{p.high}")
     handlers = {k[8:]: int(p.value) for k, p in params.items() if k.startswith("handler.")}
     values = {k: p.value for k, p in params.items() if not k.startswith("handler.")}
     return CostModel(
@@ -121,8 +168,17 @@ def with_params(model: CostModel, name: str, description: str, **changes: Param)
     return build(name, description, {**model.params, **changes})
 
 
-def P(value: Any, source: str, kind: str = "estimate", unit: str = "cycles") -> Param:
-    return Param(value, source, kind, unit)
+def P(
+    value: Any,
+    source: str,
+    kind: str = "estimate",
+    unit: str = "cycles",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    basis: str = "",
+) -> Param:
+    return Param(value, source, kind, unit, low, high, basis)
 
 
 T = "Turtles (OSDI 2010) 4.1"
@@ -181,6 +237,9 @@ TURTLES_PARAMS: dict[str, Param] = {
         "NOHZ idle (2.6.21+) stops the tick of an idle guest",
         "estimate",
         "Hz",
+        low=100,
+        high=1_000,
+        basis="CONFIG_HZ's choices in 2.6.3x kernels: 100, 250, 300, 1000",
     ),
     "tso": P(
         False, "the Turtles paper's virtio setup is not known to use TSO: off", "estimate", ""

@@ -54,6 +54,9 @@ KVM_2019_PARAMS: dict[str, Param] = {
         "estimate: middle of the 2.1-2.6 GHz base clocks of Skylake-SP servers",
         "estimate",
         "GHz",
+        low=2.1,
+        high=2.6,
+        basis="the 2.1-2.6 GHz base clocks of Skylake-SP servers",
     ),
     # calibrated below; the values here are replaced
     "hw_exit": P(0, "calibrated: single-level cpuid = 1,060 (REFERENCE 5)", "calibrated"),
@@ -313,8 +316,9 @@ def costs_from_toml(text: str, where: str) -> CostModel:
     ``base = "NAME"`` (a preset) gives every parameter the file does not set;
     without a base, the file must set every parameter of ``turtles-2010``'s
     table. Parameters sit in ``[params]`` as ``name = value`` or
-    ``name = {value = V, source = "..."}``; ``name`` and ``description`` are
-    optional. Every problem raises ValueError naming the parameter.
+    ``name = {value = V, source = "...", low = L, high = H, basis = "..."}``
+    (a range for studies: ``low <= value <= high``); ``name`` and
+    ``description`` are optional. Every problem raises ValueError naming the parameter.
     """
     try:
         doc = tomllib.loads(text)
@@ -339,19 +343,37 @@ def costs_from_toml(text: str, where: str) -> CostModel:
             )
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    spans: dict[str, tuple[float, float, str]] = {}
     for name, v in raw.items():
         if isinstance(v, dict):
             if "value" not in v:
                 raise ValueError(f"{where}: {name}: a table needs value = ...")
+            unknown = set(v) - {"value", "source", "low", "high", "basis"}
+            if unknown:
+                raise ValueError(f"{where}: {name}: unknown keys {', '.join(sorted(unknown))}")
             values[name] = v["value"]
             sources[name] = str(v.get("source", where))
+            if "low" in v or "high" in v:
+                lo, hi = v.get("low"), v.get("high")
+                if not all(isinstance(x, int | float) and not isinstance(x, bool)
+                           for x in (lo, hi)):  # fmt: skip
+                    raise ValueError(f"{where}: {name}: a range needs numbers low and high")
+                assert isinstance(lo, int | float) and isinstance(hi, int | float)
+                spans[name] = (float(lo), float(hi), str(v.get("basis", sources[name])))
         else:
             values[name] = v
     model = override(base, values, where)
     params = {
-        k: (Param(p.value, sources[k], p.kind, p.unit) if k in sources else p)
+        k: (Param(p.value, sources[k], p.kind, p.unit, *spans.get(k, (None, None, "")))
+            if k in sources else p)
         for k, p in model.params.items()
-    }
+    }  # fmt: skip
+    for k, (lo, hi, _) in spans.items():
+        if lo > hi:
+            raise ValueError(f"{where}: {k}: range low {lo:g} > high {hi:g}")
+        if not lo <= params[k].value <= hi:
+            raise ValueError(f"{where}: {k}: value {params[k].value} outside its range "
+                             f"{lo:g}-{hi:g}")  # fmt: skip
     name = str(doc.get("name", f"{base.name}+{os.path.basename(where)}"))
     description = str(doc.get("description", f"{base.name} with the parameters of {where}"))
     return build(name, description, params)

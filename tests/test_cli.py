@@ -138,7 +138,12 @@ VALID_THERE = {
     ("estimate", "--plot"): set(MALFORMED) - {""},
     ("calibrate", "--output"): set(MALFORMED) - {""},  # file names
     ("calibrate", "--hold-out"): set(MALFORMED) - {""},  # test names: checked against the input
-}
+    **{(c, "--seed"): {"0"} for c in ("measure", "vmexit", "compare", "estimate", "sensitivity")},
+    ("sensitivity", "--figure"): {"abc", "inf", "nan"},  # keys: checked against the run
+    ("sensitivity", "--plot"): set(MALFORMED) - {""},
+    **{(c, "--cache"): set(MALFORMED) - {""}  # directory names
+       for c in ("measure", "vmexit", "netperf", "compare", "estimate", "sweep", "sensitivity")},
+}  # fmt: skip
 REQUIRED = {
     "measure": ["--workload", "cpuid"],
     "trace": ["--workload", "cpuid"],
@@ -172,7 +177,7 @@ def test_every_value_option_is_covered() -> None:
     cmds = {c for c, _ in VALUE_OPTIONS}
     assert cmds == {
         "measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare",
-        "estimate", "profile", "calibrate",
+        "estimate", "profile", "calibrate", "sensitivity",
     }  # fmt: skip
     assert len(VALUE_OPTIONS) >= 35
 
@@ -239,8 +244,21 @@ def test_presets_list_every_parameter_with_its_source() -> None:
     assert r["params"]["hw_exit"] == {
         "value": 910, "unit": "cycles", "kind": "calibrated",
         "source": "calibrated: single-level cpuid = 1,060 (REFERENCE 5)",
+        "low": 728, "high": 1137.5,
+        "range_basis": "calibrated on a published total through estimated shares: "
+        "x0.8-x1.25 (estimate)",
     }  # fmt: skip
     assert all(v["source"] for v in r["params"].values())
+    # published, derived, booleans and names have no range; every estimate has one
+    for v in r["params"].values():
+        ranged = "low" in v
+        assert ranged == (
+            v["kind"] in ("estimate", "calibrated")
+            and v["value"] not in (0, True, False)
+            and not isinstance(v["value"], str)
+        ), v
+        if ranged:
+            assert v["low"] <= v["value"] <= v["high"] and v["range_basis"]
     listing = xlio("presets")
     assert listing.returncode == 0 and all(name in listing.stdout for name in PRESETS)
     text = xlio("presets", "turtles-2010").stdout

@@ -33,6 +33,15 @@ MEMORY_OPTIONS = {"--working-set", "--rate", "--seconds", "--touch-hz", "--l2-me
 NETWORK_OPTIONS = {"--batch", "--frame-size", "--queue-size"}
 
 #: The rest of each command line an option's value is tried in: one line per base.
+#: A quick run of each command that takes --samples.
+STUDIES = {
+    "measure": ["--workload", "cpuid", "--count", "10"],
+    "compare": ["--workload", "cpuid", "--a", "shadow_vmcs=false", "--b", "shadow_vmcs=true",
+                "--count", "10"],
+    "netperf": ["-t", "TCP_RR", "--duration", "0.01"],
+    "vmexit": ["cpuid"],
+    "estimate": ["kbuild"],
+}  # fmt: skip
 BASES: dict[tuple[str, str], list[list[str]]] = {
     ("measure", "--count"): [["--workload", "cpuid"], ["--workload", "echo"]],
     **{("measure", o): [["--workload", w] for w in MEMORY] for o in MEMORY_OPTIONS},
@@ -54,7 +63,13 @@ BASES: dict[tuple[str, str], list[list[str]]] = {
     ("serve", "--duration"): [["--netns"]],
     ("serve", "--interval"): [["--netns", "--duration", "2"]],
     ("estimate", "--rate"): [["kbuild", "--swap", "l1"], ["kbuild", "--swap", "l0"]],
-}
+    **{("sensitivity", o): [["--method", "morris", "--trajectories", "2", "--", "vmexit",
+                             "cpuid"]]
+       for o in ("--top", "--trajectories", "--sobol-n", "--seed", "--jobs")},
+    **{(c, o): [[*base, *(["--samples", "4"] if o != "--samples" else [])]]
+       for c, base in STUDIES.items() for o in ("--samples", "--seed", "--jobs")
+       if (c, o) != ("netperf", "--seed")},
+}  # fmt: skip
 
 #: All the maxima (and minima) of one group together: the sizes multiply.
 CORNERS: list[list[str]] = [
@@ -103,8 +118,9 @@ def _cases() -> list[list[str]]:
     cases = []
     for command, option, limits in bounded_options():
         for base in BASES[(command, option)]:
+            cut = base.index("--") if "--" in base else len(base)  # options before a run
             for v in limits:
-                cases.append([command, *base, option, _text(v)])
+                cases.append([command, *base[:cut], option, _text(v), *base[cut:]])
     return cases + CORNERS
 
 

@@ -33,7 +33,7 @@ def ok_json(*args: str) -> dict[str, Any]:
     p = xlio(*args, "--json")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert doc["schema_version"] == 1 and doc["xlio_version"] == __version__
+    assert doc["schema_version"] == 2 and doc["xlio_version"] == __version__
     assert doc["command"] == args[0]
     return doc
 
@@ -188,7 +188,7 @@ def test_every_command_speaks_the_same_schema(tmp_path: Path) -> None:
              "--json", str(f))  # fmt: skip
     assert p.returncode == 0, p.stderr
     doc = json.loads(f.read_text())
-    assert doc["schema_version"] == 1 and doc["command"] == "sweep"
+    assert doc["schema_version"] == 2 and doc["command"] == "sweep"
 
 
 # ---------------------------------------------------------------- trace
@@ -324,7 +324,7 @@ def ok_json_file(*args: str) -> dict[str, Any]:
     p = xlio(*args, "--json", "-")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     return doc
 
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xlio.perf_kvm import Form, InputError, PerfReport, half_digit, read_text
-from xlio.sim.costs import CostModel, P, with_params
+from xlio.sim.costs import CostModel, P, param_range, with_params
 from xlio.sim.vmexit import BY_NAME, LEVELS, TESTS, run_test
 
 #: Physical bounds on a fitted parameter's value (cycles unless said):
@@ -624,6 +624,12 @@ def calibrate(
     }  # fmt: skip
 
 
+def PRESETS_BY_NAME() -> dict[str, CostModel]:  # noqa: N802 (imported late: presets build models)
+    from xlio.sim.presets import PRESETS
+
+    return PRESETS
+
+
 def to_toml(r: dict[str, Any]) -> str:
     """The calibrated preset in the ``--costs`` format: ``base`` and ``[params]``."""
     lines = [
@@ -634,14 +640,31 @@ def to_toml(r: dict[str, Any]) -> str:
         "",
         "[params]",
     ]
+    base = PRESETS_BY_NAME()[r["base"]]
     for k, p in r["parameters"].items():
         if p["status"] in ("fitted", "combination") or (
             k == "clock_ghz" and p["source"] == "--clock"
         ):
             v = p["value"]
-            value = str(round(v)) if isinstance(r["model"].params[k].value, int) else repr(v)
+            whole = isinstance(r["model"].params[k].value, int)
+            value = round(v) if whole else v
             src = p["source"].replace("\\", "/").replace('"', "'")
-            lines.append(f'"{k}" = {{ value = {value}, source = "{src}" }}')
+            span = ""
+            if p["status"] == "fitted" and p["stderr"] is not None:  # +-2 standard errors
+                lo, hi = max(value - 2 * p["stderr"], 0.0), value + 2 * p["stderr"]
+                basis = "calibrated: +-2 standard errors of the fit"
+            else:  # the data fix only a combination: the base's range, moved with the value
+                br = param_range(base.params[k])
+                b = float(base.params[k].value)
+                if br is None or not b:
+                    lo = hi = None
+                else:
+                    lo, hi = br.low * value / b, br.high * value / b
+                basis = "the base's range, moved with the value (the data fix only a combination)"
+            if lo is not None and hi is not None and hi > lo:
+                lo, hi = min(lo, value), max(hi, value)
+                span = f', low = {lo!r}, high = {hi!r}, basis = "{basis}"'
+            lines.append(f'"{k}" = {{ value = {value!r}, source = "{src}"{span} }}')
     return "\n".join(lines) + "\n"
 
 

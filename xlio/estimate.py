@@ -322,3 +322,21 @@ def format_estimate(r: dict[str, Any]) -> str:
         "L0's and L1's handlers, VMCS accesses); exits per second of the program's CPU work"
     )
     return "\n".join(lines)
+
+
+def estimate_figures(
+    costs: CostModel,
+    prof: Profile,
+    l2_mmu: str | None,
+    scale_to: tuple[Paging, float] | None,
+    switches: dict[str, Any],
+    ept: dict[str, Any],
+) -> dict[str, float]:
+    """An estimate's headline figures, flat: each configuration's seconds and
+    slowdowns (``<config>.seconds``, ``<config>.slowdown_vs_single``), for a study."""
+    r = estimate(prof, costs, l2_mmu=l2_mmu, scale_to=scale_to, switches=switches, ept=ept)
+    out = {}
+    for row in r["rows"]:
+        for k in ("seconds", "slowdown_vs_native", "slowdown_vs_single"):
+            out[f"{row['config']}.{k}"] = float(row[k])
+    return out

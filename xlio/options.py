@@ -167,7 +167,7 @@ def plot_file(text: str) -> str:
 
 
 def figure_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][\w.%]*", text):
+    if not re.fullmatch(r"[A-Za-z_][\w.%-]*", text):
         raise argparse.ArgumentTypeError(f"a figure's key (l0_exits, latency_us.p99), got {text!r}")
     return text
 
@@ -336,3 +336,55 @@ def workload_options(a: argparse.Namespace) -> dict[str, Any]:
         }
     )
     return {k: v for k, v in opts.items() if v is not None}
+
+
+# ---------------------------------------------------------------- studies
+MAX_SAMPLES_ASKED = 10**15  # parsed; a study too long to run is refused with its time
+
+
+def scheduler_address(text: str) -> str:
+    """``tcp://host:8786`` (or ``host:8786``): a Dask scheduler's address."""
+    if not re.fullmatch(r"((tcp|tls|inproc|ucx|ws|wss)://)?[\w.\-\[\]:]+:\d{1,5}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a scheduler address (tcp://host:8786)")
+    return text
+
+
+def cache_dir(text: str) -> str:
+    """A directory for a study's results: created if missing, must be writable."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty directory name")
+    path = os.path.abspath(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{probe} is not writable")
+    return text
+
+
+def add_executor(p: argparse.ArgumentParser, *, jobs: bool = True) -> None:
+    """--jobs, --scheduler, --cache: where a fan-out runs (xlio.executor)."""
+    g = p.add_argument_group("where the runs of a study go")
+    if jobs:
+        g.add_argument("--jobs", type=int_in(1, 64), default=1, help="local processes")
+    g.add_argument("--scheduler", type=scheduler_address, default=None, metavar="ADDRESS",
+                   help="a Dask distributed scheduler (tcp://host:8786; xlio[dask])")  # fmt: skip
+    g.add_argument("--cache", type=cache_dir, default=None, metavar="DIR",
+                   help="keep each run's result: a rerun runs only what is missing")  # fmt: skip
+
+
+def add_samples(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    """--samples, --seed (unless the command has its own), --dist and the
+    executor's options (xlio.study)."""
+    from xlio.study import Dist
+
+    g = p.add_argument_group("parameter uncertainty (Latin hypercube within each range)")
+    g.add_argument("--samples", type=int_in(1, MAX_SAMPLES_ASKED), default=None, metavar="N",
+                   help="repeat the run over N parameter sets: 5th-95th percentiles")  # fmt: skip
+    if seed:
+        g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="of the sampling")
+    g.add_argument("--dist", default=Dist.UNIFORM.value, choices=[d.value for d in Dist],
+                   help="how a parameter is drawn within its range")  # fmt: skip
+    add_executor(p)

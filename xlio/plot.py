@@ -157,3 +157,39 @@ def plot_estimate(
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_tornado(doc: dict[str, Any], out: str) -> None:
+    """The tornado of a sensitivity study: each top parameter alone at its
+    low and high end, as bars from the figure at the preset."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    bars = [r for r in doc["ranking"] if "at_low" in r]
+    bars.sort(key=lambda r: abs(r["at_high"] - r["at_low"]))
+    centre = doc["value"]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(bars)))
+    for i, r in enumerate(bars):
+        for end, colour in (("at_low", "tab:blue"), ("at_high", "tab:red")):
+            ax.barh(i, r[end] - centre, left=centre, color=colour, alpha=0.8,
+                    label=("parameter at its low end", "parameter at its high end")[
+                        end == "at_high"] if i == len(bars) - 1 else None)  # fmt: skip
+        ax.text(max(r["at_low"], r["at_high"]), i, f"  {r['low']:,.4g} .. {r['high']:,.4g}",
+                va="center", fontsize=8)  # fmt: skip
+    ax.axvline(centre, color="black", linewidth=1)
+    ax.set_yticks(range(len(bars)), [r["parameter"] for r in bars])
+    ax.set_xlabel(f"{doc['figure']} ({doc['command']}); line: the preset's value")
+    ax.set_title(f"xlio sensitivity: {doc['figure']}, each parameter alone across its range")
+    ax.legend(loc="best", fontsize=8)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.4g}"))
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise UsageError(f"argument --plot: cannot write {out}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

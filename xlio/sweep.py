@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
 import re
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -46,7 +44,7 @@ class Of(StrEnum):
 
 SWITCHES = ("shadow_vmcs", "vmcs_exits", "operand", "cache_reg", "apicv", "virtual_idle")
 NETPERF_OPTIONS = ("link", "size", "burst", "duration", "seed", "l1_backend_vcpu", "l1_backend",
-                   "tso")  # fmt: skip
+                   "tso", "ticks")  # fmt: skip
 WORKLOAD_OPTIONS = tuple(k for _, keys in OPTION_GROUPS.values() for k in keys)
 #: The default figure a sweep of each kind shows (any flattened key can be asked for).
 DEFAULT_METRIC = {Of.MEASURE: "l0_exits", Of.VMEXIT: "cycles", Of.NETPERF: "throughput_mbps"}
@@ -287,32 +285,31 @@ def metric_label(metric: str, per: str) -> str:
     return f"{words} per {per}"
 
 
-def _quiet_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-
-
 def run_all(
-    points: list[Point], jobs: int, done: Callable[[dict[str, Any]], None]
+    points: list[Point],
+    jobs: int,
+    done: Callable[[], None],
+    scheduler: str | None = None,
+    cache: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every point (``jobs`` processes), in order; ``done`` sees each row.
+    """Run every point through :class:`xlio.executor.Executor` (``jobs``
+    processes or a Dask ``scheduler``), in order; ``done`` is called as each finishes.
 
     Ctrl-C raises :class:`Interrupted` carrying the rows finished so far.
     """
-    rows: list[dict[str, Any]] = []
-    try:
-        if jobs == 1:
-            for p in points:
-                rows.append(run_point(p))
-                done(rows[-1])
-        else:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(jobs, initializer=_quiet_worker) as pool:
-                for row in pool.imap(run_point, points):
-                    rows.append(row)
-                    done(row)
-    except KeyboardInterrupt:
-        raise Interrupted(rows) from None
-    return rows
+    from xlio.executor import Executor
+    from xlio.executor import Interrupted as Stopped
+
+    with Executor(jobs, scheduler, cache) as ex:
+        try:
+            return ex.map(run_point, points, done)
+        except Stopped as e:  # the rows done before the first missing one, in order
+            rows = []
+            for r in e.results:
+                if r is None:
+                    break
+                rows.append(r)
+            raise Interrupted(rows) from None
 
 
 class Interrupted(KeyboardInterrupt):

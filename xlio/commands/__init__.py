@@ -17,6 +17,7 @@ from xlio.commands import (
     netperf,
     presets,
     profile,
+    sensitivity,
     serve,
     sweep,
     trace,
@@ -25,5 +26,5 @@ from xlio.commands import (
 
 COMMANDS: tuple[ModuleType, ...] = (
     measure, trace, sweep, compare, demo, netperf, vmexit, serve, profile, estimate, calibrate,
-    presets, cleanup,
+    sensitivity, presets, cleanup,
 )  # fmt: skip

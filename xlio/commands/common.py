@@ -17,7 +17,7 @@ from xlio.measure import UsageError, whole
 from xlio.sim.presets import CostModel
 from xlio.stop import StopState
 
-SCHEMA_VERSION = 1  # of every --json document (README: "JSON results")
+SCHEMA_VERSION = 2  # of every --json document (README: "JSON results")
 
 
 def envelope(command: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -111,3 +111,84 @@ def tap_ready() -> None:
         check_privileges()
     except HostSetupError as e:
         raise UsageError(str(e)) from None
+
+
+def _duration(seconds: float) -> str:
+    for unit, s in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * s:
+            return f"{seconds / s:,.0f} {unit}"
+    return f"{seconds:,.1f} s"
+
+
+def run_study(a: argparse.Namespace, task: Any) -> dict[str, Any]:
+    """``task`` (an :class:`xlio.study.Task`) at the preset and over
+    ``--samples`` parameter sets drawn within the ranges: the figures at the
+    preset, each figure's interval, and how the study went (``interrupted``:
+    a stop signal ended it; the intervals cover the runs finished)."""
+    import time
+
+    from xlio.executor import Executor, Interrupted
+    from xlio.study import MAX_SAMPLES, Dist, Study, figures, intervals
+
+    t0 = time.perf_counter()
+    point = figures(task)
+    one = time.perf_counter() - t0
+    if a.samples > MAX_SAMPLES:
+        est = one * a.samples / (1 if a.scheduler else a.jobs)
+        raise UsageError(
+            f"argument --samples: {a.samples:,} runs would take about {_duration(est)} here "
+            f"({one * 1000:,.1f} ms each); at most {MAX_SAMPLES:,}"
+        )
+    study = Study(task, a.samples, a.seed, Dist(a.dist))
+    interrupted = False
+    with (
+        Executor(a.jobs, a.scheduler, a.cache) as ex,
+        progress_bar(len(study.tasks), f"xlio {a.command}: {a.samples:,} samples") as advance,
+    ):
+        try:
+            results = ex.map(figures, study.tasks, lambda: advance())
+        except Interrupted as e:
+            results, interrupted = e.results, True
+    done = sum(r is not None for r in results)
+    if a.cache:
+        print(f"xlio {a.command}: {ex.from_cache:,} of {done:,} runs came from the cache "
+              f"{a.cache}", file=sys.stderr)  # fmt: skip
+    return {
+        "samples": a.samples, "done": done, "seed": a.seed, "dist": a.dist,
+        "method": "Latin hypercube (scipy.stats.qmc)", "parameters": study.names,
+        "interrupted": interrupted, "from_cache": ex.from_cache,
+        "point": point, "intervals": intervals(point, results),
+    }  # fmt: skip
+
+
+def study_lines(s: dict[str, Any], keys: list[str] | None = None) -> list[str]:
+    """The text of a study: each figure ``value [p05-p95]``."""
+    from xlio.study import with_interval
+
+    ivs = s["intervals"]
+    head = (f"parameter uncertainty: {s['done']:,} of {s['samples']:,} parameter sets "
+            f"({s['dist']}, seed {s['seed']}, {len(s['parameters'])} parameters drawn); "
+            "value [5th-95th percentile]")  # fmt: skip
+    if s["interrupted"]:
+        head += "; INTERRUPTED: the intervals cover the sets finished"
+    out = [head]
+    for k in keys if keys is not None else list(ivs):
+        if k in ivs and (ivs[k]["value"] or ivs[k]["p05"] != ivs[k]["p95"]):
+            v = ivs[k]["value"]
+            fmt = "{:,.0f}" if abs(v) >= 100 else "{:,.3g}"
+            out.append(f"  {k:<40}{with_interval(v, ivs[k], fmt):>32}")
+    return out
+
+
+def put_intervals(doc: dict[str, Any], study: dict[str, Any], under: tuple[str, ...] = ()) -> None:
+    """Each figure of ``doc`` a study gave an interval, at its dotted key
+    (below ``under``), becomes ``{"value", "p05", "p50", "p95"}``; the
+    study's own account goes under ``study``."""
+    for key, iv in study["intervals"].items():
+        parts = [*under, *key.split(".")]
+        node: Any = doc
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(parts[-1]), int | float):
+            node[parts[-1]] = iv
+    doc["study"] = {k: v for k, v in study.items() if k not in ("point", "intervals")}

@@ -8,12 +8,17 @@ from typing import Any
 
 from xlio.commands.common import (
     emit,
+    interrupted_status,
+    put_intervals,
+    run_study,
+    study_lines,
 )
 from xlio.measure import (
     UsageError,
 )
 from xlio.options import (
     add_costs,
+    add_samples,
     cost_model,
     int_in,
     scale_to,
@@ -64,10 +69,11 @@ def add_parser(sub: Any) -> None:
         "--plot", type=writable_file, default=None, metavar="FILE.png",
         help="the breakdown as stacked bars (matplotlib, xlio[plot])",
     )  # fmt: skip
+    add_samples(es)
 
 
-def run(a: argparse.Namespace) -> int:
-    from xlio.estimate import estimate, format_estimate
+def _inputs(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """(cost model, profile, switches, memory options) of an estimate."""
     from xlio.profile import ProfileError, load
     from xlio.profiles import SHIPPED
 
@@ -83,10 +89,36 @@ def run(a: argparse.Namespace) -> int:
     }  # fmt: skip
     if a.swap and not a.rate:
         raise UsageError("--swap needs --rate (EPT modifications per second)")
+    return costs, prof, switches, {k: v for k, v in ept.items() if v is not None}
+
+
+def study_task(a: argparse.Namespace) -> Any:
+    """The run a study repeats (--samples, xlio sensitivity): an :class:`xlio.study.Task`."""
+    from xlio.study import Task
+
+    costs, prof, switches, ept = _inputs(a)
+    return Task("estimate", (prof, a.l2_mmu, a.scale_to, switches, ept), (costs,))
+
+
+def run(a: argparse.Namespace) -> int:
+    from xlio.estimate import estimate, format_estimate
+
+    costs, prof, switches, ept = _inputs(a)
     r = estimate(prof, costs, l2_mmu=a.l2_mmu, scale_to=a.scale_to, switches=switches,
-                 ept={k: v for k, v in ept.items() if v is not None})  # fmt: skip
+                 ept=ept)  # fmt: skip
     if a.plot:
         from xlio.plot import plot_estimate
 
         plot_estimate([r], a.plot)
-    return emit(a, r, lambda: format_estimate(r))
+    if a.samples is None:
+        return emit(a, r, lambda: format_estimate(r))
+    study = run_study(a, study_task(a))
+    report = "" if a.json else "\n".join([format_estimate(r), "", *study_lines(study)])
+    for row in r["rows"]:  # each configuration's figures, with their intervals
+        for k in ("seconds", "slowdown_vs_native", "slowdown_vs_single"):
+            iv = study["intervals"].get(f"{row['config']}.{k}")
+            if iv is not None:
+                row[k] = iv
+    put_intervals(r, {**study, "intervals": {}})
+    emit(a, r, lambda: report)
+    return interrupted_status(a, study)

@@ -10,6 +10,9 @@ from xlio.commands.common import (
     emit,
     interrupted_status,
     progress_bar,
+    put_intervals,
+    run_study,
+    study_lines,
 )
 from xlio.measure import (
     WORKLOADS,
@@ -20,6 +23,7 @@ from xlio.options import (
     add_l2_mmu,
     add_model_switches,
     add_network_options,
+    add_samples,
     cost_model,
     int_in,
     model_switches,
@@ -75,6 +79,18 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--l1-mem", type=int_in(1, 2048), default=None, metavar="GiB")
     add_l2_mmu(m)
     add_network_options(m)
+    add_samples(m)
+
+
+def study_task(a: argparse.Namespace, costs: Any = None) -> Any:
+    """The run a study repeats (--samples, xlio sensitivity): an :class:`xlio.study.Task`."""
+    from xlio.study import Task
+    from xlio.sweep import Of, Point
+
+    costs = costs or cost_model(a)
+    point = Point(Of.MEASURE, a.workload, a.path, costs, a.count, model_switches(a),
+                  workload_options(a))  # fmt: skip
+    return Task("measure", (point,), (costs,))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -84,8 +100,16 @@ def run(a: argparse.Namespace) -> int:
             a.workload, a.path, costs, count=a.count, options=workload_options(a),
             progress=advance, **model_switches(a),
         )  # fmt: skip
-    if a.perf_kvm_stat:
-        emit(a, r, lambda: format_perf_kvm_stat(r, costs.hw_exit))
-    else:
-        emit(a, r, lambda: format_measure(r, a.explain))
-    return interrupted_status(a, r)
+    text = (
+        (lambda: format_perf_kvm_stat(r, costs.hw_exit))
+        if a.perf_kvm_stat
+        else (lambda: format_measure(r, a.explain))
+    )
+    if a.samples is None or r.get("interrupted"):
+        emit(a, r, text)
+        return interrupted_status(a, r)
+    study = run_study(a, study_task(a, costs))
+    report = "" if a.json else "\n".join([text(), "", *study_lines(study)])
+    put_intervals(r, study, ("per_op",))
+    emit(a, r, lambda: report)
+    return interrupted_status(a, study)

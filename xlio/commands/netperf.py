@@ -10,10 +10,14 @@ from xlio.commands.common import (
     emit,
     interrupted_status,
     progress_bar,
+    put_intervals,
+    run_study,
+    study_lines,
 )
 from xlio.options import (
     add_apic_switches,
     add_costs,
+    add_samples,
     cost_model,
     int_in,
     seconds_in,
@@ -50,8 +54,9 @@ def add_parser(sub: Any) -> None:
         help="payload per packet (streams) or per message (RR)",
     )
     npf.add_argument(
-        "--seed", type=int_in(0, 2**32 - 1), default=1, help="seed of the peer's jitter"
-    )
+        "--seed", type=int_in(0, 2**32 - 1), default=1,
+        help="seed of the peer's jitter and of --samples",
+    )  # fmt: skip
     npf.add_argument("--burst", type=int_in(1, 1024), default=1, help="RR transactions in flight")
     npf.add_argument(
         "--l1-backend-vcpu",
@@ -77,6 +82,21 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     add_apic_switches(npf)
     npf.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_samples(npf, seed=False)
+
+
+def study_task(a: argparse.Namespace, costs: Any = None) -> Any:
+    """The run a study repeats (--samples, xlio sensitivity): an :class:`xlio.study.Task`."""
+    from xlio.study import Task
+    from xlio.sweep import Of, Point
+
+    costs = costs or cost_model(a)
+    options = {"link": a.link, "duration": a.duration, "size": a.size, "seed": a.seed,
+               "burst": a.burst, "l1_backend_vcpu": a.l1_backend_vcpu,
+               "l1_backend": a.l1_backend, "tso": a.tso, "ticks": a.ticks}  # fmt: skip
+    switches = {"apicv": a.apicv, "virtual_idle": a.virtual_idle}
+    point = Point(Of.NETPERF, a.test, a.path, costs, 0, switches, options)
+    return Task("netperf", (point,), (costs,))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -91,5 +111,17 @@ def run(a: argparse.Namespace) -> int:
             apicv=a.apicv,
             virtual_idle=a.virtual_idle, progress=advance,
         )  # fmt: skip
-    emit(a, r, lambda: format_netperf(r))
-    return interrupted_status(a, r)
+    if a.samples is None or r.get("interrupted"):
+        emit(a, r, lambda: format_netperf(r))
+        return interrupted_status(a, r)
+    study = run_study(a, study_task(a, costs))
+    keys = [k for k in HEADLINE if k in study["intervals"]]
+    report = "" if a.json else "\n".join([format_netperf(r), "", *study_lines(study, keys)])
+    put_intervals(r, study)
+    emit(a, r, lambda: report)
+    return interrupted_status(a, study)
+
+
+#: The figures a netperf study prints (every numeric one is in --json).
+HEADLINE = ("throughput_mbps", "transactions_per_s", "packets_per_s", "latency_us.p50",
+            "latency_us.p90", "latency_us.p99", "cpu_busiest.utilization")  # fmt: skip

@@ -20,6 +20,7 @@ from xlio.options import (
     MAX_COUNT,
     SWEEPABLE,
     add_costs,
+    add_executor,
     cost_model,
     figure_name,
     int_in,
@@ -64,12 +65,12 @@ def add_parser(sub: Any) -> None:
                     help="plot the metric of path A over path B (l1/l0)")  # fmt: skip
     sw.add_argument("--count", type=int_in(1, MAX_COUNT), default=1000,
                     help="operations per point (measure)")  # fmt: skip
-    sw.add_argument("--jobs", type=int_in(1, 64), default=1, help="processes")
     sw.add_argument("--csv", type=writable_file, default=None, metavar="FILE")
     sw.add_argument("--json", type=json_target, default=None, metavar="FILE",
                     help="the rows as one JSON document (- for stdout)")  # fmt: skip
     sw.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png|svg")
     add_costs(sw)
+    add_executor(sw)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -105,7 +106,7 @@ def run(a: argparse.Namespace) -> int:
     interrupted = False
     with progress_bar(len(points), f"xlio sweep: {len(points)} points") as advance:
         try:
-            rows = run_all(points, a.jobs, lambda row: advance())
+            rows = run_all(points, a.jobs, lambda: advance(), a.scheduler, a.cache)
         except Interrupted as e:
             rows, interrupted = e.rows, True
     if rows and metric not in rows[0]:

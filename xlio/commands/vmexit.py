@@ -7,6 +7,9 @@ from typing import Any
 
 from xlio.commands.common import (
     emit,
+    interrupted_status,
+    put_intervals,
+    study_lines,
 )
 from xlio.measure import (
     UsageError,
@@ -14,6 +17,7 @@ from xlio.measure import (
 from xlio.options import (
     add_apic_switches,
     add_costs,
+    add_samples,
     cost_model,
 )
 
@@ -32,6 +36,23 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     add_apic_switches(vx, idle=False)
     vx.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_samples(vx)
+
+
+def study_task(a: argparse.Namespace, costs: Any = None, res: Any = None) -> Any:
+    """The run a study repeats (--samples, xlio sensitivity): an :class:`xlio.study.Task`
+    of the tests that exit at this level."""
+    from xlio.sim.vmexit import run
+    from xlio.study import Task
+
+    costs = costs or cost_model(a)
+    if res is None:
+        try:
+            res = run(costs, a.level, a.tests, apicv=a.apicv)
+        except KeyError as e:
+            raise UsageError(f"unknown test {e.args[0]}") from None
+    tests = tuple(k for k, v in res.items() if v["cycles"] is not None)
+    return Task("vmexit", (a.level, tests, a.apicv), (costs,))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -56,4 +77,22 @@ def run(a: argparse.Namespace) -> int:
         },
         "detail": res,
     }
-    return emit(a, obj, lambda: format_lines(res))
+    if a.samples is None:
+        return emit(a, obj, lambda: format_lines(res))
+    from xlio.commands.common import run_study
+
+    study = run_study(a, study_task(a, costs, res))
+    ivs = study["intervals"]
+    put_intervals(obj, study, ("tests",))
+
+    def text() -> str:
+        lines = []
+        for line in format_lines(res).splitlines():
+            name = line.split(" ", 1)[0]
+            iv = ivs.get(name) if not line.startswith(" ") else None
+            lines.append(f"{line} [{iv['p05']:.0f}-{iv['p95']:.0f}]" if iv else line)
+        head = study_lines(study, [])[0]
+        return "\n".join([*lines, head])
+
+    emit(a, obj, text)
+    return interrupted_status(a, study)
