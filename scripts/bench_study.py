@@ -53,7 +53,8 @@ def main() -> None:
                 Executor(1).map(figures, [tasks[i]], lambda: None)
                 via += time.perf_counter() - t
     t = time.perf_counter()
-    Executor(2).map(figures, tasks, lambda: None)
+    with Executor(2) as ex:
+        ex.map(figures, tasks, lambda: None)
     two = time.perf_counter() - t
     per = straight / len(tasks)
     over = (via - straight) / len(tasks)

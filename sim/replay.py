@@ -3,12 +3,12 @@
 Theory of operation: the model is deterministic, so an operation (an exit,
 L1's handler and its VMRESUME; an interrupt; a HLT) run from the same
 machine state always has the same effect. :meth:`Replay.record` runs it
-once on a :class:`~sim.nested.NestedVmx` and keeps that effect: counter
+once on a :class:`~sim.machine.NestedMachine` and keeps that effect: counter
 deltas, its exits by reason, VMCS access counts and charged batches, VMCS
 values written, interrupts delivered, and the machine-state fields it
 changed. Later runs are counted as pending and applied in bulk by
 :meth:`Replay.add_to` when the counters are read. The machine owns *when*
-to record or replay (``NestedVmx.replay``, its state signature); this
+to record or replay (``NestedMachine.replay``, its state signature); this
 module owns what a record holds and how it is applied.
 """
 
@@ -21,7 +21,7 @@ from .accounting import SUMMARY_KEYS, Stats
 from .vmcs import Vmcs
 
 if TYPE_CHECKING:
-    from .nested import NestedVmx
+    from .machine import NestedMachine
 
 COUNTERS = (*SUMMARY_KEYS, "cycles_switch", "cycles_l0", "cycles_l1")
 
@@ -46,7 +46,7 @@ def merge_reasons(
 
 
 class Replay:
-    """The recorded effect of one operation on a machine (see NestedVmx.replay)."""
+    """The recorded effect of one operation on a machine (see NestedMachine.replay)."""
 
     __slots__ = ("counters", "reasons", "causes", "work", "charges", "accesses", "values",
                  "changes", "delivered", "eager", "levels", "result")  # fmt: skip
@@ -65,7 +65,7 @@ class Replay:
     result: Any
 
     @classmethod
-    def record(cls, m: NestedVmx, operation: Callable[[], Any]) -> Replay:
+    def record(cls, m: NestedMachine, operation: Callable[[], Any]) -> Replay:
         """Run ``operation`` on ``m`` (applied to its counters) and record its effect."""
         s = m.stats  # flushed
         before = [getattr(s, k) for k in COUNTERS]
@@ -128,7 +128,7 @@ class Replay:
         return rec
 
     @classmethod
-    def traced(cls, m: NestedVmx, operation: Callable[[], Any]) -> Replay:
+    def traced(cls, m: NestedMachine, operation: Callable[[], Any]) -> Replay:
         """Run ``operation`` (tracing: nothing is recorded); only its cycles by level."""
         s = m.stats
         sw, l0, l1 = s.cycles_switch, s.cycles_l0, s.cycles_l1
@@ -141,7 +141,7 @@ class Replay:
         }
         return rec
 
-    def apply_eager(self, m: NestedVmx) -> None:
+    def apply_eager(self, m: NestedMachine) -> None:
         vmcss = m._vmcss()
         for i, field, value in self.values:
             vmcss[i].values[field] = value

@@ -5,6 +5,7 @@ every bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -207,3 +208,54 @@ def test_without_the_dask_extra_scheduler_is_one_line(tmp_path: Path) -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "xlio[dask]" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_a_killed_study_leaves_no_worker_behind() -> None:
+    """Local workers die with their parent and hold none of its pipes: a
+    reader of a study killed outright gets its EOF at once, and nothing
+    computes on (each sample here is about 12 s of work, so a worker that
+    outlived its parent would still be running)."""
+    import os
+
+    args = ("netperf", "--path", "l1", "--duration", "10", "--samples", "4", "--jobs", "2")
+    proc = spawn(xlio_args(*args, "--json"))
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(children) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+            time.sleep(0.2)
+            children = [
+                int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid
+            ]
+        time.sleep(0.5)  # the workers are inside their first sample
+        proc.kill()
+        proc.communicate(timeout=5)  # EOF on its pipes: no worker holds them
+        deadline = time.monotonic() + 5
+        while [c for c in children if _state(c) not in ("", "Z")]:
+            assert time.monotonic() < deadline, "a worker outlived its parent"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        for c in children:
+            with contextlib.suppress(OSError):
+                os.kill(c, signal.SIGKILL)
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def _state(pid: int) -> str:
+    """'' for a process that is gone, else its state letter (Z: dead, not yet reaped)."""
+    fields = _stat(pid)
+    return fields[0] if fields else ""

@@ -32,16 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    command = "xlio"
     try:
+        a = build_parser().parse_args(argv)  # a stop while the parser is built is a stop too
+        command = f"xlio {a.command}"
         return RUN[a.command](a)
     except UsageError as e:
-        print(f"xlio {a.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP during a tap run
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"xlio {a.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        print(f"{command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except BrokenPipeError:  # `xlio ... | head`: the reader left, not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -106,13 +106,33 @@ class Cache:
         d = self.dir / key[:2]
         d.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, d / f"{key}.json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f)
+            os.replace(tmp, d / f"{key}.json")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _quiet_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    """A local worker: Ctrl-C is the parent's; it dies with its parent (a
+    parent killed outright leaves no orphan computing on); it holds none of
+    the parent's stdio (a reader waiting for the parent's EOF is not kept
+    waiting by a worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806 (linux/prctl.h)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pool's own shutdown still ends the workers
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 class Executor:
@@ -123,11 +143,16 @@ class Executor:
         self.scheduler = scheduler
         self.cache = Cache(cache) if cache else None
         self.from_cache = 0
+        self._pool: Any = None  # local processes, started at the first map that needs them
         self._client: Any = None
         if scheduler is not None:
             self._client = connect(scheduler)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -159,9 +184,9 @@ class Executor:
                 todo.append(i)
         try:
             for i, r in self._run(fn, [tasks[i] for i in todo], todo):
-                results[i] = r
-                if self.cache:
+                if self.cache:  # stored before counted: a stop between the two loses nothing
                     self.cache.put(keys[i], r)
+                results[i] = r
                 if done:
                     done()
         except KeyboardInterrupt:
@@ -189,11 +214,12 @@ class Executor:
             for i, t in zip(index, tasks, strict=True):
                 yield i, fn(t)
             return
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(self.jobs, len(tasks)), initializer=_quiet_worker) as pool:
-            chunk = max(1, min(LOCAL_CHUNK, len(tasks) // (4 * self.jobs)))
-            for i, r in zip(index, pool.imap(fn, tasks, chunksize=chunk), strict=True):
-                yield i, r
+        if self._pool is None:  # one pool for every map of this executor
+            ctx = multiprocessing.get_context("fork")
+            self._pool = ctx.Pool(self.jobs, initializer=_quiet_worker)
+        chunk = max(1, min(LOCAL_CHUNK, len(tasks) // (4 * self.jobs)))
+        for i, r in zip(index, self._pool.imap(fn, tasks, chunksize=chunk), strict=True):
+            yield i, r
 
 
 def connect(address: str) -> Any:
