@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from children import spawn, xlio_args
+from children import running, spawn, xlio_args
 
 from xlio.sim.costs import param_range
 from xlio.sim.presets import PRESETS, costs_from_toml
@@ -215,28 +216,26 @@ def test_a_killed_study_leaves_no_worker_behind() -> None:
     reader of a study killed outright gets its EOF at once, and nothing
     computes on (each sample here is about 12 s of work, so a worker that
     outlived its parent would still be running)."""
-    import os
-
     args = ("netperf", "--path", "l1", "--duration", "10", "--samples", "4", "--jobs", "2")
-    proc = spawn(xlio_args(*args, "--json"))
     children: list[int] = []
     try:
-        deadline = time.monotonic() + 60
-        while len(children) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
-            time.sleep(0.2)
-            children = [
-                int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid
-            ]
-        time.sleep(0.5)  # the workers are inside their first sample
-        proc.kill()
-        proc.communicate(timeout=5)  # EOF on its pipes: no worker holds them
+        with running(spawn(xlio_args(*args, "--json"))) as proc:
+            deadline = time.monotonic() + 60
+            while len(children) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+                time.sleep(0.2)
+                children = [
+                    int(p) for p in os.listdir("/proc")
+                    if p.isdigit() and _parent(int(p)) == proc.pid
+                ]  # fmt: skip
+            time.sleep(0.5)  # the workers are inside their first sample
+            proc.kill()
+            proc.communicate(timeout=5)  # EOF on its pipes: no worker holds them
         deadline = time.monotonic() + 5
         while [c for c in children if _state(c) not in ("", "Z")]:
             assert time.monotonic() < deadline, "a worker outlived its parent"
             time.sleep(0.1)
     finally:
-        proc.kill()
         for c in children:
             with contextlib.suppress(OSError):
                 os.kill(c, signal.SIGKILL)
