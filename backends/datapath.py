@@ -56,8 +56,8 @@ from xlio.frontends.virtio_net import (
     layout_bytes,
 )
 from xlio.packets import UDP_DISCARD_PORT, UDP_ECHO_PORT, Endpoint, udp_frame_of_size
+from xlio.sim.machine import L0, L1, L2, NestedMachine
 from xlio.sim.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryFault
-from xlio.sim.nested import L0, L1, L2, NestedVmx
 from xlio.sim.refs import weak_method
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT, build_memory, mmio_kick_exit
@@ -195,7 +195,7 @@ class Datapath:
 
     def __init__(
         self,
-        m: NestedVmx,
+        m: NestedMachine,
         path: str,
         *,
         queue_size: int = 256,
@@ -683,7 +683,7 @@ def datapath_memory(queue_size: int, buf_size: int) -> tuple[int, int]:
 
 
 def make_datapath(
-    m: NestedVmx, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None
+    m: NestedMachine, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None
 ) -> Datapath:
     buf = _buf_size(o["frame_size"])
     l2_mib, l1_mib = datapath_memory(o["queue_size"], buf)
@@ -762,8 +762,8 @@ class DatapathRun:
             done += self.b
 
 
-def _build(kind: str) -> Callable[[NestedVmx, str, dict[str, Any]], DatapathRun]:
-    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> DatapathRun:
+def _build(kind: str) -> Callable[[NestedMachine, str, dict[str, Any]], DatapathRun]:
+    def build(m: NestedMachine, path: str, opts: dict[str, Any]) -> DatapathRun:
         o = datapath_options(opts)
         return DatapathRun(kind, make_datapath(m, path, o, capture=bool(opts.get("capture"))), o)
 

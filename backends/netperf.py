@@ -61,10 +61,11 @@ from typing import Any
 
 import simpy
 
+from xlio.sim.arch import machine_for
 from xlio.sim.costs import CostModel
 from xlio.sim.cpus import Cpu
 from xlio.sim.guest_mmu import GuestPaging, Paging
-from xlio.sim.nested import L2, Config, NestedVmx
+from xlio.sim.nested import L2, Config
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
 
@@ -145,7 +146,7 @@ class NetperfModel:
         self.env = simpy.Environment()
         self.rng = random.Random(opts.seed)
         nested = opts.path is not Path.SINGLE
-        self.m = NestedVmx(Config.from_preset(costs, nested=nested, **switches))
+        self.m = machine_for(Config.from_preset(costs, nested=nested, **switches))
         if opts.path is Path.L0:  # L1 delegated the device: L2's kicks are L0's
             self.m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
         env = self.env

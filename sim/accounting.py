@@ -15,6 +15,7 @@ of ``by_reason`` also keeps its cheapest and dearest single exit.
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
+from enum import IntEnum
 from typing import Any
 
 from .vmx import ExitReason
@@ -64,7 +65,8 @@ SUMMARY_KEYS = (
 class Stats:
     """Counters of one model run."""
 
-    def __init__(self, trace: bool = False) -> None:
+    def __init__(self, trace: bool = False, reasons: type[IntEnum] = ExitReason) -> None:
+        self.reasons = reasons  # the architecture's exit codes: by_reason's keys name these
         for k in SUMMARY_KEYS:
             setattr(self, k, 0)
         # cycles by where they are spent: switches (exit+entry round trips), L0, L1
@@ -151,7 +153,7 @@ class Stats:
             rows.append(
                 {
                     "level": LEVEL_NAMES[level],
-                    "reason": ExitReason(reason).name,
+                    "reason": self.reasons(reason).name,
                     "count": int(count),
                     "cycles": cycles,
                     "min_cycles": lo,

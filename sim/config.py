@@ -10,10 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .costs import CostModel
+from .costs import Arch, CostModel
 from .profiles import CACHE_MODES
 
 OPERANDS = ("register", "memory")
+
+#: Switches that exist on one architecture only: (switch, arch, why not on the other).
+ARCH_ONLY: tuple[tuple[str, Arch, str], ...] = (
+    ("shadow_vmcs", Arch.VMX, "VMCS shadowing is VMX's; SVM has no VMREAD/VMWRITE"),
+    ("operand", Arch.VMX, "VMREAD/VMWRITE operands are VMX's; L1 reads VMCB12 as memory"),
+    ("cache_reg", Arch.VMX, "L1's cache of VMCS fields is VMX's; VMCB12 is memory"),
+    ("vmcs_exits", Arch.VMX, "VMCS-access exits are VMX's; SVM has none"),
+    ("vls", Arch.SVM, "virtual VMLOAD/VMSAVE is AMD's"),
+    ("vgif", Arch.SVM, "virtual GIF is AMD's"),
+)
+
+
+#: A switch's value that means "not used": passing it on the other architecture is harmless.
+_NEUTRAL: dict[str, Any] = {"operand": "register", "vmcs_exits": True, "shadow_vmcs": False,
+                            "vls": False, "vgif": False}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,17 +43,37 @@ class Config:
     cache_reg: str = "base"
     apicv: bool = False  # APICv at L0 and, nested, exposed to L1 for L2
     virtual_idle: bool = False  # DVH's virtual idle: L0 keeps L2's HLT
+    vls: bool = False  # SVM: virtual VMLOAD/VMSAVE for L1
+    vgif: bool = False  # SVM: virtual GIF for L1
     trace: bool = False
+
+    @property
+    def arch(self) -> Arch:
+        return Arch(self.costs.arch)
 
     @classmethod
     def from_preset(cls, costs: CostModel, **overrides: Any) -> Config:
-        """Defaults from the preset (shadowing, cache mode, APICv), then the overrides."""
+        """Defaults from the preset (shadowing, cache mode, APICv, vls, vgif), then
+        the overrides. A switch of the other architecture raises ValueError, as
+        does APICv on SVM (AVIC is inhibited while a vCPU runs L2)."""
+        arch = Arch(costs.arch)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for switch, only, why in ARCH_ONLY:
+            if switch in given and only is not arch and given[switch] != _NEUTRAL.get(switch):
+                raise ValueError(
+                    f"{switch.replace('_', '-')} is not for {arch.value.upper()}: {why}"
+                )
+        if arch is Arch.SVM and given.get("apicv"):
+            raise ValueError("apicv is not for SVM L2: Linux 6.1 inhibits AVIC while a vCPU "
+                             "runs L2 (APICV_INHIBIT_REASON_NESTED)")  # fmt: skip
         base: dict[str, Any] = {
             "shadow_vmcs": costs.shadow_vmcs,
             "cache_reg": costs.cache_reg,
             "apicv": costs.apicv,
+            "vls": costs.vls,
+            "vgif": costs.vgif,
         }
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        base.update(given)
         cfg = cls(costs=costs, **base)
         if cfg.operand not in OPERANDS:
             raise ValueError(f"operand must be one of {', '.join(OPERANDS)}")
@@ -47,7 +82,10 @@ class Config:
         return cfg
 
     def describe(self) -> dict[str, Any]:
-        return {
+        arch: dict[str, Any] = {"arch": self.arch.value}
+        if self.arch is Arch.SVM:
+            arch |= {"vls": self.vls, "vgif": self.vgif}
+        return arch | {
             "preset": self.costs.name,
             "clock_ghz": self.costs.clock_ghz,
             "nested": self.nested,

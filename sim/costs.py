@@ -40,9 +40,17 @@ running a KVM with the 2019 nested VMX optimizations at L0 and L1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any
 
 KINDS = ("published", "calibrated", "derived", "estimate", "user")
+
+
+class Arch(StrEnum):
+    """The virtualization extension a preset's machine has."""
+
+    VMX = "vmx"  # Intel VT-x: sim.nested.NestedVmx
+    SVM = "svm"  # AMD-V: sim.nested_svm.NestedSvm
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,21 @@ class CostModel:
     cr0_wp_guest_owned: bool = False  # CR0.WP passed through with EPT (Linux 6.4+)
     virtual_ept: str = "vtlb"  # L0's nested-EPT scheme
     avoid_invept: bool = False  # L1 skips INVEPT for not-present -> present
+    # AMD SVM (sim.nested_svm); unused on VMX
+    arch: str = Arch.VMX
+    vls: bool = False  # virtual VMLOAD/VMSAVE: L1's VMLOAD/VMSAVE do not exit
+    vgif: bool = False  # virtual GIF: L1's STGI/CLGI do not exit
+    vmrun_emulate: float = 0.0  # nested_svm_vmrun + enter_svm_guest_mode, fixed part
+    svm_vmexit: float = 0.0  # nested_svm_vmexit, fixed part
+    msrpm_merge: int = 0  # nested_svm_vmrun_msrpm: L1's MSR permission map read and merged
+    vmcb_save_copy: int = 0  # nested_vmcb02_prepare_save's SEG, DT and DR groups
+    clean_bits: bool = False  # L0 skips those groups when VMCB12 marks them clean
+    asid_flush: int = 0  # the ASID flush and MMU sync of one nested transition
+    vmcb_access: int = 0  # L1 reads or writes one VMCB12 field: plain memory
+    vmload_native: int = 0  # VMLOAD run by the CPU in L1 (virtual VMLOAD)
+    vmsave_native: int = 0
+    stgi_native: int = 0  # STGI run by the CPU in L1 (virtual GIF)
+    clgi_native: int = 0
     description: str = ""
     params: dict[str, Param] = field(default_factory=dict)  # every value with its source
 

@@ -50,12 +50,12 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from .nested import L1, NestedVmx
-from .routing import CR4_PGE
-from .vmx import CpuBased, ExitReason, Msr
+from .machine import L1, NestedMachine
+from .routing import CR4_PGE, PF_VECTOR
+from .vmx import ExitReason, Msr
 
 R = ExitReason
-PF_VECTOR = 14
+
 LOCAL_TIMER_VECTOR = 0xEC  # Linux's LOCAL_TIMER_VECTOR
 CR3 = 3
 
@@ -99,7 +99,7 @@ L2_MMUS: dict[str, Paging] = {
 class GuestPaging:
     """The guest's paging events on machine ``m`` under ``paging`` (module docstring)."""
 
-    def __init__(self, m: NestedVmx, paging: Paging) -> None:
+    def __init__(self, m: NestedMachine, paging: Paging) -> None:
         if paging.nested != m.cfg.nested or not paging.virtual:
             raise ValueError(
                 f"{paging.value} needs a {'nested' if paging.nested else 'single-level'} machine"
@@ -110,12 +110,7 @@ class GuestPaging:
         self.events: Counter[str] = Counter()
         self.traps: Counter[str] = Counter()
         if paging.nested and paging.shadow:
-            # L1 without EPT for L2 (vmx_update_exception_bitmap, PFEC mask and
-            # match 0; CR3 and INVLPG exiting): vmcs12 as L1 sets it
-            ctl = m.l1_controls
-            ctl.exception_bitmap |= 1 << PF_VECTOR
-            ctl.cpu_based |= CpuBased.CR3_LOAD_EXITING | CpuBased.INVLPG_EXITING
-            ctl.cr4_mask |= CR4_PGE  # not guest-owned without EPT (KVM_POSSIBLE_CR4_GUEST_BITS)
+            m.l1_intercepts_guest_paging()
 
     # ------------------------------------------------------------- helpers
     def _run(self, key: tuple[object, ...], operation: Callable[[], None]) -> None:

@@ -23,8 +23,8 @@ swaps the page back in.
 from __future__ import annotations
 
 from .ept import EPT_RWX, QW, EptTable, leaf_entry
+from .machine import L1, L2, NestedMachine
 from .memory import PAGE_SHIFT, Epoch, MemoryFault
-from .nested import L1, L2, NestedVmx
 from .refs import weak_method
 from .vept import VirtualEpt
 from .vmx import ExitReason
@@ -45,7 +45,7 @@ class L1Mmu:
 
     def __init__(
         self,
-        machine: NestedVmx,
+        machine: NestedMachine,
         vept: VirtualEpt,
         l2_size: int,
         *,

@@ -14,8 +14,10 @@ L1's handlers and their exits, interrupts to L2 and L1 (posted or
 injected), HLT and wake-ups, and the replay cache that makes the model fast
 (:meth:`~NestedMachine.replay`, :mod:`sim.replay`). What differs is the
 architecture's: :class:`sim.nested.NestedVmx` (vmcs12, nested_vmx_vmexit,
-VMREAD/VMWRITE and shadowing, nested_vmx_run) supplies the hooks at the end
-of the class.
+VMREAD/VMWRITE and shadowing, nested_vmx_run) and
+:class:`sim.nested_svm.NestedSvm` (VMCB12, nested_svm_vmexit, L1's
+CLGI/VMLOAD/VMRUN/VMSAVE/STGI, nested_svm_vmrun) supply the hooks at the
+end of the class; :func:`sim.arch.machine_for` picks one by the preset.
 
 With ``nested=False`` the same calls model a plain VM of L0: every exit of
 the guest is L0's, and the guest's exits are counted as ``l2_exits`` (the
@@ -33,7 +35,8 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from enum import IntEnum
+from typing import Any, Protocol
 
 from .accounting import (
     L0_DELIVERY,
@@ -47,7 +50,6 @@ from .apic import NIC_VECTOR, PostedInterruptDescriptor, VirtualApicPage
 from .config import Config
 from .profiles import EMPTY_CACHE, CacheState
 from .replay import Replay
-from .routing import L1Controls
 from .vmcs import Vmcs
 from .vmx import ExitReason, Msr
 
@@ -59,15 +61,36 @@ class ModelError(RuntimeError):
     """A caller drove the state machine through a transition that cannot happen."""
 
 
+class Intercepts(Protocol):
+    """What L1 asked to intercept for L2 (vmcs12's controls, VMCB12's intercepts),
+    as the replay cache sees it: one hashable state, and its restoration."""
+
+    def state(self) -> tuple[Any, ...]: ...
+
+    def restore(self, st: tuple[Any, ...]) -> None: ...
+
+
 class NestedMachine(ABC):
     """L0's view of one L2 vCPU and its L1, whatever the architecture: see the
-    module docstring. A subclass supplies the architecture's hooks."""
+    module docstring. A subclass supplies the architecture's hooks.
+
+    Callers say what the guest did in :class:`~sim.vmx.ExitReason`'s words;
+    ``EXIT_CODES`` is the architecture's own enum of exit codes, and
+    :meth:`exit_code` turns the one into the other for the counters and
+    the trace (the identity on VMX).
+    """
+
+    EXIT_CODES: type[IntEnum] = ExitReason
+
+    def exit_code(self, reason: ExitReason, cr: int = -1) -> IntEnum:
+        """The exit code the hardware reports for ``reason`` (``cr``: which CR)."""
+        return reason
 
     def __init__(self, config: Config) -> None:
         self.cfg = config
         c = config.costs
         self.costs = c
-        self._stats = Stats(trace=config.trace)
+        self._stats = Stats(trace=config.trace, reasons=self.EXIT_CODES)
         # recorded effects of whole operations (see replay) and how many
         # replays of each the counters do not show yet
         self._replays: dict[Any, dict[tuple[Any, ...], Replay]] = {}
@@ -87,7 +110,7 @@ class NestedMachine(ABC):
         # architecture's own meaning elsewhere
         self.vmcs12_dirty = False
         self._cache: CacheState = EMPTY_CACHE
-        self.l1_controls: L1Controls  # what L1 intercepts: set by the architecture
+        self.l1_controls: Intercepts  # what L1 intercepts: set by the architecture
         self._l1_handler = {k: v * c.l1_pollution for k, v in c.handlers.items()}
 
     # ------------------------------------------------------------------ helpers
@@ -126,7 +149,7 @@ class NestedMachine(ABC):
     def reset_stats(self) -> None:
         """Start counting afresh (after set-up that a measurement excludes)."""
         self._pending.clear()
-        self._stats = Stats(trace=self.cfg.trace)
+        self._stats = Stats(trace=self.cfg.trace, reasons=self.EXIT_CODES)
 
     def _trace(self, level: str, event: str, what: str, detail: Any = "", where: Any = "") -> None:
         """One trace event: (level, event, what, detail, where, cycles so far)."""
@@ -294,18 +317,20 @@ class NestedMachine(ABC):
             )
         else:
             level = L1 if (to_l1 and self.cfg.nested) else L0
+        code = self.exit_code(reason, cr)
         if level == L0:
             h = c.handlers[l0_handler or handler]
             s.cycles_l0 += h
             s.crossings += 1
             if hardware:
-                s.exit(L2, reason, hw + h + l0_extra)
+                s.exit(L2, code, hw + h + l0_extra)
             else:
                 s.work[SYNTHESIZED] += h + l0_extra
             if self._stats.trace is not None:
-                self._trace("L2", "exit", reason.name, "L0 handles", handler)
+                self._trace("L2", "exit", code.name, "L0 handles", handler)
             return L0
-        self._reflect(reflect_as or reason, handler, l0_extra, hw, reason)
+        seen = code if reflect_as is None else self.exit_code(reflect_as, cr)
+        self._reflect(seen, handler, l0_extra, hw, code)
         return L1
 
     # ------------------------------------------------------------- L1 side
@@ -327,17 +352,18 @@ class NestedMachine(ABC):
         s = self._stats
         c = self.costs
         h = c.handlers[handler]
+        code = self.exit_code(reason)
         s.l1_exits += count
         s.l0_exits += count
         s.crossings += 2 * count
         s.cycles_switch += count * c.hw_exit
         s.cycles_l0 += count * h
-        s.exit(L1, reason, count * (c.hw_exit + h), count)
+        s.exit(L1, code, count * (c.hw_exit + h), count)
         s.by_cause[cause] += count
         if cause == "l1-backend":
             s.l1_be_exits += count
         if self._stats.trace is not None:
-            self._trace("L1", "exit", reason.name, cause if count == 1 else f"{cause} x{count}")
+            self._trace("L1", "exit", code.name, cause if count == 1 else f"{cause} x{count}")
 
     def l1_work(self, cycles: float, what: str) -> None:
         """Cycles L1 spends without exiting: ``what`` names the work (a report row)."""
@@ -608,8 +634,8 @@ class NestedMachine(ABC):
 
     @abstractmethod
     def _reflect(
-        self, reason: ExitReason, profile_name: str, l0_extra: float, hw: float,
-        hw_reason: ExitReason,
+        self, reason: IntEnum, profile_name: str, l0_extra: float, hw: float,
+        hw_reason: IntEnum,
     ) -> None:  # fmt: skip
         """L0 hands an L2 exit to L1, and L1's handler runs up to its entry epilogue."""
 
@@ -622,5 +648,15 @@ class NestedMachine(ABC):
         """L1 re-enters L2, through L0."""
 
     @abstractmethod
-    def _vmcss(self) -> tuple[Vmcs, Vmcs, Vmcs, Vmcs]:
+    def l1_intercepts_guest_paging(self) -> None:
+        """L1 shadow-pages L2 (no nested EPT/NPT for L2): it intercepts L2's page
+        faults, CR3 loads and INVLPG."""
+
+    @abstractmethod
+    def l1_set_io_passthrough(self, ports: frozenset[int]) -> None:
+        """L1 lets L2 reach ``ports`` without an exit to L1 (delegation), or, empty, takes
+        every port back."""
+
+    @abstractmethod
+    def _vmcss(self) -> tuple[Vmcs, ...]:
         """The control structures a replay record refers to by index."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from enum import IntEnum
 
 from .accounting import (
     L1_EXITLESS,
@@ -54,7 +55,7 @@ from .profiles import (
     compile_fragment,
     flush_on_entry,
 )
-from .routing import CR0_TS, CR0_WP, L1Controls, route_l2_exit
+from .routing import CR0_TS, CR0_WP, CR4_PGE, PF_VECTOR, L1Controls, route_l2_exit
 from .vmcs import (
     ENTRY_NATIVE_ACCESSES,
     L1_HOST_STATE,
@@ -99,6 +100,8 @@ class _Executed:
 
 class NestedVmx(NestedMachine):
     """Nested VMX: see the module docstring."""
+
+    l1_controls: L1Controls
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -174,11 +177,11 @@ class NestedVmx(NestedMachine):
 
     def _reflect(
         self,
-        reason: ExitReason,
+        reason: IntEnum,
         profile_name: str,
         l0_extra: float,
         hw: float,
-        hw_reason: ExitReason,
+        hw_reason: IntEnum,
     ) -> None:
         """nested_vmx_vmexit, then L1's handler up to (not including) its entry epilogue."""
         profile = PROFILES[profile_name]
@@ -339,6 +342,15 @@ class NestedVmx(NestedMachine):
         self.l2_apic.accept(self.l2_pid)  # vmcs02's PI descriptor is processed on entry
         if self._stats.trace is not None:
             self._trace("L1", "exit", "VMRESUME", "merge full" if full else "merge hot", "")
+
+    def l1_intercepts_guest_paging(self) -> None:
+        """L1 without EPT for L2 (vmx_update_exception_bitmap: #PF with PFEC mask and
+        match 0; CR3-load and INVLPG exiting; CR4.PGE not guest-owned without EPT,
+        KVM_POSSIBLE_CR4_GUEST_BITS): vmcs12 as L1 sets it."""
+        ctl = self.l1_controls
+        ctl.exception_bitmap |= 1 << PF_VECTOR
+        ctl.cpu_based |= CpuBased.CR3_LOAD_EXITING | CpuBased.INVLPG_EXITING
+        ctl.cr4_mask |= CR4_PGE
 
     def l1_set_io_passthrough(self, ports: frozenset[int]) -> None:
         """L1 switches vmcs12 to I/O bitmaps with ``ports`` clear (delegation), or back."""

@@ -105,6 +105,7 @@ DEFAULT_ROUTE = Route(Rule.L1, source="nested_vmx_l1_wants_exit: default")
 
 
 NMI_VECTOR = 2
+PF_VECTOR = 14
 #: The exception bitmap a KVM L1 with EPT sets for its L2 (vmx.c,
 #: vmx_update_exception_bitmap): #UD, #AC and #MC; #PF only without EPT,
 #: #DB and #BP only while debugging the guest.

@@ -67,8 +67,8 @@ from .ept import (
     is_present,
     leaf_entry,
 )
+from .machine import NestedMachine
 from .memory import PAGE_SHIFT, Epoch, HostMemory, L1Memory, MemoryFault
-from .nested import NestedVmx
 from .refs import weak_method
 from .vmx import ExitReason
 
@@ -82,7 +82,7 @@ class VirtualEpt:
 
     def __init__(
         self,
-        machine: NestedVmx,
+        machine: NestedMachine,
         host: HostMemory,
         l1_size: int,
         page_shift: int,
@@ -428,7 +428,8 @@ class VirtualEpt:
             s.crossings += 2 * faults
             s.cycles_switch += faults * c.hw_exit
             s.cycles_l0 += faults * (per_fault - c.hw_exit) + built * c.ept02_build
-            s.exit(2, ExitReason.EPT_VIOLATION, faults * per_fault + built * c.ept02_build, faults)
+            npf = m.exit_code(ExitReason.EPT_VIOLATION)  # SVM_EXIT_NPF on SVM
+            s.exit(2, npf, faults * per_fault + built * c.ept02_build, faults)
             s.ept_violations_l0 += faults
             s.ept02_entries_built += built
             s.lock_acquisitions += faults

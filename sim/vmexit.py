@@ -30,8 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .arch import machine_for
 from .costs import CostModel
-from .nested import L1, Config, NestedVmx
+from .machine import NestedMachine
+from .nested import L1, Config
 from .routing import CR0_WP
 from .vmx import ExitReason, Msr
 from .workloads import mmio_kick_exit
@@ -211,7 +213,7 @@ def rows_for(test: VmexitTest, costs: CostModel, apicv: bool) -> Rows:
     return rows
 
 
-def _play(m: NestedVmx, step: Step) -> None:
+def _play(m: NestedMachine, step: Step) -> None:
     if step.mmio:
         level = mmio_kick_exit(m, m.cfg.nested)
     else:
@@ -225,7 +227,7 @@ def _play(m: NestedVmx, step: Step) -> None:
 
 def _remote_wakeup(config: Config) -> float:
     """The halted target vCPU of ``ipi``: woken, takes the interrupt, EOIs."""
-    r = NestedVmx(config)
+    r = machine_for(config)
     r.l2_hlt()  # it halted earlier (nested: reflected to L1, which halts too)
     before = r.stats.cycles
     r.l0_interrupt_l2()
@@ -242,7 +244,7 @@ def run_test(
     rows = None if t.skip else rows_for(t, costs, cfg.apicv)
     if rows is None:
         return {"cycles": None, "why": t.skip or t.why, "exits": 0}
-    m = NestedVmx(cfg)
+    m = machine_for(cfg)
     parts = {"ipi": 0.0, "eoi": 0.0}
     for _ in range(iterations):
         for step in rows:
@@ -273,7 +275,7 @@ def run_test(
     }
 
 
-def exit_path(m: NestedVmx, iterations: int) -> str:
+def exit_path(m: NestedMachine, iterations: int) -> str:
     """The exits of one iteration by level and reason, e.g. ``L2 CPUID>L1, L1 VMRESUME``."""
     s = m.stats
     parts = []

@@ -19,8 +19,8 @@ from .costs import CostModel
 from .ept import PAGE_SHIFTS
 from .guest_mmu import L2_MMUS, GuestPaging, Paging
 from .l1mmu import L1Mmu, static_fits
+from .machine import L1, NestedMachine
 from .memory import HostMemory
-from .nested import L1, NestedVmx
 from .vept import SCHEMES, VirtualEpt
 from .vmx import ExitReason
 
@@ -37,10 +37,10 @@ VIRTIO_NOTIFY_PORT = 0xC050
 #: performed (None: one); a repeated operation is one unit, whatever it returns
 #: (a replayed one returns its record).
 Op = Callable[[], Any]
-Builder = Callable[[NestedVmx, str, dict[str, Any]], Op]
+Builder = Callable[[NestedMachine, str, dict[str, Any]], Op]
 
 
-def _reflectable(m: NestedVmx, reason: ExitReason, handler: str, **kw: Any) -> Op:
+def _reflectable(m: NestedMachine, reason: ExitReason, handler: str, **kw: Any) -> Op:
     """L2's exit, and L1's VMRESUME if it was reflected: one replayed operation."""
     key = (reason, handler, tuple(sorted(kw.items())))
 
@@ -52,14 +52,14 @@ def _reflectable(m: NestedVmx, reason: ExitReason, handler: str, **kw: Any) -> O
 
 
 def _simple(reason: ExitReason, handler: str) -> Builder:
-    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+    def build(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
         return _reflectable(m, reason, handler)
 
     return build
 
 
 def _port_io(handler: str) -> Builder:
-    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+    def build(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
         if path == "l0":  # control plane: L1 delegates the notify port to L0
             m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
         return _reflectable(m, ExitReason.IO_INSTRUCTION, handler, port=VIRTIO_NOTIFY_PORT)
@@ -67,7 +67,7 @@ def _port_io(handler: str) -> Builder:
     return build
 
 
-def mmio_kick_exit(m: NestedVmx, to_l1: bool) -> int:
+def mmio_kick_exit(m: NestedMachine, to_l1: bool) -> int:
     """L2 writes an MMIO notify register; returns the level that handles it.
 
     Classic path (``to_l1``): L1 marked the page misconfigured in EPT12; L0
@@ -90,7 +90,7 @@ def mmio_kick_exit(m: NestedVmx, to_l1: bool) -> int:
     return m.l2_exit(ExitReason.EPT_MISCONFIG, "mmio_kick", to_l1=False, l0_handler="mmio_fast")
 
 
-def _mmio_kick(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+def _mmio_kick(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
     def operation() -> None:
         if mmio_kick_exit(m, path == "l1") == L1:
             m.l1_vmresume()
@@ -164,7 +164,7 @@ def ept_options(opts: dict[str, Any], costs: CostModel) -> dict[str, Any]:
     return o
 
 
-def build_memory(m: NestedVmx, o: dict[str, Any]) -> tuple[VirtualEpt, L1Mmu]:
+def build_memory(m: NestedMachine, o: dict[str, Any]) -> tuple[VirtualEpt, L1Mmu]:
     """L1 and L2 memory, EPT01/EPT12/EPT02, in the configuration ``o``."""
     shift = PAGE_SHIFTS[o["page_size"]]
     l1 = int(o["l1_mem_gib"] * (1 << 30))
@@ -185,12 +185,12 @@ def _working_set_pages(o: dict[str, Any]) -> int:
     return max(1, (int(o["working_set_mib"]) << 20) >> PAGE_SHIFTS[o["page_size"]])
 
 
-def _single_level_touch(m: NestedVmx, pages: int) -> None:
+def _single_level_touch(m: NestedMachine, pages: int) -> None:
     for _ in range(pages):
         m.l2_exit(ExitReason.EPT_VIOLATION, "ept_violation")
 
 
-def _ept_touch(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+def _ept_touch(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
     o = ept_options(opts, m.costs)
     pages = _working_set_pages(o)
     if path == "single":  # a plain VM: each first touch is one EPT violation L0 fixes
@@ -211,7 +211,7 @@ def _ept_touch(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     return op
 
 
-def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+def _ept_churn(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
     """Host swap at ``rate`` EPT modifications per second while L2 sweeps its working set.
 
     A modification is one change of the swapping level's table: an eviction
@@ -265,7 +265,7 @@ def _ept_churn(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
     return op
 
 
-def guest_paging(m: NestedVmx, path: str, opts: dict[str, Any]) -> GuestPaging:
+def guest_paging(m: NestedMachine, path: str, opts: dict[str, Any]) -> GuestPaging:
     """L2's paging on ``path`` with ``--l2-mmu`` (default nested EPT); on
     ``single`` the guest's own MMU mode: EPT, or shadow paging for either shadow mode."""
     mode = L2_MMUS[opts.get("l2_mmu", "nested-ept")]
@@ -279,7 +279,7 @@ def _paging(event: str) -> Builder:
     fault or a PTE write on a leaf table in sync (the first after a CR3
     load: the write traps), a CR3 load with no unsynced leaf."""
 
-    def build(m: NestedVmx, path: str, opts: dict[str, Any]) -> Op:
+    def build(m: NestedMachine, path: str, opts: dict[str, Any]) -> Op:
         g = guest_paging(m, path, opts)
 
         def op() -> None:

@@ -40,10 +40,11 @@ from typing import Any
 
 from xlio.measure import UsageError, costs_of
 from xlio.profile import Profile
+from xlio.sim.arch import machine_for
 from xlio.sim.config import Config
 from xlio.sim.costs import CostModel
 from xlio.sim.guest_mmu import L2_MMUS, GuestPaging, Paging
-from xlio.sim.nested import L1, NestedVmx
+from xlio.sim.machine import L1, NestedMachine
 from xlio.sim.vmx import ExitReason
 from xlio.sim.workloads import VIRTIO_NOTIFY_PORT
 
@@ -76,7 +77,7 @@ def _spread(total: float, n: int) -> list[int]:
     return out
 
 
-def block_request(m: NestedVmx) -> None:
+def block_request(m: NestedMachine) -> None:
     """One virtio-blk request: L2's kick, the backend's submission and the
     completion interrupt. Nested it is served by L1's backend: the kick is
     reflected, L1 submits to its own disk (an L1 kick, L0's device), and the
@@ -92,9 +93,9 @@ def block_request(m: NestedVmx) -> None:
     m.l2_eoi()
 
 
-def _machine(costs: CostModel, paging: Paging, switches: dict[str, Any]) -> NestedVmx:
+def _machine(costs: CostModel, paging: Paging, switches: dict[str, Any]) -> NestedMachine:
     sw = {k: v for k, v in switches.items() if v is not None}
-    return NestedVmx(Config.from_preset(costs, nested=paging.nested, **sw))
+    return machine_for(Config.from_preset(costs, nested=paging.nested, **sw))
 
 
 def added_cycles(

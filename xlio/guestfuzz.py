@@ -44,8 +44,9 @@ from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
 from xlio.frontends.virtio_net import RXQ, TXQ, DriverQueue
 from xlio.measure import make_config
 from xlio.packets import UDP_DISCARD_PORT, udp_frame_of_size
+from xlio.sim.arch import machine_for
 from xlio.sim.memory import PAGE_SHIFT
-from xlio.sim.nested import L2, NestedVmx
+from xlio.sim.nested import L2
 from xlio.virtio import (
     DESC,
     NET_HDR,
@@ -77,7 +78,7 @@ class Tally:
 
 def new_datapath(path: str, queue_size: int = 64) -> Datapath:
     """A datapath on 8 MiB of L2 memory (small, so that the audit's map is cheap)."""
-    m = NestedVmx(make_config("kvm-2019", path))
+    m = machine_for(make_config("kvm-2019", path))
     dp = Datapath(m, path, queue_size=queue_size, capture=True, l2_mem_mib=8)
     m.datapath = dp
     return dp

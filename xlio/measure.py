@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from xlio.backends.datapath import BUILDERS, DATAPATH_DEFAULTS, datapath_options
-from xlio.sim.nested import Config, NestedVmx
+from xlio.sim.arch import machine_for
+from xlio.sim.machine import NestedMachine
+from xlio.sim.nested import Config
 from xlio.sim.presets import PRESETS, CostModel
 from xlio.sim.workloads import (
     EPT_DEFAULTS,
@@ -132,14 +134,14 @@ def _built(
     options: dict[str, Any] | None,
     count: int,
     switches: dict[str, Any],
-) -> tuple[NestedVmx, Workload, dict[str, Any], Any]:
+) -> tuple[NestedMachine, Workload, dict[str, Any], Any]:
     """A machine with ``workload`` built on ``path``: (machine, workload, its
     resolved options, its operation). Every mistake is a UsageError."""
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})")
     cfg = make_config(preset, path, **switches)
     opts = resolved_options(workload, options or {}, cfg.costs)
-    m = NestedVmx(cfg)
+    m = machine_for(cfg)
     w = WORKLOADS[workload]
     try:
         op = w.build(m, path, {"count": count, **opts})
@@ -290,7 +292,7 @@ def trace(
 
 
 def result_of(
-    m: NestedVmx,
+    m: NestedMachine,
     workload: str,
     path: str,
     units: float,
@@ -349,7 +351,7 @@ def whole(v: Any) -> Any:
     return v
 
 
-def l0_changes(m: NestedVmx, workload: str, path: str, options: dict[str, Any]) -> list[str]:
+def l0_changes(m: NestedMachine, workload: str, path: str, options: dict[str, Any]) -> list[str]:
     """The changes to today's KVM (Linux 6.1) in L0 that this run's path assumes."""
     if path != "l0":
         return []

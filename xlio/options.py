@@ -26,6 +26,7 @@ from xlio.measure import (
     UsageError,
 )
 from xlio.sim.config import OPERANDS
+from xlio.sim.costs import Arch
 from xlio.sim.guest_mmu import L2_MMUS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
 from xlio.sim.profiles import CACHE_MODES
@@ -97,10 +98,30 @@ MAX_DEMO_COUNT = 1_000_000
 MAX_TAP_DEMO_COUNT = 200  # guest pings and echoes are one at a time: about 3 ms each
 
 
+#: The preset an ``--arch`` alone stands for.
+ARCH_PRESET = {Arch.VMX: None, Arch.SVM: "epyc-2019"}  # VMX: the command's own default
+
+
 def add_costs(p: argparse.ArgumentParser, default: str = "turtles-2010") -> None:
-    """--preset, --set PARAM=VALUE (repeatable) and --costs FILE.toml."""
+    """--preset, --arch, --vls, --vgif, --set PARAM=VALUE (repeatable) and --costs FILE.toml."""
     g = p.add_argument_group("cost model (see `xlio presets NAME`)")
-    g.add_argument("--preset", default=default, choices=PRESETS, help="cost preset")
+    g.add_argument(
+        "--preset", default=None, choices=PRESETS,
+        help=f"cost preset (default: {default}; epyc-2019 with --arch svm)",
+    )  # fmt: skip
+    p.set_defaults(default_preset=default)
+    g.add_argument(
+        "--arch", default=None, choices=[x.value for x in Arch],
+        help="vmx (Intel) or svm (AMD); default: the preset's",
+    )  # fmt: skip
+    g.add_argument(
+        "--vls", action=argparse.BooleanOptionalAction, default=None,
+        help="SVM: virtual VMLOAD/VMSAVE for L1 (default: the preset's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--vgif", action=argparse.BooleanOptionalAction, default=None,
+        help="SVM: virtual GIF, L1's STGI/CLGI do not exit (default: the preset's)",
+    )  # fmt: skip
     g.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="PARAM=VALUE", type=set_value,
         help="set one cost parameter of the preset (repeatable)",
@@ -116,7 +137,7 @@ def set_value(text: str) -> str:
     name, eq, value = text.partition("=")
     if not eq or not name.strip() or not value.strip():
         raise argparse.ArgumentTypeError(f"takes PARAM=VALUE, got {text!r}")
-    if name.strip() not in PRESETS["turtles-2010"].params:
+    if not any(name.strip() in p.params for p in PRESETS.values()):
         raise argparse.ArgumentTypeError(
             f"unknown parameter {name.strip()!r} (see `xlio presets NAME`)"
         )
@@ -178,10 +199,47 @@ def readable_file(text: str) -> str:
     return text
 
 
+#: Switches of one architecture: (argument, its dest, the value that means "not given", arch, why).
+_ARCH_SWITCHES = (
+    ("--shadow-vmcs", "shadow_vmcs", None, Arch.VMX, "VMCS shadowing is VMX's; SVM has no "
+     "VMREAD/VMWRITE"),
+    ("--no-vmcs-exits", "no_vmcs_exits", False, Arch.VMX, "SVM has no VMCS-access exits"),
+    ("--operand", "operand", None, Arch.VMX, "VMREAD/VMWRITE operands are VMX's; L1 reads "
+     "VMCB12 as memory"),
+    ("--cache-reg", "cache_reg", None, Arch.VMX, "L1's cache of VMCS fields is VMX's"),
+    ("--vls", "vls", None, Arch.SVM, "virtual VMLOAD/VMSAVE is AMD's"),
+    ("--vgif", "vgif", None, Arch.SVM, "virtual GIF is AMD's"),
+)  # fmt: skip
+
+
+def _check_arch(a: argparse.Namespace, costs: CostModel, where: str) -> None:
+    """--arch against the cost model's machine, and the switches of the other arch."""
+    arch = Arch(costs.arch)
+    if a.arch is not None and a.arch != arch.value:
+        hint = f" (SVM: --preset {ARCH_PRESET[Arch.SVM]})" if a.arch == Arch.SVM else ""
+        raise UsageError(
+            f"argument --arch: {a.arch} does not match {where}, a {arch.value} machine{hint}"
+        )
+    for flag, dest, unset, only, why in _ARCH_SWITCHES:
+        if getattr(a, dest, unset) != unset and only is not arch:
+            raise UsageError(f"argument {flag}: not for {arch.value} ({where}): {why}")
+    if arch is Arch.SVM and getattr(a, "apicv", None):
+        raise UsageError(
+            f"argument --apicv: not for svm ({where}): Linux 6.1 inhibits AVIC while a vCPU "
+            "runs L2 (APICV_INHIBIT_REASON_NESTED)"
+        )
+
+
 def cost_model(a: argparse.Namespace) -> CostModel:
-    """The cost model the user asked for: a preset or a TOML file, then --set."""
-    base = PRESETS[a.preset]
+    """The cost model the user asked for: a preset or a TOML file, then --set;
+    --arch checked against it, --vls and --vgif set in it."""
+    name = a.preset
+    if name is None:
+        name = (ARCH_PRESET.get(Arch(a.arch)) if a.arch else None) or a.default_preset
+    base = PRESETS[name]
+    where = f"preset {name}"
     if a.costs is not None:
+        where = f"{a.costs} (base {base.name})"
         try:
             with open(a.costs, encoding="utf-8") as f:
                 base = costs_from_toml(f.read(), a.costs)
@@ -189,15 +247,24 @@ def cost_model(a: argparse.Namespace) -> CostModel:
             raise UsageError(f"argument --costs: cannot read {a.costs}: {e.strerror}") from None
         except ValueError as e:
             raise UsageError(f"argument --costs: {e}") from None
+        where = f"{a.costs} (base {base.name.partition('+')[0]})"
+    _check_arch(a, base, where)
     try:
-        values = {}
+        values: dict[str, Any] = {}
         for item in a.sets:
-            name, _, text = item.partition("=")
-            name = name.strip()
-            values[name] = parse_value(name, text.strip(), base.params[name].value)
-        return override(base, values, "--set") if values else base
+            key, _, text = item.partition("=")
+            key = key.strip()
+            if key not in base.params:
+                raise ValueError(f"unknown parameter {key!r} for {where} (see `xlio presets`)")
+            values[key] = parse_value(key, text.strip(), base.params[key].value)
+        if "arch" in values and values["arch"] != base.arch:
+            raise ValueError("arch is the preset's machine: choose a preset (--arch, --preset)")
+        costs = override(base, values, "--set") if values else base
     except ValueError as e:
         raise UsageError(f"argument --set: {e}") from None
+    switches = {k: getattr(a, k, None) for k in ("vls", "vgif")}
+    switches = {k: v for k, v in switches.items() if v is not None}
+    return override(costs, switches, "--" + "/--".join(switches)) if switches else costs
 
 
 def add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
@@ -213,7 +280,10 @@ def add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
         action="store_true",
         help="L1's VMREAD/VMWRITE never exit (Turtles' hypothetical)",
     )
-    p.add_argument("--operand", default="register", choices=OPERANDS, help="VMREAD/VMWRITE operand")
+    p.add_argument(
+        "--operand", default=None, choices=OPERANDS,
+        help="VMREAD/VMWRITE operand (default: register)",
+    )  # fmt: skip
     p.add_argument(
         "--cache-reg", default=None, choices=CACHE_MODES,
         help="L1 register cache (default: the preset's)",

@@ -74,6 +74,10 @@ def table(
     return t
 
 
+def _shown(v: Any) -> str:
+    return str(v) if isinstance(v, bool | str) else num(v)
+
+
 def key_values(d: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
@@ -81,6 +85,12 @@ def key_values(d: dict[str, Any]) -> str:
 #: The config keys a measure report's header shows (the rest is in --json).
 HEADER_KEYS = ("shadow_vmcs", "vmcs_exits", "operand", "cache_reg", "dirty_tracking", "apicv",
                "virtual_idle")  # fmt: skip
+#: ... on SVM, where the VMCS switches do not exist
+SVM_HEADER_KEYS = ("arch", "vls", "vgif", "apicv", "virtual_idle")
+
+
+def header_keys(cfg: dict[str, Any]) -> tuple[str, ...]:
+    return SVM_HEADER_KEYS if cfg.get("arch") == "svm" else HEADER_KEYS
 
 
 def measure_table(r: dict[str, Any]) -> Table:
@@ -125,7 +135,8 @@ def format_measure(r: dict[str, Any], explain: bool = False, command: str = "mea
         f"{num(r['count'])} {per}s"
         + (" (steady state)" if "first_op" in r else "")
         + ("; INTERRUPTED: figures cover what was done" if r.get("interrupted") else ""),
-        f"  model: {key_values({k: cfg[k] for k in HEADER_KEYS})} clock={cfg['clock_ghz']} GHz",
+        f"  model: {key_values({k: cfg[k] for k in header_keys(cfg)})} "
+        f"clock={cfg['clock_ghz']} GHz",
     ]
     opts = {k: cfg[k] for k in cfg.get("options", ())}
     if opts:
@@ -134,7 +145,7 @@ def format_measure(r: dict[str, Any], explain: bool = False, command: str = "mea
         head.append(
             "  costs set: "
             + ", ".join(
-                f"{k}={num(cfg['costs'][k])} ({src})" for k, src in cfg["costs_set"].items()
+                f"{k}={_shown(cfg['costs'][k])} ({src})" for k, src in cfg["costs_set"].items()
             )
         )
     lines = ["", f"per {per} (totals / {num(r['count'])}):"]

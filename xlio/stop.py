@@ -120,7 +120,11 @@ def stopping_on_signals() -> Iterator[None]:
             raise Stopped(signum)
 
     def unraisable(u: sys.UnraisableHookArgs) -> None:
-        if not isinstance(u.exc_value, Stopped):  # a lost stop: StopState.check finds it
+        # a lost stop: StopState.check finds it. Once a stop was seen, also
+        # what it broke on the way: a stop inside a constructor (asyncio's
+        # event loop, built by pyroute2) leaves a half-built object whose
+        # __del__ then fails; that is the stop's echo, not a second error
+        if not isinstance(u.exc_value, Stopped) and not StopState.seen:
             hook(u)
 
     hook = sys.unraisablehook

@@ -42,7 +42,7 @@ from xlio.backends.tap import (
 )
 from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
-from xlio.sim.nested import NestedVmx
+from xlio.sim.arch import machine_for
 from xlio.sim.presets import CostModel
 from xlio.stop import STOP_SIGNALS, Stopped, StopState, deferring_stops, stopping_on_signals
 
@@ -63,7 +63,7 @@ class TapSession:
         assert host.info is not None, "open the host first"
         self.path = path
         self.info: HostInfo = host.info
-        self.m = NestedVmx(make_config(preset, path))
+        self.m = machine_for(make_config(preset, path))
         self.pcap = PcapBatcher(pcap) if isinstance(pcap, str) else pcap
         self.wire = TapWire(host.fd, self.pcap, record_batches=record_batches)
         o = datapath_options(opts)

@@ -1,4 +1,6 @@
-"""``xlio vmexit``: kvm-unit-tests' ``x86/vmexit.c`` on the model, in its output format."""
+"""``xlio vmexit``: kvm-unit-tests' ``x86/vmexit.c`` on the model, in its output format;
+on SVM also ``x86/svm_tests.c``'s latency tests (``latency_run_exit``, ``latency_svm_insn``),
+where the test itself is the L1 hypervisor (``--level 1``)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ def add_parser(sub: Any) -> None:
     vx = sub.add_parser(
         "vmexit", help="kvm-unit-tests x86/vmexit.c on the model, in its output format"
     )
-    vx.add_argument("tests", nargs="*", metavar="TEST", help="tests to run (default: all)")
+    vx.add_argument(
+        "tests", nargs="*", metavar="TEST",
+        help="tests to run (default: all of vmexit.c); on SVM also latency_run_exit and "
+        "latency_svm_insn (svm_tests.c, --level 1)",
+    )  # fmt: skip
     add_costs(vx, "kvm-2019")
     vx.add_argument(
         "--level", type=int, choices=(1, 2), default=2,
@@ -55,10 +61,36 @@ def study_task(a: argparse.Namespace, costs: Any = None, res: Any = None) -> Any
     return Task("vmexit", (a.level, tests, a.apicv), (costs,))
 
 
+def _svm_latency(a: argparse.Namespace, costs: Any, names: list[str]) -> int:
+    """svm_tests.c's latency tests: the test is L1, so --level 1 only, SVM only."""
+    from xlio.sim import svm_tests
+    from xlio.sim.costs import Arch
+
+    if Arch(costs.arch) is not Arch.SVM:
+        raise UsageError(f"{names[0]} is an svm_tests.c test: it needs an SVM preset (--arch svm)")
+    if a.level != 1:
+        raise UsageError(f"{names[0]} runs the test as L1 (its own nested guest): use --level 1")
+    if a.samples is not None:
+        raise UsageError("--samples: for x86/vmexit.c's tests; svm_tests.c's are one figure each")
+    res = svm_tests.run(costs, names)
+    obj = {
+        "preset": costs.name, "level": 1, "tests": res,
+        "config": {"preset": costs.name, "clock_ghz": costs.clock_ghz, "arch": costs.arch,
+                   "vls": costs.vls, "vgif": costs.vgif},
+    }  # fmt: skip
+    return emit(a, obj, lambda: svm_tests.format_lines(res))
+
+
 def run(a: argparse.Namespace) -> int:
+    from xlio.sim.svm_tests import LATENCY_TESTS
     from xlio.sim.vmexit import format_lines, run
 
     costs = cost_model(a)
+    latency = [t for t in a.tests if t in LATENCY_TESTS]
+    if latency:
+        if len(latency) != len(a.tests):
+            raise UsageError("svm_tests.c's latency tests run alone, not with vmexit.c's")
+        return _svm_latency(a, costs, latency)
     try:
         res = run(costs, a.level, a.tests, apicv=a.apicv)
     except KeyError as e:
