@@ -43,13 +43,16 @@ turns each into the #VMEXIT code the counters and traces show.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 from .accounting import L1_HANDLERS, SYNTHESIZED
 from .apic import NIC_VECTOR
 from .config import Config
 from .machine import L0, L1, L2, ModelError, NestedMachine
 from .profiles import FRAGMENTS, PROFILES
+from .replay import Replay
 from .svm import (
     KVM_RUN_LOOP,
     NO_SVM_EXIT,
@@ -122,6 +125,46 @@ class NestedSvm(NestedMachine):
 
     def _vmcss(self) -> tuple[Vmcs, ...]:
         return ()  # VMCB12 is L1's memory: nothing is counted per field
+
+    # ---------------------------------------------------------------- replay
+    # SVM's state is smaller than VMX's: no register cache of VMCS fields, no
+    # dirty vmcs12, no posted-interrupt descriptor (no AVIC for L2). So is its
+    # signature, and the replayer's hot line reads just these seven fields.
+    _SVM_SIG_FIELDS = ("state", "l2_halted", "l1_halted", "_l1_background")
+
+    def _signature(self) -> tuple[Any, ...]:
+        apic = self.l2_apic
+        return (self.state, self.l2_halted, self.l1_halted, self._l1_background,
+                self.l1_controls.st, apic.irr, apic.isr)  # fmt: skip
+
+    def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
+        for i, value in changes:
+            if i < 4:
+                setattr(self, self._SVM_SIG_FIELDS[i], value)
+            elif i == 4:
+                self.l1_controls.restore(value)
+            else:
+                setattr(self.l2_apic, ("irr", "isr")[i - 5], value)
+
+    def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], Replay]:
+        if self._stats.trace is not None:
+            return lambda: Replay.traced(self, operation)
+        table = self._replays.setdefault(key, {})
+        replay_in = self._replay_in
+        ctl = self.l1_controls
+        apic = self.l2_apic
+        pending = self._pending
+
+        def run() -> Replay:
+            sig = (self.state, self.l2_halted, self.l1_halted, self._l1_background, ctl.st,
+                   apic.irr, apic.isr)  # fmt: skip
+            rec = table.get(sig)
+            if rec is None or rec.eager or rec.changes:
+                return replay_in(table, sig, operation)
+            pending[rec] = pending.get(rec, 0) + 1
+            return rec
+
+        return run
 
     # ---------------------------------------------------------------- L1's instructions
     def l1_svm_insns(self, insns: tuple[SvmInsn, ...], cause: str) -> None:

@@ -135,22 +135,23 @@ class Vmcb12Controls:
     v_irq: bool = False
     l2_if: bool = True
 
+    st: tuple[Any, ...] = ()  # every field, kept current: the replay signature reads it
+
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        object.__setattr__(self, "_state", None)
+        object.__setattr__(self, "st", tuple(getattr(self, f, None) for f in _VMCB12_FIELDS))
 
     def state(self) -> tuple[Any, ...]:
-        """All fields as one tuple, cached until a field changes (for replays)."""
-        st: tuple[Any, ...] | None = self.__dict__.get("_state")
-        if st is None:
-            st = (self.intercepts, self.io_passthrough, self.msr_intercepted, self.v_irq,
-                  self.l2_if)  # fmt: skip
-            object.__setattr__(self, "_state", st)
-        return st
+        """All fields as one tuple (for replays)."""
+        return self.st
 
     def restore(self, st: tuple[Any, ...]) -> None:
-        (self.intercepts, self.io_passthrough, self.msr_intercepted, self.v_irq,
-         self.l2_if) = st  # fmt: skip
+        for f, v in zip(_VMCB12_FIELDS, st, strict=True):
+            object.__setattr__(self, f, v)
+        object.__setattr__(self, "st", st)
+
+
+_VMCB12_FIELDS = ("intercepts", "io_passthrough", "msr_intercepted", "v_irq", "l2_if")
 
 
 #: nested_svm_exit_special: what L0 handles first, whatever L1 intercepts.
