@@ -14,7 +14,8 @@ Python, straight-line in one function, with no model and no checks (issue
   the straight-line RX ring, frames per second;
 * UDP echo: round trips from a socket in the namespace to the L2 guest on
   ``l0`` and ``l1``, against the straight-line ring echo on the raw tap,
-  mean time per round trip (ratio: subject over floor).
+  mean time per round trip (ratio: subject over floor), client and
+  responder on one CPU (see ``ECHO_ROWS``; reference rows on any CPU).
 
 Each row says whether its median meets its target. Reference rows put the
 floors against bare Python (an ``os.write`` loop, an ``os.read`` loop, a
@@ -23,7 +24,8 @@ event loop (what trio alone adds to a round trip), so that each floor can
 be read against what this machine allows.
 
 Model rows are absolute: modeled exits per wall second (cpuid under
-shadow-vmcs, tracing off, and the slowest workload and preset), 1,000
+shadow-vmcs, tracing off, and the slowest workload and preset), the SVM
+model against the VMX model on the same workloads (ratios, >= 1), 1,000
 ``measure`` configurations in one process, and one modeled second of 1 GbE
 TCP_STREAM per path (issue 9). A bare Python loop's rate is printed as the
 machine's speed of the day.
@@ -484,12 +486,15 @@ def straight_ring_echo(fd: int, q: int = 256) -> None:
             t_last_used = (t_last_used + 1) & 0xFFFF
 
 
-def serve_child(s: TapSession, responder: str) -> int:
+def serve_child(s: TapSession, responder: str, cpu: int | None = None) -> int:
     """Fork the responder on the session's tap: ``bare``, ``trio``, ``ring``
-    (the straight-line ring) or ``xlio`` (the session's datapath under trio)."""
+    (the straight-line ring) or ``xlio`` (the session's datapath under trio),
+    on ``cpu`` only when one is given."""
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         fd = s.wire.fd
         try:
             if responder == "bare":
@@ -503,6 +508,18 @@ def serve_child(s: TapSession, responder: str) -> int:
         finally:
             os._exit(0)
     return pid
+
+
+@contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """This process on ``cpu`` alone for the block (None: wherever the kernel puts it)."""
+    before = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def round_trips(s: TapSession, k: int) -> float:
@@ -521,35 +538,49 @@ def round_trips(s: TapSession, k: int) -> float:
         return (time.perf_counter() - t) / k
 
 
-#: Each echo row: (name, baseline responder, target).
+#: Each echo row: (name, baseline responder, target). The rows time the Python
+#: on one CPU (the client, the responder and the kernel's tap work all on CPU
+#: 0): with the client on another vCPU, each round trip also pays that vCPU's
+#: wake-up, and on a guest whose cpuidle is haltpoll (this machine: 50 us of
+#: polling, then HLT) that wake-up grows with the responder's time (a 25 us
+#: spin in the floor adds 73 us to its round trip across CPUs, 31 us on one
+#: CPU). The ``any CPU`` rows keep that placement for reference.
 ECHO_ROWS = {
     "trio": ("reference: UDP echo, the bare responder under trio / bare responder", "bare",
-             "reference"),
+             "reference", 0),
     "ring": ("floor: UDP echo, straight-line Python split ring (no model) / bare responder",
-             "bare", "reference"),
-    "l0": ("UDP echo round trip over the tap, l0 / floor", "ring", TARGETS[("echo", "l0")]),
-    "l1": ("UDP echo round trip over the tap, l1 / floor", "ring", TARGETS[("echo", "l1")]),
+             "bare", "reference", 0),
+    "l0": ("UDP echo round trip over the tap, l0 / floor (one CPU)", "ring",
+           TARGETS[("echo", "l0")], 0),
+    "l1": ("UDP echo round trip over the tap, l1 / floor (one CPU)", "ring",
+           TARGETS[("echo", "l1")], 0),
+    "l0 any": ("reference: UDP echo, l0 / floor, client and responder on any CPU", "ring",
+               "reference", None),
+    "l1 any": ("reference: UDP echo, l1 / floor, client and responder on any CPU", "ring",
+               "reference", None),
 }  # fmt: skip
 
 
 def echo(subject: str, k: int, n_pairs: int) -> dict[str, Any]:
     """Round trips to ``subject`` (a path, or a reference responder of
     :func:`serve_child`) against its baseline (the floor for a path, the
-    bare responder for a reference), interleaved."""
-    with tap_session("l0" if subject in ("trio", "ring") else subject) as s:
+    bare responder for a reference), interleaved, with the row's placement."""
+    name, baseline, target, cpu = ECHO_ROWS[subject]
+    path = subject.split()[0]
+    with tap_session("l0" if path in ("trio", "ring") else path) as s:
         pin_neighbour(s.info, GUEST_MAC)
 
         def measure(responder: str) -> float:
-            pid = serve_child(s, responder)
+            pid = serve_child(s, responder, cpu)
             try:
                 time.sleep(0.2)
-                return round_trips(s, k)
+                with on_cpu(cpu):
+                    return round_trips(s, k)
             finally:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
 
-        name, baseline, target = ECHO_ROWS[subject]
-        ps = pairs(lambda: measure(baseline), lambda: measure(subject), n_pairs)
+        ps = pairs(lambda: measure(baseline), lambda: measure(path), n_pairs)
     return summarize(name, "s per trip", ps, target, higher_is_better=False)
 
 

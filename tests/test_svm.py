@@ -290,3 +290,21 @@ def test_exits_add_up_and_every_path_ends_in_l2(ops: list[str], vls: bool, vgif:
 def test_the_factory_picks_the_architecture_of_the_preset() -> None:
     assert isinstance(machine_for(Config.from_preset(PRESETS["kvm-2019"])), NestedVmx)
     assert isinstance(machine_for(Config.from_preset(EPYC)), NestedSvm)
+
+
+def test_clean_bits_skip_the_save_area_groups_for_a_kvm_l1_not_for_the_test() -> None:
+    """6.1 skips VMCB12's SEG/DT/DR groups when L1 marks them clean (a KVM L1
+    does after each run); kvm-unit-tests' latency_run_exit leaves clean = 0."""
+    from xlio.sim.presets import override
+
+    honours = override(EPYC, {"clean_bits": True}, "test")
+    saved = nested_cpuid().stats.cycles - machine_cpuid(honours)
+    assert saved == EPYC.vmcb_save_copy > 0
+    assert svm_tests.latency_run_exit(honours) == svm_tests.latency_run_exit(EPYC)
+
+
+def machine_cpuid(costs: object) -> float:
+    m = machine_for(Config.from_preset(costs))  # type: ignore[arg-type]
+    m.l2_exit(R.CPUID, "cpuid")
+    m.l1_vmresume()
+    return m.stats.cycles
