@@ -55,9 +55,11 @@ from .profiles import FRAGMENTS, PROFILES
 from .replay import Replay
 from .svm import (
     KVM_RUN_LOOP,
+    NESTED_SVM_VMEXIT_VMCB12,
     NO_SVM_EXIT,
     SVM_CR_WRITE,
     SVM_EXIT_FOR,
+    VMCB02_SAVE_GROUPS,
     RunLoop,
     SvmExit,
     SvmInsn,
@@ -87,10 +89,11 @@ class NestedSvm(NestedMachine):
         c = self.costs
         self.run_loop = run_loop
         self.l1_controls = Vmcb12Controls()
-        self.vmcb12_clean = True  # a KVM L1 marks VMCB12 clean after each run (vmcb_mark_all_clean)
         # per transition, fixed for the machine's life
         self._vmexit_l0 = c.svm_vmexit + c.asid_flush
-        save = 0 if (c.clean_bits and run_loop.kvm) else c.vmcb_save_copy
+        # a KVM L1 marks VMCB12 clean after each run; kvm-unit-tests leaves clean = 0
+        self._copies_groups = not (c.clean_bits and run_loop.kvm)
+        save = c.vmcb_save_copy if self._copies_groups else 0
         self._vmrun_l0 = c.vmrun_emulate + c.msrpm_merge + save + c.asid_flush
         self._insn_cost: dict[SvmInsn, tuple[bool, float]] = {
             i: self._insn(i) for i in SvmInsn
@@ -242,6 +245,8 @@ class NestedSvm(NestedMachine):
         if s.trace is not None:
             how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
             self._trace("L2", "exit", hw_reason.name, how, profile_name)
+            written = f"{len(NESTED_SVM_VMEXIT_VMCB12)} fields written, ASID flushed"
+            self._trace("L0", "vmcb12", "nested_svm_vmexit", written)
         self.l1_svm_insns(self.run_loop.after, "l1-vmrun-loop")
         if not self.run_loop.kvm:
             return  # the test's own handler is not timed by the model
@@ -327,6 +332,9 @@ class NestedSvm(NestedMachine):
         self.state = L2
         if s.trace is not None:
             self._trace("L1", "exit", "SVM_EXIT_VMRUN", "nested_svm_vmrun", "")
+            groups = "copied" if self._copies_groups else "clean, skipped"
+            self._trace("L0", "vmcb02", "nested_vmcb02_prepare_save",
+                        f"{'/'.join(VMCB02_SAVE_GROUPS)} {groups}, ASID flushed")  # fmt: skip
 
     def l1_intercepts_guest_paging(self) -> None:
         """L1 without NPT for L2 (kvm_amd npt=0 in L1; svm.c init_vmcb): #PF, CR3

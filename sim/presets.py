@@ -348,8 +348,9 @@ EPYC_2019_PARAMS: dict[str, Param] = {
     ),
     "vmcb_save_copy": P(
         150,
-        f"{E}: the SEG (6 segments), DT (GDTR, IDTR) and DR (DR6, DR7) "
-        "groups of VMCB12's save area copied into VMCB02: about 20 16-byte moves",
+        f"{E}: the SEG (ES, CS, SS, DS, CPL), DT (GDTR, IDTR) and DR (DR7, DR6) groups of "
+        "VMCB12's save area copied into VMCB02 (sim.svm.VMCB02_SAVE_GROUPS): 9 fields, the "
+        "segments 16 bytes each, with svm_set_* side effects",
     ),
     "clean_bits": P(
         False,

@@ -90,6 +90,26 @@ SVM_EXIT_FOR: dict[ExitReason, SvmExit] = {
 SVM_CR_WRITE = {0: S.SVM_EXIT_CR0_SEL_WRITE, 3: S.SVM_EXIT_WRITE_CR3, 4: S.SVM_EXIT_WRITE_CR4,
                 8: S.SVM_EXIT_WRITE_CR8}  # fmt: skip
 
+#: nested_svm_vmexit (Linux 6.1 nested.c): what L0 writes into VMCB12, in L1's
+#: memory mapped with kvm_vcpu_map, on every reflected #VMEXIT.
+NESTED_SVM_VMEXIT_VMCB12 = (
+    "save.es", "save.cs", "save.ss", "save.ds", "save.gdtr", "save.idtr", "save.efer",
+    "save.cr0", "save.cr3", "save.cr2", "save.cr4", "save.rflags", "save.rip", "save.rsp",
+    "save.rax", "save.dr7", "save.dr6", "save.cpl", "control.int_state", "control.exit_code",
+    "control.exit_code_hi", "control.exit_info_1", "control.exit_info_2",
+    "control.exit_int_info", "control.exit_int_info_err", "control.next_rip",
+    "control.int_ctl", "control.tlb_ctl", "control.event_inj", "control.event_inj_err",
+)  # fmt: skip
+#: nested_vmcb02_prepare_save: VMCB12's save area into VMCB02 on L1's VMRUN. The
+#: groups are skipped when VMCB12 is where it was and marks them clean
+#: (vmcb_is_dirty); the rest is copied on every VMRUN.
+VMCB02_SAVE_ALWAYS = ("rflags", "efer", "cr0", "cr4", "cr3", "cr2", "rax", "rsp", "rip")
+VMCB02_SAVE_GROUPS = {
+    "VMCB_SEG": ("es", "cs", "ss", "ds", "cpl"),
+    "VMCB_DT": ("gdtr", "idtr"),
+    "VMCB_DR": ("dr7", "dr6"),
+}
+
 #: What L1 does on VMX that is no exit on SVM: VMCB12 is plain memory (no
 #: VMREAD/VMWRITE), and L1 flushes L2's TLB through VMCB12's TLB_CONTROL
 #: instead of INVEPT/INVVPID (L0 flushes the shared ASID on every nested
