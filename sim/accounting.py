@@ -167,10 +167,11 @@ class Stats:
 GLOSSARY: dict[str, str] = {
     "l0_exits": "hardware VM exits into L0, from L2 or from L1 (what perf kvm stat counts at L0)",
     "l2_exits": "hardware VM exits of L2 (each lands in L0 first)",
-    "l1_exits": "hardware VM exits of L1 into L0: its VMREAD/VMWRITE/VMRESUME, its own "
-    "I/O, MSR, HLT and interrupt exits",
-    "reflected": "L2 exits L0 hands to L1 (nested_vmx_vmexit): L1's handler runs",
-    "vmcs_emulated": "L1 VMREAD/VMWRITE that exit and L0 emulates against vmcs12",
+    "l1_exits": "hardware VM exits of L1 into L0: its VMREAD/VMWRITE/VMRESUME (SVM: VMRUN "
+    "and, without vls/vgif, VMLOAD/VMSAVE/STGI/CLGI), its own I/O, MSR, HLT and interrupt exits",
+    "reflected": "L2 exits L0 hands to L1 (nested_vmx_vmexit; SVM: nested_svm_vmexit): "
+    "L1's handler runs",
+    "vmcs_emulated": "L1 VMREAD/VMWRITE that exit and L0 emulates against vmcs12 (VMX only)",
     "vmcs_exitless": "L1 VMREAD/VMWRITE served by the shadow VMCS without an exit",
     "crossings": "changes of the running level (L2->L0, L0->L1, L1->L0, L0->L2, ...): "
     "each is a world switch of the CPU",
@@ -189,7 +190,8 @@ GLOSSARY: dict[str, str] = {
     "irqs_injected_l1": "interrupts delivered to L1",
     "posted_interrupts": "interrupts delivered by posting, with no exit of the target",
     "wakeups": "halted vCPUs (L2's or L1's) woken by an interrupt",
-    "nested_entries": "emulated VMRESUMEs of L1 that entered L2 (nested_vmx_run)",
+    "nested_entries": "emulated VMRESUMEs of L1 that entered L2 (nested_vmx_run; SVM: "
+    "VMRUNs, nested_svm_vmrun)",
     "merges_full": "of those, entries that ran prepare_vmcs02_rare (vmcs12 dirty, or no "
     "dirty tracking): the full vmcs12 -> vmcs02 merge",
     "cycles": "every modeled cycle: exit round trips, L0's and L1's work",
