@@ -34,6 +34,10 @@ from .svm import TEST_RUN_LOOP, SvmInsn
 from .vmx import ExitReason
 
 LATENCY_TESTS = ("latency_run_exit", "latency_svm_insn")
+#: Each line a test prints (``Latency VMRUN : ...``) -> its test.
+LATENCY_LINES = {"VMRUN": "latency_run_exit", "VMEXIT": "latency_run_exit",
+                 "VMLOAD": "latency_svm_insn", "VMSAVE": "latency_svm_insn",
+                 "STGI": "latency_svm_insn", "CLGI": "latency_svm_insn"}  # fmt: skip
 _INSNS = (("VMLOAD", SvmInsn.VMLOAD), ("VMSAVE", SvmInsn.VMSAVE), ("STGI", SvmInsn.STGI),
           ("CLGI", SvmInsn.CLGI))  # fmt: skip
 

@@ -308,3 +308,38 @@ def machine_cpuid(costs: object) -> float:
     m.l2_exit(R.CPUID, "cpuid")
     m.l1_vmresume()
     return m.stats.cycles
+
+
+SVM_TESTS_LOG = """\
+PASS: tsc_adjust
+    Latency VMRUN : max: 49300 min: 3720 avg: {vmrun}
+    Latency VMEXIT: max: 607780 min: 3540 avg: {vmexit}
+PASS: latency_run_exit
+    Latency VMLOAD: max: 29720 min: 300 avg: 306
+    Latency VMSAVE: max: 31660 min: 280 avg: 282
+    Latency STGI:   max: 18860 min: 40 avg: 54
+    Latency CLGI:   max: 16060 min: 40 avg: 53
+PASS: latency_svm_insn
+"""
+
+
+def test_calibrate_reads_svm_tests_lines_and_fits_an_amd_host(tmp_path: object) -> None:
+    """A user's own svm_tests.c run (and vmexit.c's) calibrates an SVM preset; the
+    written file reproduces the latency lines it was fitted to."""
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    (d / "l1.txt").write_text("cpuid 1400\nvmcall 1900\n" + SVM_TESTS_LOG.format(
+        vmrun=4200, vmexit=3900))  # fmt: skip
+    (d / "l2.txt").write_text("cpuid 9800\n")
+    out = d / "mine.toml"
+    r = xlio("calibrate", "--base", "epyc-2019", "--vmexit", f"l1={d / 'l1.txt'}",
+             "--vmexit", f"l2={d / 'l2.txt'}", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "latency_run_exit.VMRUN" in r.stdout
+    v = xlio("vmexit", "--costs", str(out), "--level", "1", "latency_run_exit")
+    assert v.returncode == 0, v.stderr
+    got = [int(x.split("avg: ")[1]) for x in v.stdout.splitlines() if "avg:" in x]
+    assert abs(got[0] - 4200) <= 0.01 * 4200 and abs(got[1] - 3900) <= 0.01 * 3900, v.stdout
+    bad = xlio("calibrate", "--base", "kvm-2019", "--vmexit", f"l1={d / 'l1.txt'}")
+    assert bad.returncode == 2 and "need an SVM base" in bad.stderr

@@ -56,7 +56,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xlio.perf_kvm import Form, InputError, PerfReport, half_digit, read_text
-from xlio.sim.costs import CostModel, P, param_range, with_params
+from xlio.sim.costs import Arch, CostModel, P, param_range, with_params
+from xlio.sim.svm_tests import LATENCY_LINES
+from xlio.sim.svm_tests import run as run_svm_tests
 from xlio.sim.vmexit import BY_NAME, LEVELS, TESTS, run_test
 
 #: Physical bounds on a fitted parameter's value (cycles unless said):
@@ -76,6 +78,19 @@ _TEST_LINE = re.compile(r"^(?P<name>[A-Za-z][\w-]*)[ \t]+(?P<value>\S+)\s*$")
 _SKIPPED = re.compile(r"^(?P<name>[A-Za-z][\w-]*)[ \t]+\(skipped\)\s*$")
 _SUB_LINE = re.compile(r"^\s+(?P<part>ipi|eoi)\s+(?P<name>[\w-]+)\s+(?P<value>\S+)\s*$")
 _TSC_HZ = re.compile(r"tsc[-_ ]frequency[=: ]+(?P<hz>\d+)", re.IGNORECASE)
+#: x86/svm_tests.c's latency lines: ``    Latency VMRUN : max: 49300 min: 3160 avg: 3228``
+_LATENCY = re.compile(
+    r"^\s*Latency (?P<what>[A-Z]+)\s*:\s*max:\s*\S+\s+min:\s*\S+\s+avg:\s*(?P<value>\S+)\s*$"
+)
+
+
+#: svm_tests.c's lines as calibration rows: ``latency_run_exit.VMRUN`` -> (test, line).
+LATENCY_LINES_BY_NAME = {f"{test}.{line}": (test, line) for line, test in LATENCY_LINES.items()}
+
+
+def _modeled(name: str) -> bool:
+    """A test name the model runs: vmexit.c's (not skipped), or an svm_tests.c line."""
+    return name in LATENCY_LINES_BY_NAME or (name in BY_NAME and not BY_NAME[name].skip)
 
 
 class CalibrationError(InputError):
@@ -130,6 +145,16 @@ def parse_vmexit(text: str, level: int, where: str, into: VmexitRuns | None = No
             out.skipped.append(line.split()[0])
             found += 1
             continue
+        lat = _LATENCY.match(line)
+        if lat:  # svm_tests.c: its figure is the average; the test runs as L1
+            name = f"{LATENCY_LINES.get(lat['what'], 'latency')}.{lat['what']}"
+            if lat["what"] not in LATENCY_LINES:
+                out.unknown.append(name)
+            else:
+                out.runs.setdefault(name, []).append(_cycles(lat["value"], where, line))
+                out.resolution[name] = max(out.resolution.get(name, 0.0), half_digit(lat["value"]))
+            found += 1
+            continue
         sub = _SUB_LINE.match(line)
         if sub:
             out.parts.setdefault(sub["name"], []).append(
@@ -151,8 +176,8 @@ def parse_vmexit(text: str, level: int, where: str, into: VmexitRuns | None = No
             found += 1
     if not found:
         raise CalibrationError(
-            f"{where}: no vmexit test line (NAME CYCLES) found: is this kvm-unit-tests "
-            "x86/vmexit.c output?"
+            f"{where}: no vmexit test line (NAME CYCLES) or svm_tests latency line found: is "
+            "this kvm-unit-tests x86/vmexit.c or x86/svm_tests.c output?"
         )
     out.sources.append(where)
     return out
@@ -260,7 +285,14 @@ def model_cycles(costs: CostModel, rows: list[Row]) -> list[float]:
     iteration (``xlio vmexit``'s), a perf row's average per exit."""
     out = []
     runs: dict[Spec, dict[tuple[int | None, str], tuple[int, float]]] = {}
+    latency: dict[str, dict[str, float]] = {}
     for row in rows:
+        if row.spec is None and row.test in LATENCY_LINES_BY_NAME:
+            test, line = LATENCY_LINES_BY_NAME[row.test]
+            if test not in latency:
+                latency.update(run_svm_tests(costs, [test]))
+            out.append(float(latency[test][line]))
+            continue
         if row.spec is None:
             c = run_test(row.test, costs, row.level)["cycles"]
             out.append(float("nan") if c is None else float(c))
@@ -462,7 +494,17 @@ def calibrate(
     missing_held = sorted(h for h in held if h not in names_given)
     if missing_held:
         raise CalibrationError(f"--hold-out {missing_held[0]}: no such test in the input")
-    modelable = {(t, lv) for t, lv in measured if not BY_NAME[t].skip}
+    latency = sorted({(t, lv) for t, lv in measured if t in LATENCY_LINES_BY_NAME})
+    if latency and Arch(base.arch) is not Arch.SVM:
+        raise CalibrationError(
+            f"{latency[0][0]}: svm_tests.c's latency lines need an SVM base (--base epyc-2019), "
+            f"not {base.name} ({base.arch})"
+        )
+    if any(lv != 1 for _, lv in latency):
+        raise CalibrationError(
+            f"{latency[0][0]}: svm_tests.c's latency tests run the test as L1: give them as l1"
+        )
+    modelable = {(t, lv) for t, lv in measured if _modeled(t)}
     # a test the model runs at native speed at this level (no exit) has no figure to fit
     vm_rows = [Row(t, lv) for t, lv in sorted(modelable)]
     vm_rows = [r for r, c in zip(vm_rows, model_cycles(base, vm_rows), strict=True)
@@ -612,7 +654,7 @@ def calibrate(
         for r, c in zip(others, model_cycles(final, others), strict=True)
         if not math.isnan(c)
     ]
-    skipped_by_model = sorted({t for t, _ in measured if BY_NAME[t].skip}
+    skipped_by_model = sorted({t for t, _ in measured if not _modeled(t)}
                               | {t for t, lv in modelable if Row(t, lv) not in values})  # fmt: skip
     return {
         "base": base.name, "clock_ghz": base.clock_ghz, "model": final,
