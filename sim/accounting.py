@@ -178,7 +178,8 @@ GLOSSARY: dict[str, str] = {
     "l1_be_exits": "L1 exits caused by L1's backend forwarding L2's I/O through its own device",
     "ept_violations_l0": "EPT violations of L2 that L0 fixes alone (EPT02 from EPT12)",
     "ept_violations_reflected": "EPT violations of L2 that L0 reflects to L1 (EPT12 misses)",
-    "invept_emulated": "INVEPTs of L1 that L0 emulates",
+    "invept_emulated": "INVEPTs of L1 that L0 emulates (SVM: L1's TLB_CONTROL flushes, "
+    "which L0 serves by syncing its shadow NPT at the next nested VMRUN)",
     "invept_skipped": "EPT12 changes L1 made without an INVEPT (not present -> present)",
     "ept01_entries_built": "EPT01 entries L0 installed for L1's memory",
     "ept02_entries_built": "EPT02 entries L0 installed (the shadow of EPT12 on EPT01)",

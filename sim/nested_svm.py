@@ -35,7 +35,11 @@ reflected exit) are the machine's. What SVM changes, as Linux 6.1 does it
 * **NPT on NPT** is the shadow NPT MMU (``kvm_init_shadow_npt_mmu``, the
   same code as nested EPT): an L2 NPF always reaches L0 (``SVM_EXIT_NPF``
   stays with L0 in ``nested_svm_exit_special``); L0 fills its shadow if L1's
-  NPT maps the page, else reflects it. :mod:`sim.vept` drives that.
+  NPT maps the page, else reflects it. :mod:`sim.vept` drives that. L1's
+  TLB flush after an NPT12 change (INVEPT on VMX) is a ``TLB_CONTROL`` write
+  in VMCB12, no exit; L0's sync of the shadow (``kvm_mmu_sync_roots`` on the
+  KVM_REQ_MMU_SYNC of the next nested transition) is the work
+  :meth:`sim.vept.VirtualEpt.invept` charges, counted in ``invept_emulated``.
 
 The workloads speak :class:`~sim.vmx.ExitReason`; :data:`sim.svm.SVM_EXIT_FOR`
 turns each into the #VMEXIT code the counters and traces show.
