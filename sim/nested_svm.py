@@ -235,22 +235,9 @@ class NestedSvm(NestedMachine):
         hw_reason: IntEnum,
     ) -> None:  # fmt: skip
         """nested_svm_vmexit, L1's run loop after VMRUN, then L1's handler."""
+        self._nested_svm_vmexit(reason, profile_name, l0_extra, hw, hw_reason)
         s = self._stats
         c = self.costs
-        s.reflected += 1
-        l0 = self._vmexit_l0
-        s.cycles_l0 += l0
-        if hw:
-            s.exit(L2, hw_reason, hw + l0 + l0_extra)
-        else:
-            s.work[SYNTHESIZED] += l0 + l0_extra
-        s.crossings += 1  # L0 -> L1, after its VMRUN
-        self.state = L1
-        if s.trace is not None:
-            how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
-            self._trace("L2", "exit", hw_reason.name, how, profile_name)
-            written = f"{len(NESTED_SVM_VMEXIT_VMCB12)} fields written, ASID flushed"
-            self._trace("L0", "vmcb12", "nested_svm_vmexit", written)
         self.l1_svm_insns(self.run_loop.after, "l1-vmrun-loop")
         if not self.run_loop.kvm:
             return  # the test's own handler is not timed by the model
@@ -273,6 +260,30 @@ class NestedSvm(NestedMachine):
             self.l1_controls.intercepts |= {SvmExit.SVM_EXIT_VINTR}
         if profile.clears_controls:
             self.l1_controls.intercepts -= {SvmExit.SVM_EXIT_VINTR}
+
+    def _nested_svm_vmexit(
+        self, reason: IntEnum, profile_name: str, l0_extra: float, hw: float,
+        hw_reason: IntEnum,
+    ) -> None:  # fmt: skip
+        """L0 reflects an L2 #VMEXIT (nested_svm_vmexit): L2's state and the exit
+        fields into VMCB12 (:data:`sim.svm.NESTED_SVM_VMEXIT_VMCB12`), VMCB01
+        loaded, GIF cleared, the shared ASID flushed and the MMU synced
+        (nested_svm_transition_tlb_flush), L1 entered after its VMRUN."""
+        s = self._stats
+        s.reflected += 1
+        l0 = self._vmexit_l0
+        s.cycles_l0 += l0
+        if hw:
+            s.exit(L2, hw_reason, hw + l0 + l0_extra)
+        else:
+            s.work[SYNTHESIZED] += l0 + l0_extra
+        s.crossings += 1  # L0 -> L1, after its VMRUN
+        self.state = L1
+        if s.trace is not None:
+            how = "reflected to L1" if reason is hw_reason else f"reflected to L1 as {reason.name}"
+            self._trace("L2", "exit", hw_reason.name, how, profile_name)
+            written = f"{len(NESTED_SVM_VMEXIT_VMCB12)} fields written, ASID flushed"
+            self._trace("L0", "vmcb12", "nested_svm_vmexit", written)
 
     def _run_fragment(self, name: str) -> None:
         n = self._fragment_accesses(name)
@@ -322,6 +333,15 @@ class NestedSvm(NestedMachine):
         """L1's run loop up to VMRUN, and the VMRUN L0 emulates (nested_svm_vmrun)."""
         self._require(L1, "VMRUN")
         self.l1_svm_insns(self.run_loop.before, "l1-vmrun-loop")
+        self._nested_svm_vmrun()
+
+    def _nested_svm_vmrun(self) -> None:
+        """L1's VMRUN exits and L0 emulates it (nested_svm_vmrun ->
+        enter_svm_guest_mode): VMCB12's control area copied and checked,
+        nested_vmcb02_prepare_save (its SEG/DT/DR groups unless clean,
+        :data:`sim.svm.VMCB02_SAVE_GROUPS`), the MSR permission map merged
+        (nested_svm_vmrun_msrpm), recalc_intercepts, the ASID flushed, and
+        VMCB02 run: L2 is back."""
         s = self._stats
         c = self.costs
         l0 = self._vmrun_l0
