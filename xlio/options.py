@@ -262,9 +262,11 @@ def cost_model(a: argparse.Namespace) -> CostModel:
         costs = override(base, values, "--set") if values else base
     except ValueError as e:
         raise UsageError(f"argument --set: {e}") from None
-    switches = {k: getattr(a, k, None) for k in ("vls", "vgif")}
-    switches = {k: v for k, v in switches.items() if v is not None}
-    return override(costs, switches, "--" + "/--".join(switches)) if switches else costs
+    for k in ("vls", "vgif"):
+        v = getattr(a, k, None)
+        if v is not None:
+            costs = override(costs, {k: v}, f"--{'' if v else 'no-'}{k}")
+    return costs
 
 
 def add_model_switches(p: argparse.ArgumentParser, trace: bool = True) -> None:
