@@ -304,6 +304,26 @@ class NestedSvm(NestedMachine):
         ctl.intercepts |= {SvmExit.SVM_EXIT_VINTR}
         self._vmcb12_access(2, "int_ctl V_IRQ, VINTR intercept")
 
+    def l0_interrupt_l1(self) -> None:
+        """As on VMX, plus what SVM adds for an interrupt to L1 (no AVIC for L1,
+        off by default in 6.1). Taken while L2 runs, the reflected SVM_EXIT_INTR
+        enters L1 with GIF=0 and interrupts off: L0 asks for the window
+        (svm_enable_irq_window: V_IRQ with the VINTR intercept; vGIF lets STGI
+        pass, and the window opens when L1 enables interrupts), an L1
+        SVM_EXIT_VINTR at which L0 injects. However it arrives, L1's handler
+        ends with an x2APIC EOI that L0 intercepts."""
+        window = self.state == L2
+        super().l0_interrupt_l1()
+        background = self.state != L1  # a woken L1 that resumes L2 at once
+        if window:
+            self.l1_exit(ExitReason.INTERRUPT_WINDOW, "intr_window", cause="l1-irq")
+        self.l1_exit(ExitReason.MSR_WRITE, "eoi", cause="l1-irq", background=background)
+
+    def l0_interrupt_l1_vcpu(self, *, halted: bool) -> None:
+        """As on VMX, plus the intercepted x2APIC EOI of L1's handler (no AVIC)."""
+        super().l0_interrupt_l1_vcpu(halted=halted)
+        self.l1_exit(ExitReason.MSR_WRITE, "eoi", cause="l1-irq", background=True)
+
     def l2_cli(self) -> None:
         """L2 disables interrupts (CLI): no exit; VMCB12's save area says IF=0."""
         self._require(L2, "L2 CLI")

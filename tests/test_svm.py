@@ -343,3 +343,16 @@ def test_calibrate_reads_svm_tests_lines_and_fits_an_amd_host(tmp_path: object) 
     assert abs(got[0] - 4200) <= 0.01 * 4200 and abs(got[1] - 3900) <= 0.01 * 3900, v.stdout
     bad = xlio("calibrate", "--base", "kvm-2019", "--vmexit", f"l1={d / 'l1.txt'}")
     assert bad.returncode == 2 and "need an SVM base" in bad.stderr
+
+
+def test_an_interrupt_for_l1_while_l2_runs_is_four_exits_with_vls_and_vgif() -> None:
+    """REFERENCE 12: INTR (reflected, GIF=0 in L1), the window (an L1 VINTR exit:
+    svm_enable_irq_window with vGIF), L1's intercepted x2APIC EOI, VMRUN."""
+    m = machine(vls=True, vgif=True)
+    m.l0_interrupt_l1()
+    m.l1_vmresume()
+    assert exits_by_reason(m) == {
+        ("L2", "SVM_EXIT_INTR"): 1, ("L1", "SVM_EXIT_VINTR"): 1, ("L1", "SVM_EXIT_MSR"): 1,
+        ("L1", "SVM_EXIT_VMRUN"): 1,
+    }  # fmt: skip
+    assert m.stats.reflected == 1
