@@ -17,7 +17,7 @@ exit when L1's VMCB12 intercepts it (``vmcb12_is_intercept``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
 
@@ -155,7 +155,8 @@ class Vmcb12Controls:
     v_irq: bool = False
     l2_if: bool = True
 
-    st: tuple[Any, ...] = ()  # every field, kept current: the replay signature reads it
+    # every field above, kept current by __setattr__: the replay signature reads it
+    st: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
