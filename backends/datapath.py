@@ -210,6 +210,7 @@ class Datapath:
         if kick not in KICKS:
             raise ValueError(f"kick must be one of {', '.join(KICKS)}")
         self.m = m
+        self._replayers: dict[Hashable, Callable[[], Any]] = {}  # see _machine
         self.path = path
         self.kick_mode = kick
         self.costs = m.costs
@@ -416,7 +417,10 @@ class Datapath:
         EOI, a HLT, a VMRESUME): run the first time, replayed afterwards from
         the same machine state (:meth:`NestedVmx.replay`; ``key`` names the
         operation and its arguments); returns what the operation returned."""
-        return self.m.replay(key, operation).result
+        run = self._replayers.get(key)
+        if run is None:  # one replayer per operation (its key names its arguments)
+            run = self._replayers[key] = self.m.replayer(key, operation)
+        return run().result
 
     def _charge_l0(self, frames: list[bytes]) -> None:
         c = self.costs

@@ -256,11 +256,14 @@ class NestedMachine(ABC):
                 apic.isr,
             )  # fmt: skip
             rec = table.get(sig)
-            if rec is None or rec.eager or rec.changes:
+            if rec is None or rec.eager:
                 return replay_in(table, sig, operation)  # the general case
+            if rec.changes:  # a state change (L2 -> L1 -> L2, a halt): set it
+                restore(rec.changes)
             pending[rec] = pending.get(rec, 0) + 1  # the steady state: one count
             return rec
 
+        restore = self._restore
         return run
 
     def _flush(self) -> None:

@@ -166,11 +166,14 @@ class NestedSvm(NestedMachine):
             sig = (self.state, self.l2_halted, self.l1_halted, self._l1_background, ctl.st,
                    apic.irr, apic.isr)  # fmt: skip
             rec = table.get(sig)
-            if rec is None or rec.eager or rec.changes:
+            if rec is None or rec.eager:
                 return replay_in(table, sig, operation)
+            if rec.changes:
+                restore(rec.changes)
             pending[rec] = pending.get(rec, 0) + 1
             return rec
 
+        restore = self._restore
         return run
 
     # ---------------------------------------------------------------- L1's instructions
