@@ -24,6 +24,8 @@ ARCH_ONLY: tuple[tuple[str, Arch, str], ...] = (
     ("vls", Arch.SVM, "virtual VMLOAD/VMSAVE is AMD's"),
     ("vgif", Arch.SVM, "virtual GIF is AMD's"),
 )
+#: Why an SVM L2 has no APICv (AVIC) to switch on.
+NO_AVIC_FOR_L2 = "Linux 6.1 inhibits AVIC while a vCPU runs L2 (APICV_INHIBIT_REASON_NESTED)"
 
 
 #: A switch's value that means "not used": passing it on the other architecture is harmless.
@@ -64,8 +66,7 @@ class Config:
                     f"{switch.replace('_', '-')} is not for {arch.value.upper()}: {why}"
                 )
         if arch is Arch.SVM and given.get("apicv"):
-            raise ValueError("apicv is not for SVM L2: Linux 6.1 inhibits AVIC while a vCPU "
-                             "runs L2 (APICV_INHIBIT_REASON_NESTED)")  # fmt: skip
+            raise ValueError(f"apicv is not for SVM L2: {NO_AVIC_FOR_L2}")
         base: dict[str, Any] = {
             "shadow_vmcs": costs.shadow_vmcs,
             "cache_reg": costs.cache_reg,

@@ -179,15 +179,26 @@ class NestedMachine(ABC):
             self._l1_background -= 1
 
     # ------------------------------------------------------------- replay
-    def _signature(self) -> tuple[Any, ...]:
-        """Everything an operation's effect depends on, besides its arguments
-        (the virtual-APIC page's ``delivered`` is a counter: a delta, not state)."""
+    def _signature_reader(self) -> Callable[[], tuple[Any, ...]]:
+        """A function that reads :meth:`_signature` (the replayer's hot line):
+        everything an operation's effect depends on, besides its arguments
+        (the virtual-APIC page's ``delivered`` is a counter: a delta, not
+        state). An architecture with less state reads less (and restores it
+        by its own :meth:`_restore`)."""
         pid = self.l2_pid
         apic = self.l2_apic
-        return (
-            self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
-            self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr, apic.isr,
-        )  # fmt: skip
+        ctl = self.l1_controls
+
+        def sig() -> tuple[Any, ...]:
+            return (
+                self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
+                self._l1_background, ctl.state(), pid.on, pid.pir, apic.irr, apic.isr,
+            )  # fmt: skip
+
+        return sig
+
+    def _signature(self) -> tuple[Any, ...]:
+        return self._signature_reader()()
 
     _SIG_FIELDS = ("state", "_cache", "vmcs12_dirty", "l2_halted", "l1_halted", "_l1_background")
     _SIG_APIC = ("on", "pir", "irr", "isr")  # signature fields 7-10: l2_pid's, then l2_apic's
@@ -245,16 +256,11 @@ class NestedMachine(ABC):
             return lambda: Replay.traced(self, operation)
         table = self._replays.setdefault(key, {})
         replay_in = self._replay_in
-        pid = self.l2_pid
-        apic = self.l2_apic
+        sig_of = self._signature_reader()
         pending = self._pending
 
         def run() -> Replay:
-            sig = (  # _signature(), inlined: this is the model's hottest line
-                self.state, self._cache, self.vmcs12_dirty, self.l2_halted, self.l1_halted,
-                self._l1_background, self.l1_controls.state(), pid.on, pid.pir, apic.irr,
-                apic.isr,
-            )  # fmt: skip
+            sig = sig_of()  # the model's hottest line
             rec = table.get(sig)
             if rec is None or rec.eager:
                 return replay_in(table, sig, operation)  # the general case
@@ -352,21 +358,25 @@ class NestedMachine(ABC):
         """
         if not background:
             self._require_l1("an L1 exit")
-        s = self._stats
-        c = self.costs
-        h = c.handlers[handler]
         code = self.exit_code(reason)
+        self._charge_l1_exits(code, self.costs.handlers[handler], cause, count)
+        if self._stats.trace is not None:
+            self._trace("L1", "exit", code.name, cause if count == 1 else f"{cause} x{count}")
+
+    def _charge_l1_exits(self, code: IntEnum, l0: float, cause: str, count: int = 1) -> None:
+        """``count`` hardware exits of L1 (``code``), each a round trip plus ``l0``
+        cycles of L0's work, for ``cause``: every L1 exit's accounting."""
+        s = self._stats
+        hw = self.costs.hw_exit
         s.l1_exits += count
         s.l0_exits += count
         s.crossings += 2 * count
-        s.cycles_switch += count * c.hw_exit
-        s.cycles_l0 += count * h
-        s.exit(L1, code, count * (c.hw_exit + h), count)
+        s.cycles_switch += count * hw
+        s.cycles_l0 += count * l0
+        s.exit(L1, code, count * (hw + l0), count)
         s.by_cause[cause] += count
         if cause == "l1-backend":
             s.l1_be_exits += count
-        if self._stats.trace is not None:
-            self._trace("L1", "exit", code.name, cause if count == 1 else f"{cause} x{count}")
 
     def l1_work(self, cycles: float, what: str) -> None:
         """Cycles L1 spends without exiting: ``what`` names the work (a report row)."""

@@ -327,13 +327,7 @@ class NestedVmx(NestedMachine):
         l0 = self._entry_l0 + (c.merge_rare if full else 0)
         if self.cfg.shadow_vmcs:
             l0 += self._shadow_copy_back
-        s.l0_exits += 1
-        s.l1_exits += 1
-        s.crossings += 2  # L1 -> L0, L0 -> L2
-        s.cycles_switch += c.hw_exit
-        s.cycles_l0 += l0
-        s.exit(L1, R.VMRESUME, c.hw_exit + l0)
-        s.by_cause["vmresume"] += 1
+        self._charge_l1_exits(R.VMRESUME, l0, "vmresume")  # L1 -> L0, L0 -> L2
         s.nested_entries += 1
         if full:
             s.merges_full += 1

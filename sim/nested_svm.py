@@ -56,7 +56,6 @@ from .apic import NIC_VECTOR
 from .config import Config
 from .machine import L0, L1, L2, ModelError, NestedMachine
 from .profiles import FRAGMENTS, PROFILES
-from .replay import Replay
 from .svm import (
     KVM_RUN_LOOP,
     NESTED_SVM_VMEXIT_VMCB12,
@@ -99,10 +98,10 @@ class NestedSvm(NestedMachine):
         self._copies_groups = not (c.clean_bits and run_loop.kvm)
         save = c.vmcb_save_copy if self._copies_groups else 0
         self._vmrun_l0 = c.vmrun_emulate + c.msrpm_merge + save + c.asid_flush
+        # the run loop's instructions and INVLPGA (VMRUN is _nested_svm_vmrun's)
         self._insn_cost: dict[SvmInsn, tuple[bool, float]] = {
-            i: self._insn(i) for i in SvmInsn
+            i: self._insn(i) for i in SvmInsn if i is not SvmInsn.VMRUN
         }  # fmt: skip
-        self._vmcb_writes: dict[str, int] = {}
 
     def _insn(self, insn: SvmInsn) -> tuple[bool, float]:
         """(exits, cycles) of one SVM instruction L1 executes."""
@@ -110,8 +109,6 @@ class NestedSvm(NestedMachine):
         feature = insn.virtualized_by
         if feature is not None and getattr(self.cfg, feature):
             return False, getattr(c, insn.value + "_native")
-        if insn is SvmInsn.VMRUN:
-            return True, c.hw_exit + self._vmrun_l0
         return True, c.hw_exit + c.handlers[insn.value]
 
     def exit_code(self, reason: ExitReason, cr: int = -1) -> IntEnum:
@@ -139,10 +136,15 @@ class NestedSvm(NestedMachine):
     # signature, and the replayer's hot line reads just these seven fields.
     _SVM_SIG_FIELDS = ("state", "l2_halted", "l1_halted", "_l1_background")
 
-    def _signature(self) -> tuple[Any, ...]:
+    def _signature_reader(self) -> Callable[[], tuple[Any, ...]]:
+        ctl = self.l1_controls
         apic = self.l2_apic
-        return (self.state, self.l2_halted, self.l1_halted, self._l1_background,
-                self.l1_controls.st, apic.irr, apic.isr)  # fmt: skip
+
+        def sig() -> tuple[Any, ...]:
+            return (self.state, self.l2_halted, self.l1_halted, self._l1_background, ctl.st,
+                    apic.irr, apic.isr)  # fmt: skip
+
+        return sig
 
     def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
         for i, value in changes:
@@ -153,45 +155,14 @@ class NestedSvm(NestedMachine):
             else:
                 setattr(self.l2_apic, ("irr", "isr")[i - 5], value)
 
-    def replayer(self, key: Any, operation: Callable[[], Any]) -> Callable[[], Replay]:
-        if self._stats.trace is not None:
-            return lambda: Replay.traced(self, operation)
-        table = self._replays.setdefault(key, {})
-        replay_in = self._replay_in
-        ctl = self.l1_controls
-        apic = self.l2_apic
-        pending = self._pending
-
-        def run() -> Replay:
-            sig = (self.state, self.l2_halted, self.l1_halted, self._l1_background, ctl.st,
-                   apic.irr, apic.isr)  # fmt: skip
-            rec = table.get(sig)
-            if rec is None or rec.eager:
-                return replay_in(table, sig, operation)
-            if rec.changes:
-                restore(rec.changes)
-            pending[rec] = pending.get(rec, 0) + 1
-            return rec
-
-        restore = self._restore
-        return run
-
     # ---------------------------------------------------------------- L1's instructions
     def l1_svm_insns(self, insns: tuple[SvmInsn, ...], cause: str) -> None:
         """L1 executes ``insns`` (not VMRUN): each exits or runs in L1."""
         s = self._stats
-        c = self.costs
         for insn in insns:
             exits, cycles = self._insn_cost[insn]
             if exits:
-                h = c.handlers[insn.value]
-                s.l1_exits += 1
-                s.l0_exits += 1
-                s.crossings += 2
-                s.cycles_switch += c.hw_exit
-                s.cycles_l0 += h
-                s.exit(L1, insn.code, cycles)
-                s.by_cause[cause] += 1
+                self._charge_l1_exits(insn.code, cycles - self.costs.hw_exit, cause)
             else:
                 s.cycles_l1 += cycles
                 s.work[L1_SVM_INSNS] += cycles
@@ -225,13 +196,6 @@ class NestedSvm(NestedMachine):
         if self._stats.trace is not None:
             self._trace("L1", "vmcb12", what, f"{n} fields")
 
-    def _fragment_accesses(self, name: str) -> int:
-        """VMCB12 fields a handler fragment touches: its VMCS accesses, one each."""
-        n = self._vmcb_writes.get(name)
-        if n is None:
-            n = self._vmcb_writes[name] = len(FRAGMENTS[name])
-        return n
-
     # ---------------------------------------------------------------- reflection
     def _reflect(
         self, reason: IntEnum, profile_name: str, l0_extra: float, hw: float,
@@ -250,14 +214,15 @@ class NestedSvm(NestedMachine):
         s.work[L1_HANDLERS] += h1
         if s.trace is not None:
             self._trace("L1", "handler", profile_name, "exit framework + handler")
-        n = sum(self._fragment_accesses(f) for f in profile.fragments)
+        n = sum(len(FRAGMENTS[f]) for f in profile.fragments)  # a VMCB12 field per access
         if n:
             self._vmcb12_access(n, profile_name)
         if profile.returns_to_user:
-            # svm.c: TSC_AUX is the one user-return MSR (restored, then set
-            # again), and svm_prepare_switch_to_guest VMSAVEs the host save
+            # svm.c: the user-return MSRs (TSC_AUX alone) restored, then set
+            # again, and svm_prepare_switch_to_guest VMSAVEs the host save
             # area again after a return to userspace
-            self.l1_exit(ExitReason.MSR_WRITE, "msr_write", cause="l1-host-switch", count=2)
+            n_msr = 2 * c.user_return_msrs
+            self.l1_exit(ExitReason.MSR_WRITE, "msr_write", cause="l1-host-switch", count=n_msr)
             self.l1_svm_insns((SvmInsn.VMSAVE,), "l1-host-switch")
         if profile.sets_controls:  # enable_irq_window: V_IRQ + VINTR intercept
             self.l1_controls.intercepts |= {SvmExit.SVM_EXIT_VINTR}
@@ -289,7 +254,7 @@ class NestedSvm(NestedMachine):
             self._trace("L0", "vmcb12", "nested_svm_vmexit", written)
 
     def _run_fragment(self, name: str) -> None:
-        n = self._fragment_accesses(name)
+        n = len(FRAGMENTS[name])  # a VMCB12 field per access
         if n:
             self._vmcb12_access(n, name)
 
@@ -366,15 +331,7 @@ class NestedSvm(NestedMachine):
         (nested_svm_vmrun_msrpm), recalc_intercepts, the ASID flushed, and
         VMCB02 run: L2 is back."""
         s = self._stats
-        c = self.costs
-        l0 = self._vmrun_l0
-        s.l0_exits += 1
-        s.l1_exits += 1
-        s.crossings += 2  # L1 -> L0, L0 -> L2
-        s.cycles_switch += c.hw_exit
-        s.cycles_l0 += l0
-        s.exit(L1, SvmExit.SVM_EXIT_VMRUN, c.hw_exit + l0)
-        s.by_cause["vmrun"] += 1
+        self._charge_l1_exits(SvmExit.SVM_EXIT_VMRUN, self._vmrun_l0, "vmrun")  # to L0, to L2
         s.nested_entries += 1
         self.state = L2
         if s.trace is not None:

@@ -37,8 +37,9 @@ def exits_by_reason(m: NestedSvm) -> dict[tuple[str, str], int]:
     return {(r["level"], r["reason"]): r["count"] for r in m.stats.reason_rows()}
 
 
-def nested_cpuid(**switches: object) -> NestedSvm:
-    m = machine(**switches)
+def nested_cpuid(costs: object = EPYC, **switches: object) -> NestedSvm:
+    m = machine_for(Config.from_preset(costs, **switches))  # type: ignore[arg-type]
+    assert isinstance(m, NestedSvm)
     assert m.l2_exit(R.CPUID, "cpuid") == L1
     m.l1_vmresume()
     return m
@@ -298,16 +299,9 @@ def test_clean_bits_skip_the_save_area_groups_for_a_kvm_l1_not_for_the_test() ->
     from xlio.sim.presets import override
 
     honours = override(EPYC, {"clean_bits": True}, "test")
-    saved = nested_cpuid().stats.cycles - machine_cpuid(honours)
+    saved = nested_cpuid().stats.cycles - nested_cpuid(honours).stats.cycles
     assert saved == EPYC.vmcb_save_copy > 0
     assert svm_tests.latency_run_exit(honours) == svm_tests.latency_run_exit(EPYC)
-
-
-def machine_cpuid(costs: object) -> float:
-    m = machine_for(Config.from_preset(costs))  # type: ignore[arg-type]
-    m.l2_exit(R.CPUID, "cpuid")
-    m.l1_vmresume()
-    return m.stats.cycles
 
 
 SVM_TESTS_LOG = """\

@@ -25,7 +25,7 @@ from xlio.measure import (
     WORKLOADS,
     UsageError,
 )
-from xlio.sim.config import OPERANDS
+from xlio.sim.config import ARCH_ONLY, NO_AVIC_FOR_L2, OPERANDS
 from xlio.sim.costs import Arch
 from xlio.sim.guest_mmu import L2_MMUS
 from xlio.sim.presets import PRESETS, CostModel, costs_from_toml, override, parse_value
@@ -199,17 +199,17 @@ def readable_file(text: str) -> str:
     return text
 
 
-#: Switches of one architecture: (argument, its dest, the value that means "not given", arch, why).
-_ARCH_SWITCHES = (
-    ("--shadow-vmcs", "shadow_vmcs", None, Arch.VMX, "VMCS shadowing is VMX's; SVM has no "
-     "VMREAD/VMWRITE"),
-    ("--no-vmcs-exits", "no_vmcs_exits", False, Arch.VMX, "SVM has no VMCS-access exits"),
-    ("--operand", "operand", None, Arch.VMX, "VMREAD/VMWRITE operands are VMX's; L1 reads "
-     "VMCB12 as memory"),
-    ("--cache-reg", "cache_reg", None, Arch.VMX, "L1's cache of VMCS fields is VMX's"),
-    ("--vls", "vls", None, Arch.SVM, "virtual VMLOAD/VMSAVE is AMD's"),
-    ("--vgif", "vgif", None, Arch.SVM, "virtual GIF is AMD's"),
-)  # fmt: skip
+#: The command line's spelling of each switch of one architecture
+#: (:data:`xlio.sim.config.ARCH_ONLY` says which and why): its flag, its
+#: dest, and the value that means "not given".
+_ARCH_FLAGS: dict[str, tuple[str, str, Any]] = {
+    "shadow_vmcs": ("--shadow-vmcs", "shadow_vmcs", None),
+    "vmcs_exits": ("--no-vmcs-exits", "no_vmcs_exits", False),
+    "operand": ("--operand", "operand", None),
+    "cache_reg": ("--cache-reg", "cache_reg", None),
+    "vls": ("--vls", "vls", None),
+    "vgif": ("--vgif", "vgif", None),
+}
 
 
 def _check_arch(a: argparse.Namespace, costs: CostModel, where: str) -> None:
@@ -220,14 +220,12 @@ def _check_arch(a: argparse.Namespace, costs: CostModel, where: str) -> None:
         raise UsageError(
             f"argument --arch: {a.arch} does not match {where}, a {arch.value} machine{hint}"
         )
-    for flag, dest, unset, only, why in _ARCH_SWITCHES:
+    for switch, only, why in ARCH_ONLY:
+        flag, dest, unset = _ARCH_FLAGS[switch]
         if getattr(a, dest, unset) != unset and only is not arch:
             raise UsageError(f"argument {flag}: not for {arch.value} ({where}): {why}")
     if arch is Arch.SVM and getattr(a, "apicv", None):
-        raise UsageError(
-            f"argument --apicv: not for svm ({where}): Linux 6.1 inhibits AVIC while a vCPU "
-            "runs L2 (APICV_INHIBIT_REASON_NESTED)"
-        )
+        raise UsageError(f"argument --apicv: not for svm ({where}): {NO_AVIC_FOR_L2}")
 
 
 def cost_model(a: argparse.Namespace) -> CostModel:
