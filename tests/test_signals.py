@@ -269,3 +269,27 @@ def test_a_finalizer_broken_by_the_stop_prints_nothing(stopped: bool) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
     assert [type(e) for e in heard] == ([] if stopped else [AttributeError])
+
+
+def test_a_forked_child_starts_with_the_default_stop_actions() -> None:
+    """A pool's worker (or pyroute2's helper) forked during a run is ended with
+    SIGTERM. It used to inherit the run's Python handler, which acts only when
+    the child runs bytecode: a child stuck on a lock inherited from a threaded
+    parent never ended, and the parent's Pool.terminate waited forever (seen
+    in `xlio sensitivity --jobs 64` stopped at 1.6 s). Now the default actions
+    are back at the fork itself."""
+    from xlio.stop import stopping_on_signals
+
+    try:
+        with stopping_on_signals():
+            pid = os.fork()
+            if pid == 0:  # the child: 0 if every stop signal has its default action
+                ok = all(signal.getsignal(s) is signal.SIG_DFL
+                         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))  # fmt: skip
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    assert os.waitstatus_to_exitcode(status) == 0

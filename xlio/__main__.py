@@ -10,9 +10,7 @@ finder), about 30 ms here, where a SIGINT is Python's KeyboardInterrupt.
 
 from __future__ import annotations
 
-import sys
-
-from xlio.stop import StopState, exit_quietly_on_signals, stopping_on_signals
+from xlio.stop import StopState, exit_quietly_on_signals, leave, stopping_on_signals
 
 
 def main() -> int:
@@ -21,11 +19,8 @@ def main() -> int:
 
     with stopping_on_signals():  # phase 2: the command
         status = run()
-    try:  # phase 3 (exit_now again, or ignored after a stop): what is buffered goes out now
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return StopState.status() if StopState.seen else status
+    # phase 3 (exit_now again, or ignored after a stop): the process ends here
+    leave(StopState.status() if StopState.seen else status)
 
 
 if __name__ == "__main__":

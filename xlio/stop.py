@@ -16,18 +16,24 @@ SIGTERM and SIGHUP end each of them quietly with status 128 + the signal
    before it opens and after it closes the handler only records the signal
    (:func:`deferring_stops`): an exception raised inside trio's scheduler
    would be a ``TrioInternalError``, not a stop.
-3. **Leaving** (the report is written, Python is finalizing): back to
-   :func:`exit_now`, or ignored if a stop was already seen.
+3. **Leaving** (the report is written): back to :func:`exit_now`, or
+   ignored if a stop was already seen. :func:`leave` runs the ``atexit``
+   callbacks under those handlers, flushes stdio and ends the process
+   itself: Python's own finalization would put the default dispositions
+   back first (a signal there killed the process, status -2, no line).
 
 The entry point (``xlio.__main__``) installs phase 1 before importing
 anything heavy; this module imports only the standard library for that reason.
-A forked child (pyroute2 forks helpers and ends them with SIGTERM) inherits
-the handlers; there a signal gets its default action back, so the child just
-ends instead of unwinding into its parent's cleanup.
+A forked child (pyroute2 forks helpers and ends them with SIGTERM; a pool's
+workers are ended with SIGTERM) gets the stop signals' default actions back
+at the fork itself (:func:`_defaults_in_children`), so it just ends, also
+when it is stuck where no Python handler would run, instead of unwinding
+into its parent's cleanup.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -37,6 +43,7 @@ TYPE_CHECKING = False  # typing itself is not imported: 4 ms more before the han
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from types import FrameType
+    from typing import NoReturn
 
 #: Signals that stop a run cleanly: what it measured is reported, what it
 #: built is removed, and the exit status is 128 + the signal (130 for SIGINT).
@@ -89,6 +96,42 @@ def exit_now(signum: int, frame: FrameType | None = None) -> None:
     os._exit(128 + signum)
 
 
+def leave(status: int) -> NoReturn:
+    """Phase 3's end: the ``atexit`` callbacks (library cleanup: a pool's
+    workers, a client's connection) run while :func:`exit_now` still holds
+    the stop signals, stdio is flushed, and the process ends with
+    ``status``, skipping the interpreter finalization during which a
+    signal would meet its default disposition."""
+    if "threading" in sys.modules:  # what finalization does first: wait for non-daemon threads
+        sys.modules["threading"]._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader left, or the stream is closed
+            pass
+    os._exit(status)
+
+
+_AT_FORK: list[bool] = []  # the fork hook, once registered (it cannot be unregistered)
+
+
+def _child_defaults() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _defaults_in_children() -> None:
+    """Every child forked from now on starts with the stop signals' default
+    actions, set before it runs anything else: an inherited Python handler
+    only acts when the child runs bytecode, and a child stuck on a lock
+    inherited from a threaded parent never would (a pool's terminate would
+    wait on it forever)."""
+    if not _AT_FORK:
+        _AT_FORK.append(True)
+        os.register_at_fork(after_in_child=_child_defaults)
+
+
 def exit_quietly_on_signals() -> None:
     """Phase 1 (and 3): every stop signal ends the process at once.
 
@@ -96,6 +139,7 @@ def exit_quietly_on_signals() -> None:
     blocked (some supervisors do) would otherwise leave them pending forever;
     one already pending is delivered here, to :func:`exit_now`.
     """
+    _defaults_in_children()
     for sig in STOP_SIGNALS:
         signal.signal(sig, exit_now)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -106,13 +150,9 @@ def stopping_on_signals() -> Iterator[None]:
     """Phase 2: the first stop signal raises :class:`Stopped` (cleanup runs);
     any later one is ignored, also after this block: the process is on its
     way out. Blocks nest (``serve`` inside the entry point's)."""
-    owner = os.getpid()
+    _defaults_in_children()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         if StopState.seen:
             return
         StopState.record(signum)
