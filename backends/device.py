@@ -21,6 +21,10 @@ and the device stops touching its rings until the driver resets it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from itertools import repeat
+from operator import ge, itemgetter
+from typing import cast
 
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE
@@ -44,6 +48,9 @@ METRICS = (
 _COUNTS = {way: (f"{way}_packets_count", f"{way}_bytes_count") for way in ("rx", "tx")}
 #: The Ethernet source address inside header + frame.
 SRC_MAC = slice(NET_HDR_SIZE + 6, NET_HDR_SIZE + 12)
+
+_NO_OFFLOAD = repeat(b"\0\0")  # flags and gso_type both 0: what a batch is checked against
+_SRC_MAC_OF = itemgetter(SRC_MAC)
 
 #: RX header without mergeable buffers: no offloads, num_buffers = 1.
 RX_HDR = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
@@ -91,7 +98,13 @@ class NetDevice:
         """Drain in batches of at most 256 chains: the rings are resolved once per
         batch, the chains' shapes checked, their buffers read together
         (:meth:`GuestMemory.read_many`), the frames checked, used entries
-        written together and packet counters added per batch."""
+        written together and packet counters added per batch.
+
+        The batch's simple chains (:meth:`DeviceQueue.pop_batch`: one readable
+        descriptor each) are checked together: when every length is in
+        bounds and every frame read passes every check, they are accepted as
+        a whole; if any of them fails, each goes through the per-chain checks
+        below, which count why, as every other chain does."""
         q = self.txq
         mac = self.mac
         drop = self._drop
@@ -99,16 +112,24 @@ class NetDevice:
         done = 0
         while done < limit:
             want = min(256, limit - done)
-            chains, broken = q.pop_many(want)
-            if not chains and broken is None:
+            heads, gpas, lens, rest, broken = q.pop_batch(want, write=False)
+            taken = len(heads) + len(rest)
+            if not taken and broken is None:
                 return
-            done += len(chains)
+            done += taken
             used: list[tuple[int, int]] = []
+            accepted: list[int] = []  # heads of the simple chains accepted as a whole
             first = len(out)
             try:
-                segments: list[tuple[int, int]] = []
-                good: list[tuple[int, int]] = []  # (head, descriptors) of well-shaped chains
-                for chain in chains:
+                if heads and (min(lens) < lo or max(lens) > hi):
+                    rest[:0] = [
+                        (h, ((a, n),), ()) for h, a, n in zip(heads, gpas, lens, strict=True)
+                    ]
+                    heads, gpas, lens = [], [], []
+                good: list[tuple[int, int]] = [(h, 1) for h in heads]  # (head, descriptors)
+                if rest:
+                    gpas, lens = list(gpas), list(lens)
+                for chain in rest:
                     if isinstance(chain, ChainError):
                         drop(used, chain.head, chain.reason, "tx_fails")
                         continue
@@ -122,10 +143,19 @@ class NetDevice:
                         self.metrics["tx_malformed_frames"] += 1
                         drop(used, head, "frame length out of bounds", None)
                         continue
-                    segments.extend(readable)
+                    for a, n in readable:
+                        gpas.append(a)
+                        lens.append(n)
                     good.append((head, k))
-                datas = self.mem.read_many(segments)
-                at = 0
+                datas = self.mem.read_many(gpas, lens)
+                simple = datas[: len(heads)]
+                if heads and self._all_sendable(simple):
+                    out += cast(list[bytes], simple)
+                    accepted = heads
+                    del good[: len(heads)]
+                    at = len(heads)
+                else:
+                    at = 0
                 for head, k in good:
                     if k == 1:
                         data = datas[at]
@@ -147,20 +177,43 @@ class NetDevice:
             finally:
                 packets = len(out) - first
                 nbytes = sum(map(len, out[first:])) - NET_HDR_SIZE * packets
-                self._settle(q, "tx", used, packets, nbytes)
+                self._settle(q, "tx", used, packets, nbytes, accepted, [0] * len(accepted))
             if broken is not None:
                 raise broken
-            if len(chains) < want:  # pop_many read the index again and found no more
+            if taken < want:  # pop_batch read the index again and found no more
                 return
 
+    def _all_sendable(self, datas: list[bytes | None]) -> bool:
+        """Whether every one of a batch's frames passes the per-frame checks of
+        :meth:`_tx` (read, no offload asked for, the device's source MAC), each
+        test over the whole batch at once; False sends the batch through them
+        one frame at a time, which count the reason."""
+        if None in datas:
+            return False
+        frames = cast(list[bytes], datas)
+        mac = self.mac
+        return all(map(bytes.startswith, frames, _NO_OFFLOAD)) and (
+            mac is None or all(map(mac.__eq__, map(_SRC_MAC_OF, frames)))
+        )
+
     def _settle(
-        self, q: DeviceQueue, way: str, used: list[tuple[int, int]], packets: int, nbytes: int
+        self,
+        q: DeviceQueue,
+        way: str,
+        used: list[tuple[int, int]],
+        packets: int,
+        nbytes: int,
+        heads: Sequence[int] = (),
+        lengths: Sequence[int] = (),
     ) -> None:
-        """The end of a batch: its counters added, its used entries written."""
+        """The end of a batch: its counters added, its used entries written
+        (each of ``heads`` with its length from ``lengths``, then ``used``)."""
         packets_key, bytes_key = _COUNTS[way]
         self.metrics[packets_key] += packets
         self.metrics[bytes_key] += nbytes
-        q.push_many(used)
+        q.push_many(heads, lengths)
+        if used:
+            q.push_many([h for h, _ in used], [n for _, n in used])
 
     def _drop(self, used: list[tuple[int, int]], head: int, reason: str, fails: str | None) -> None:
         """Count a dropped chain (``reason``, and the ``fails`` metric unless None:
@@ -207,15 +260,24 @@ class NetDevice:
         pos = 0
         count = len(frames)
         while pos < count:
-            chains, broken = q.pop_many(min(256, count - pos))
-            self._consumed += len(chains)  # one frame per chain, good or not
+            heads, gpas, lens, rest, broken = q.pop_batch(min(256, count - pos), write=True)
+            taken = len(heads) + len(rest)
+            self._consumed += taken  # one frame per chain, good or not
             used: list[tuple[int, int]] = []
-            gpas: list[int] = []
-            datas: list[bytes] = []
-            heads: list[int] = []  # of the frames in gpas, datas
+            filled: list[int] = []  # heads written, with their lengths
+            filled_sizes: list[int] = []
             packets = nbytes = 0
             try:
-                for chain in chains:
+                # the simple chains (one writable buffer each) in a row: written
+                # together when every frame fits its buffer, else one by one below
+                datas = frames[pos : pos + len(heads)]
+                if heads and not all(map(ge, lens, map(len, datas))):
+                    rest[:0] = [
+                        (h, (), ((a, n),)) for h, a, n in zip(heads, gpas, lens, strict=True)
+                    ]
+                    heads, gpas, datas = [], [], []
+                pos += len(heads)
+                for chain in rest:
                     data = frames[pos]
                     pos += 1
                     if isinstance(chain, ChainError):
@@ -253,14 +315,14 @@ class NetDevice:
                     heads = [h for i, h in enumerate(heads) if i not in bad]
                     datas = [d for i, d in enumerate(datas) if i not in bad]
                 sizes = list(map(len, datas))
-                used.extend(zip(heads, sizes, strict=True))
                 packets += len(heads)
                 nbytes += sum(sizes) - NET_HDR_SIZE * len(heads)
+                filled, filled_sizes = heads, sizes
             finally:
-                self._settle(q, "rx", used, packets, nbytes)
+                self._settle(q, "rx", used, packets, nbytes, filled, filled_sizes)
             if broken is not None:
                 raise broken
-            if not chains:
+            if not taken:
                 self.metrics["no_rx_avail_buffer"] += 1
                 q.set_notify(True)
                 return False

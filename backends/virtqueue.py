@@ -30,6 +30,8 @@ outside L2's own (every access goes through ``GuestMemory``):
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from operator import add
 
 from xlio.sim.memory import GuestMemory, MemoryFault, RingPages
 from xlio.virtio import (
@@ -40,9 +42,13 @@ from xlio.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    ascending_run,
     avail_ring_size,
     desc_table_size,
+    descs,
     need_event,
+    ring_run,
+    u32s,
     used_ring_size,
     valid_queue_size,
 )
@@ -68,6 +74,9 @@ Segments = tuple[tuple[int, int], ...]  # (L2 GPA, length) of each descriptor
 Chain = tuple[int, Segments, Segments]
 """A descriptor chain as the device sees it: (head, readable, writable) (a
 plain tuple: one is built per frame)."""
+Batch = tuple[list[int], list[int], list[int], list[Chain | ChainError], QueueBroken | None]
+"""What :meth:`DeviceQueue.pop_batch` takes off the ring: (heads, addresses,
+lengths) of its simple chains, the rest, and what broke the ring."""
 
 
 class DeviceQueue:
@@ -157,43 +166,81 @@ class DeviceQueue:
         Each item is a chain, or the :class:`ChainError` that :meth:`pop`
         would have raised for that head (the caller drops it). A broken ring
         ends the pass: the chains before it come back with the exception,
-        which the caller raises once it has dealt with them. When the
-        available ring and the descriptor table each lie in one page, they
-        are resolved once and read in place; a single-descriptor chain (the
-        common TX buffer, every RX buffer) is read with one ``unpack_from``.
+        which the caller raises once it has dealt with them. (:meth:`pop_batch`
+        with its simple prefix as chains.)
         """
-        out: list[Chain | ChainError] = []
+        heads, addrs, lens, rest, broken = self.pop_batch(limit, write=False)
+        out: list[Chain | ChainError] = [
+            (h, ((a, n),), ()) for h, a, n in zip(heads, addrs, lens, strict=True)
+        ]
+        out += rest
+        return out, broken
+
+    def pop_batch(self, limit: int, write: bool) -> Batch:
+        """:meth:`pop_many` for a device that reads (``write`` False: TX) or
+        fills (True: RX) its buffers, shaped for a batch: (heads, addresses,
+        lengths, rest, broken).
+
+        The first ``len(heads)`` chains taken are *simple*: one descriptor,
+        device-readable for TX or device-writable for RX, not empty, inside
+        guest memory; they come as three parallel lists, no tuple per chain.
+        ``rest`` holds every chain taken after the first that is not simple,
+        in ring order, each a :data:`Chain` or the :class:`ChainError` of its
+        head. ``broken`` is the :class:`QueueBroken` that ended the pass, or
+        None. When the available ring and the descriptor table each lie in one
+        page, they are resolved once and read in place; else one access at a
+        time (then everything is in ``rest``).
+        """
+        heads: list[int] = []
+        addrs: list[int] = []
+        lens: list[int] = []
+        rest: list[Chain | ChainError] = []
         try:
             pending = self.pending()
             if not pending:
-                return out, None
-            mem = self.mem
-            size = self.size
+                return heads, addrs, lens, rest, None
             p = self._ring_pages()
             if p is None:  # rings across pages: one access at a time
-                while len(out) < limit:
+                while len(rest) < limit:
                     try:
                         chain = self.pop()
                     except ChainError as e:
-                        out.append(e)
+                        rest.append(e)
                         continue
                     if chain is None:
                         break
-                    out.append(chain)
-                return out, None
+                    rest.append(chain)
+                return heads, addrs, lens, rest, None
+            size = self.size
             apage, aoff, dpage, doff = p[0], p[1] + 4, p[2], p[3]
             head_at = _U16.unpack_from
             desc_at = DESC.unpack_from
             mask = size - 1
-            end = mem.size
-            put = out.append
-            while len(out) < limit:
+            end = self.mem.size
+            simple = VIRTQ_DESC_F_WRITE if write else 0
+            put_head, put_addr, put_len = heads.append, addrs.append, lens.append
+            put = rest.append
+            taken = 0
+            while taken < limit:
                 if not pending:
                     pending = self.pending()
                     if not pending:
                         break
-                take = min(pending, limit - len(out))
+                take = min(pending, limit - taken)
                 pending -= take
+                taken += take
+                if not rest:  # still simple: try the whole run of heads at once
+                    hs = ring_run(apage, aoff, self.last_avail & mask, take, size, 2)
+                    if max(hs) < size:
+                        a, n, fl = self._descriptors(dpage, doff, hs)
+                        if fl.count(simple) == take and min(n) and max(map(add, a, n)) <= end:
+                            heads += hs
+                            addrs += a
+                            lens += n
+                            self.last_avail = (self.last_avail + take) & 0xFFFF
+                            self.popped += take
+                            continue
+                    # not all simple: one head at a time, as below, from the same slot
                 first = last = self.last_avail
                 try:
                     for _ in range(take):
@@ -202,6 +249,11 @@ class DeviceQueue:
                         if head >= size:
                             raise self._break("head descriptor index out of range")
                         addr, length, flags, nxt = desc_at(dpage, doff + 16 * head)
+                        if flags == simple and length and addr + length <= end and not rest:
+                            put_head(head)
+                            put_addr(addr)
+                            put_len(length)
+                            continue
                         if not flags & ~VIRTQ_DESC_F_WRITE and length and addr + length <= end:
                             seg = ((addr, length),)
                             put((head, (), seg) if flags else (head, seg, ()))
@@ -213,9 +265,26 @@ class DeviceQueue:
                 finally:  # the heads taken off the ring, the bad one included
                     self.last_avail = last
                     self.popped += (last - first) & 0xFFFF
-            return out, None
+            return heads, addrs, lens, rest, None
         except QueueBroken as e:
-            return out, e
+            return heads, addrs, lens, rest, e
+
+    @staticmethod
+    def _descriptors(
+        page: bytearray, off: int, hs: tuple[int, ...]
+    ) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+        """(addresses, lengths, flags) of the descriptors ``hs`` (each below the
+        queue size), in that order; consecutive ids are read as one run."""
+        k = len(hs)
+        if ascending_run(hs):
+            flat = descs(k).unpack_from(page, off + 16 * hs[0])
+            return flat[0::4], flat[1::4], flat[2::4]
+        if ascending_run(hs[::-1]):  # a driver that takes its free ids as a stack
+            flat = descs(k).unpack_from(page, off + 16 * hs[-1])
+            return flat[-4::-4], flat[-3::-4], flat[-2::-4]
+        desc_at = DESC.unpack_from
+        a, n, fl, _ = zip(*[desc_at(page, off + 16 * h) for h in hs], strict=True)
+        return a, n, fl
 
     def _walk(self, head: int) -> Chain:
         """The chain at ``head`` (already taken off the ring), or ChainError."""
@@ -251,24 +320,28 @@ class DeviceQueue:
                 raise ChainError("next descriptor index out of range", head)
             idx = nxt
 
-    def push_many(self, entries: list[tuple[int, int]]) -> None:
-        """:meth:`push` for each (head, length), the used ring resolved once."""
-        if not entries:
+    def push_many(self, heads: Sequence[int], lengths: Sequence[int]) -> None:
+        """:meth:`push` for each head with its length, the used ring resolved
+        once and written in one or two runs (two when it wraps)."""
+        k = len(heads)
+        if not k:
             return
         size = self.size
         p = self._ring_pages()
-        if p is None:
-            for head, length in entries:
+        if p is None or k > size:  # (more than a ring's worth: each overwrites the one before)
+            for head, length in zip(heads, lengths, strict=True):
                 self.push(head, length)
             return
+        flat = [0] * (2 * k)  # id, len, id, len, ...
+        flat[0::2] = heads
+        flat[1::2] = lengths
         page, off = p[4], p[5] + 4
-        put = USED_ELEM.pack_into
-        mask = size - 1
-        idx = self.used_idx
-        for head, length in entries:
-            put(page, off + 8 * (idx & mask), head, length)
-            idx = (idx + 1) & 0xFFFF
-        self.used_idx = idx
+        start = self.used_idx & (size - 1)
+        first = min(k, size - start)
+        u32s(2 * first).pack_into(page, off + 8 * start, *flat[: 2 * first])
+        if first < k:
+            u32s(2 * (k - first)).pack_into(page, off, *flat[2 * first :])
+        self.used_idx = (self.used_idx + k) & 0xFFFF
 
     def push(self, head: int, length: int) -> None:
         """Return a chain to the driver (not visible until :meth:`publish`);

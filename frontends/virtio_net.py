@@ -53,9 +53,13 @@ from xlio.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    ascending_run,
     avail_ring_size,
     desc_table_size,
+    descs,
     need_event,
+    ring_run,
+    u16s,
     used_ring_size,
     valid_queue_size,
 )
@@ -141,30 +145,46 @@ class DriverQueue:
 
     def add_many(self, base: int, stride: int, lengths: list[int], write: bool) -> list[int]:
         """:meth:`add` for each length, the descriptor table and the available
-        ring resolved once (when each lies in one page); returns the buffers' GPAs."""
+        ring resolved once (when each lies in one page); returns the buffers' GPAs.
+        The ids come off the free list as :meth:`add` takes them; descriptors
+        with consecutive ids are written as one run, the available entries in
+        one run (two when the ring wraps)."""
         size = self.size
         p = self._ring_pages()
-        if p is None:
+        k = len(lengths)
+        if p is None or not k:
             return [self.add(base, stride, n, write)[1] for n in lengths]
-        dpage, doff, apage, aoff = p[0], p[1], p[2], p[3] + 4
-        put_desc = DESC.pack_into
-        put_u16 = U16.pack_into
-        flags = VIRTQ_DESC_F_WRITE if write else 0
         free = self.free
-        in_flight = self.in_flight
-        mask = size - 1
-        idx = self.avail_idx
-        out = []
-        for n in lengths:
-            i = free.pop()
-            in_flight.add(i)
-            gpa = base + i * stride
-            put_desc(dpage, doff + 16 * i, gpa, n, flags, 0)
-            put_u16(apage, aoff + 2 * (idx & mask), i)
-            idx = (idx + 1) & 0xFFFF
-            out.append(gpa)
-        self.avail_idx = idx
-        return out
+        if k > len(free):
+            raise IndexError("pop from empty list")  # as add() would, on the first id missing
+        ids = free[-k:]
+        ids.reverse()  # the order pop() takes them in
+        del free[-k:]
+        self.in_flight.update(ids)
+        dpage, doff, apage, aoff = p[0], p[1], p[2], p[3] + 4
+        flags = VIRTQ_DESC_F_WRITE if write else 0
+        gpas = [base + i * stride for i in ids]
+        order = ids if ascending_run(ids) else ids[::-1] if ascending_run(ids[::-1]) else None
+        if order is not None:  # one slice of the table, written at once
+            flat = [0] * (4 * k)  # addr, len, flags, next (0: no chain)
+            if order is ids:
+                flat[0::4], flat[1::4] = gpas, lengths
+            else:
+                flat[0::4], flat[1::4] = gpas[::-1], lengths[::-1]
+            if flags:
+                flat[2::4] = [flags] * k
+            descs(k).pack_into(dpage, doff + 16 * order[0], *flat)
+        else:
+            put_desc = DESC.pack_into
+            for i, gpa, n in zip(ids, gpas, lengths, strict=True):
+                put_desc(dpage, doff + 16 * i, gpa, n, flags, 0)
+        start = self.avail_idx & (size - 1)
+        first = min(k, size - start)
+        u16s(first).pack_into(apage, aoff + 2 * start, *ids[:first])
+        if first < k:
+            u16s(k - first).pack_into(apage, aoff, *ids[first:])
+        self.avail_idx = (self.avail_idx + k) & 0xFFFF
+        return gpas
 
     def add_chain(self, base: int, stride: int, lengths: list[int]) -> list[int]:
         """Post one device-readable chain of ``len(lengths)`` free descriptors
@@ -206,29 +226,43 @@ class DriverQueue:
             return need_event(event, new, old)
         return not self.mem.read_u16(self.used) & VIRTQ_USED_F_NO_NOTIFY
 
-    def take_used(self) -> list[tuple[int, int]]:
-        """(descriptor id, length) of every buffer the device returned since
-        last time, each id back on the free list."""
-        out: list[tuple[int, int]] = []
+    def take_used(self) -> tuple[list[int], list[int]]:
+        """(descriptor ids, lengths) of every buffer the device returned since
+        last time, each id back on the free list. A run of returns that the
+        device made once each, of buffers in flight with no chain behind them
+        (every RX return, every one-buffer TX frame) is taken in one go; any
+        other, one element at a time."""
+        ids: list[int] = []
+        lens: list[int] = []
         p = self._ring_pages()
         idx = U16.unpack_from(p[4], p[5] + 2)[0] if p else self.mem.read_u16(self.used + 2)
-        if self.last_used == idx:
-            return out
+        last = self.last_used
+        if last == idx:
+            return ids, lens
         in_flight = self.in_flight
         free = self.free
-        put_free = free.append
-        put = out.append
         chained = self.chained
         mask = self.size - 1
-        last = self.last_used
+        n = (idx - last) & 0xFFFF
+        if p is not None and n <= self.size and not chained:
+            flat = ring_run(p[4], p[5] + 4, last & mask, n, self.size, 8)
+            ids, lens = list(flat[0::2]), list(flat[1::2])
+            if len(set(ids)) == n and in_flight.issuperset(ids):
+                in_flight.difference_update(ids)
+                free += ids
+                self.last_used = idx
+                return ids, lens
+            ids, lens = [], []
+        put_free = free.append
+        put_id, put_len = ids.append, lens.append
         if p is not None:
             page, off = p[4], p[5] + 4
             elem = USED_ELEM.unpack_from
         while last != idx:
             if p is None:
-                i, n = self.mem.unpack_from(USED_ELEM, self.used + 4 + 8 * (last & mask))
+                i, k = self.mem.unpack_from(USED_ELEM, self.used + 4 + 8 * (last & mask))
             else:
-                i, n = elem(page, off + 8 * (last & mask))
+                i, k = elem(page, off + 8 * (last & mask))
             last = (last + 1) & 0xFFFF
             try:
                 in_flight.remove(i)
@@ -237,9 +271,10 @@ class DriverQueue:
             put_free(i)
             if chained and i in chained:
                 free.extend(chained.pop(i))
-            put((i, n))
+            put_id(i)
+            put_len(k)
         self.last_used = last
-        return out
+        return ids, lens
 
     def interrupts(self, enabled: bool) -> None:
         if self.event_idx:
@@ -406,14 +441,19 @@ class VirtioNetDriver:
         wrote before it (for a bridge that hands it on)."""
         rx = self.rx
         assert rx is not None, "probe() first"
-        got = rx.take_used()
+        ids, lens = rx.take_used()
         skip = 0 if with_header else NET_HDR_SIZE
         base, stride = self.rx_bufs + skip, self.buf_size
-        spans = [(base + i * stride, n - skip) for i, n in got if NET_HDR_SIZE <= n <= stride]
-        out = self.mem.read_many(spans)
+        if ids and (min(lens) < NET_HDR_SIZE or max(lens) > stride):  # a device's bad lengths
+            kept = [(i, n) for i, n in zip(ids, lens, strict=True) if NET_HDR_SIZE <= n <= stride]
+            gpas, sizes = [base + i * stride for i, _ in kept], [n - skip for _, n in kept]
+        else:
+            gpas = [base + i * stride for i in ids]
+            sizes = [n - skip for n in lens] if skip else lens
+        out = self.mem.read_many(gpas, sizes)
         if None in out:
             raise MemoryFault(f"{self.mem.name}: an RX buffer outside the driver's memory")
-        rx.add_many(self.rx_bufs, self.buf_size, [self.buf_size] * len(got), write=True)
+        rx.add_many(self.rx_bufs, self.buf_size, [self.buf_size] * len(ids), write=True)
         rx.interrupts(True)
         if rx.publish():
             self.t.notify(RXQ)

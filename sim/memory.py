@@ -306,17 +306,17 @@ class GuestMemory:
             page[o : o + k] = view[pos : pos + k]
             pos += k
 
-    def read_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:
-        """:meth:`read` of each (gpa, n) of a batch: the bytes, or None where
-        that read faulted (counted in ``faults``; the rest of the batch goes on).
-        A span inside one cached page is served here; any other goes
-        through :meth:`read` and its checks."""
+    def read_many(self, gpas: Sequence[int], lens: Sequence[int]) -> list[bytes | None]:
+        """:meth:`read` of ``lens[i]`` bytes at each ``gpas[i]`` of a batch: the
+        bytes, or None where that read faulted (counted in ``faults``; the rest
+        of the batch goes on). A span inside one cached page is served here;
+        any other goes through :meth:`read` and its checks."""
         out: list[bytes | None] = []
         put = out.append
         cache = self._cache if self.touched is None else {}
         get = cache.get
         size = self.size
-        for gpa, n in spans:
+        for gpa, n in zip(gpas, lens, strict=True):
             off = gpa & (PAGE_SIZE - 1)
             hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
             if hit is not None and gpa >= 0 and n >= 0:

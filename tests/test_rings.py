@@ -105,7 +105,7 @@ def test_push_many_writes_what_push_writes(size, entries, start) -> None:
         mem = guest()
         q = DeviceQueue(mem, size, 0x1000, 0x1000 + 16 * size, 0x9000, True, used_idx=start)
         if batched:
-            q.push_many(entries)
+            q.push_many([h for h, _ in entries], [n for _, n in entries])
         else:
             for e in entries:
                 q.push(*e)
@@ -140,7 +140,7 @@ def test_read_many_and_write_many_do_what_read_and_write_do(spans, fill) -> None
             expected.append(one.read(gpa, n))
         except MemoryFault:
             expected.append(None)
-    assert batch.read_many(spans) == expected
+    assert batch.read_many([g for g, _ in spans], [n for _, n in spans]) == expected
     assert batch.faults == one.faults
 
 

@@ -11,7 +11,9 @@ aligned), all little endian, with free-running 16-bit indices.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Sequence
 
 MAX_QUEUE_SIZE = 32768
 
@@ -43,6 +45,47 @@ STATUS_FAILED = 128
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")  # id, len
+
+
+@functools.cache
+def u16s(n: int) -> struct.Struct:
+    """``n`` little-endian u16 in a row: a run of available-ring entries."""
+    return struct.Struct(f"<{n}H")
+
+
+@functools.cache
+def u32s(n: int) -> struct.Struct:
+    """``n`` little-endian u32 in a row: a run of used elements is ``u32s(2 * k)``."""
+    return struct.Struct(f"<{n}I")
+
+
+@functools.cache
+def descs(n: int) -> struct.Struct:
+    """``n`` descriptors in a row of the descriptor table (flat: addr, len,
+    flags, next, addr, ...)."""
+    return struct.Struct("<" + "QIHH" * n)
+
+
+def ascending_run(ids: Sequence[int]) -> bool:
+    """Whether ``ids`` are consecutive and ascending (one slice of the descriptor table)."""
+    first = ids[0]
+    return ids[-1] - first == len(ids) - 1 and list(ids) == list(range(first, first + len(ids)))
+
+
+def ring_run(
+    page: bytearray, off: int, start: int, n: int, size: int, width: int
+) -> tuple[int, ...]:
+    """``n`` entries of one ring from slot ``start``, wrapping at ``size``
+    slots (the ring's first slot at ``off`` in ``page``): u16 each for the
+    available ring (``width`` 2), an (id, len) pair of u32 each for the used
+    ring (``width`` 8, flat: id, len, id, len, ...)."""
+    st, per = (u16s, 1) if width == 2 else (u32s, 2)
+    head = min(n, size - start)
+    first = st(head * per).unpack_from(page, off + width * start)
+    if head == n:
+        return first
+    return first + st((n - head) * per).unpack_from(page, off)
+
 
 #: virtio-net header with VERSION_1: flags u8, gso_type u8, hdr_len u16,
 #: gso_size u16, csum_start u16, csum_offset u16, num_buffers u16.
