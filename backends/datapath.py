@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
+from itertools import repeat
 from typing import Any
 
 from xlio.frontends.virtio_net import (
@@ -479,8 +480,9 @@ class Datapath:
             # the header L2 gave, when it is a plain one (no offload, as the
             # device checked); else a fresh one, as L1's driver would build
             plain = TX_HDR
-            hdr_frames = [f if f.startswith(plain) else plain + f[NET_HDR_SIZE:] for f in frames]
-            self.l1_nic.send(hdr_frames, with_header=True)
+            if not all(map(bytes.startswith, frames, repeat(plain))):
+                frames = [f if f.startswith(plain) else plain + f[NET_HDR_SIZE:] for f in frames]
+            self.l1_nic.send(frames, with_header=True)
 
     def _l1_nic_kick(self, queue: int) -> None:
         """L1 kicks its own NIC: an L1 exit that L0's device for it handles."""
@@ -554,9 +556,9 @@ class Datapath:
         # each frame on with the header L0's device gave it when that is a
         # plain one (no offloads, one buffer), else with a fresh one
         got = self.l1_nic.receive(with_header=True)
-        self.l1_pending.extend(
-            f if f.startswith(RX_HDR) else with_rx_header(f[NET_HDR_SIZE:]) for f in got
-        )
+        if not all(map(bytes.startswith, got, repeat(RX_HDR))):
+            got = [f if f.startswith(RX_HDR) else with_rx_header(f[NET_HDR_SIZE:]) for f in got]
+        self.l1_pending.extend(got)
         l2_irq = self._l1_to_l2()
         self._machine("l1_vmresume", m.l1_vmresume)
         if l2_irq:

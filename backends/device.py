@@ -21,13 +21,14 @@ and the device stops touching its rings until the driver resets it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import chain as chain_from
 from itertools import repeat
 from operator import ge, itemgetter
 from typing import cast
 
 from xlio.sim.memory import GuestMemory, MemoryFault
-from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE
+from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE, RUN_MIN
 
 from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments
 
@@ -51,6 +52,7 @@ SRC_MAC = slice(NET_HDR_SIZE + 6, NET_HDR_SIZE + 12)
 
 _NO_OFFLOAD = repeat(b"\0\0")  # flags and gso_type both 0: what a batch is checked against
 _SRC_MAC_OF = itemgetter(SRC_MAC)
+Used = tuple[list[int], list[int]]  # a batch's used entries: heads, and their lengths
 
 #: RX header without mergeable buffers: no offloads, num_buffers = 1.
 RX_HDR = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
@@ -117,7 +119,7 @@ class NetDevice:
             if not taken and broken is None:
                 return
             done += taken
-            used: list[tuple[int, int]] = []
+            used: Used = ([], [])  # heads returned one by one, with their lengths
             accepted: list[int] = []  # heads of the simple chains accepted as a whole
             first = len(out)
             try:
@@ -126,9 +128,7 @@ class NetDevice:
                         (h, ((a, n),), ()) for h, a, n in zip(heads, gpas, lens, strict=True)
                     ]
                     heads, gpas, lens = [], [], []
-                good: list[tuple[int, int]] = [(h, 1) for h in heads]  # (head, descriptors)
-                if rest:
-                    gpas, lens = list(gpas), list(lens)
+                good: list[tuple[int, int]] = []  # (head, descriptors) of rest's good chains
                 for chain in rest:
                     if isinstance(chain, ChainError):
                         drop(used, chain.head, chain.reason, "tx_fails")
@@ -148,15 +148,17 @@ class NetDevice:
                         lens.append(n)
                     good.append((head, k))
                 datas = self.mem.read_many(gpas, lens)
-                simple = datas[: len(heads)]
-                if heads and self._all_sendable(simple):
-                    out += cast(list[bytes], simple)
+                n_simple = len(heads)
+                if n_simple >= RUN_MIN and self._all_sendable(datas[:n_simple]):
+                    out += cast(list[bytes], datas[:n_simple])
                     accepted = heads
-                    del good[: len(heads)]
-                    at = len(heads)
-                else:
+                    checks: Iterable[tuple[int, int]] = good
+                    at = n_simple
+                else:  # each simple chain as one of one descriptor, then the rest's
+                    singles = zip(heads, repeat(1))
+                    checks = chain_from(singles, good) if good else singles
                     at = 0
-                for head, k in good:
+                for head, k in checks:
                     if k == 1:
                         data = datas[at]
                     else:
@@ -173,7 +175,8 @@ class NetDevice:
                         drop(used, head, "source MAC not the device's", None)
                     else:
                         out.append(data)
-                        used.append((head, 0))
+                        used[0].append(head)
+                        used[1].append(0)
             finally:
                 packets = len(out) - first
                 nbytes = sum(map(len, out[first:])) - NET_HDR_SIZE * packets
@@ -200,7 +203,7 @@ class NetDevice:
         self,
         q: DeviceQueue,
         way: str,
-        used: list[tuple[int, int]],
+        used: Used,
         packets: int,
         nbytes: int,
         heads: Sequence[int] = (),
@@ -211,18 +214,20 @@ class NetDevice:
         packets_key, bytes_key = _COUNTS[way]
         self.metrics[packets_key] += packets
         self.metrics[bytes_key] += nbytes
-        q.push_many(heads, lengths)
-        if used:
-            q.push_many([h for h, _ in used], [n for _, n in used])
+        if heads:
+            q.push_many(heads, lengths)
+        if used[0]:
+            q.push_many(*used)
 
-    def _drop(self, used: list[tuple[int, int]], head: int, reason: str, fails: str | None) -> None:
+    def _drop(self, used: Used, head: int, reason: str, fails: str | None) -> None:
         """Count a dropped chain (``reason``, and the ``fails`` metric unless None:
         the malformed-frame drops have their own); its head goes back with length
         0 with the batch's used entries."""
         if fails is not None:
             self.metrics[fails] += 1
         self.errors[reason] += 1
-        used.append((head, 0))
+        used[0].append(head)
+        used[1].append(0)
 
     def _publish(self, q: DeviceQueue) -> bool:
         try:
@@ -263,7 +268,7 @@ class NetDevice:
             heads, gpas, lens, rest, broken = q.pop_batch(min(256, count - pos), write=True)
             taken = len(heads) + len(rest)
             self._consumed += taken  # one frame per chain, good or not
-            used: list[tuple[int, int]] = []
+            used: Used = ([], [])  # heads dropped or scattered, with their lengths
             filled: list[int] = []  # heads written, with their lengths
             filled_sizes: list[int] = []
             packets = nbytes = 0
@@ -304,7 +309,8 @@ class NetDevice:
                     except MemoryFault:
                         drop(used, head, "buffer not mapped in guest memory", "rx_fails")
                         continue
-                    used.append((head, need))
+                    used[0].append(head)
+                    used[1].append(need)
                     packets += 1
                     nbytes += need - NET_HDR_SIZE
                 failed = self.mem.write_many(gpas, datas)

@@ -36,16 +36,17 @@ from operator import add
 from xlio.sim.memory import GuestMemory, MemoryFault, RingPages
 from xlio.virtio import (
     DESC,
+    RUN_MIN,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
-    ascending_run,
     avail_ring_size,
     desc_table_size,
     descs,
+    id_runs,
     need_event,
     ring_run,
     u32s,
@@ -229,7 +230,7 @@ class DeviceQueue:
                 take = min(pending, limit - taken)
                 pending -= take
                 taken += take
-                if not rest:  # still simple: try the whole run of heads at once
+                if not rest and take >= RUN_MIN:  # still simple: the run of heads at once
                     hs = ring_run(apage, aoff, self.last_avail & mask, take, size, 2)
                     if max(hs) < size:
                         a, n, fl = self._descriptors(dpage, doff, hs)
@@ -274,17 +275,30 @@ class DeviceQueue:
         page: bytearray, off: int, hs: tuple[int, ...]
     ) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
         """(addresses, lengths, flags) of the descriptors ``hs`` (each below the
-        queue size), in that order; consecutive ids are read as one run."""
-        k = len(hs)
-        if ascending_run(hs):
-            flat = descs(k).unpack_from(page, off + 16 * hs[0])
-            return flat[0::4], flat[1::4], flat[2::4]
-        if ascending_run(hs[::-1]):  # a driver that takes its free ids as a stack
-            flat = descs(k).unpack_from(page, off + 16 * hs[-1])
-            return flat[-4::-4], flat[-3::-4], flat[-2::-4]
-        desc_at = DESC.unpack_from
-        a, n, fl, _ = zip(*[desc_at(page, off + 16 * h) for h in hs], strict=True)
-        return a, n, fl
+        queue size), in that order. A driver that keeps its free ids as a stack
+        (Linux's ``free_head``) posts runs of consecutive ids, up and down; each
+        run (:func:`~xlio.virtio.id_runs`) is read as one slice of the table."""
+        addrs: list[int] = []
+        lens: list[int] = []
+        flags: list[int] = []
+        for at, k, step in id_runs(hs):
+            if k == 1:
+                a, n, fl, _ = DESC.unpack_from(page, off + 16 * hs[at])
+                addrs.append(a)
+                lens.append(n)
+                flags.append(fl)
+                continue
+            low = hs[at] if step > 0 else hs[at + k - 1]
+            flat = descs(k).unpack_from(page, off + 16 * low)
+            if step > 0:
+                addrs += flat[0::4]
+                lens += flat[1::4]
+                flags += flat[2::4]
+            else:
+                addrs += flat[-4::-4]
+                lens += flat[-3::-4]
+                flags += flat[-2::-4]
+        return addrs, lens, flags
 
     def _walk(self, head: int) -> Chain:
         """The chain at ``head`` (already taken off the ring), or ChainError."""
@@ -331,6 +345,16 @@ class DeviceQueue:
         if p is None or k > size:  # (more than a ring's worth: each overwrites the one before)
             for head, length in zip(heads, lengths, strict=True):
                 self.push(head, length)
+            return
+        if k < RUN_MIN:  # one at a time
+            page, off = p[4], p[5] + 4
+            put = USED_ELEM.pack_into
+            mask = size - 1
+            idx = self.used_idx
+            for head, length in zip(heads, lengths, strict=True):
+                put(page, off + 8 * (idx & mask), head, length)
+                idx = (idx + 1) & 0xFFFF
+            self.used_idx = idx
             return
         flat = [0] * (2 * k)  # id, len, id, len, ...
         flat[0::2] = heads

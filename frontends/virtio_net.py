@@ -38,6 +38,7 @@ from xlio.virtio import (
     DESC,
     MAX_TX_CHAIN_BYTES,
     NET_HDR_SIZE,
+    RUN_MIN,
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
     STATUS_DRIVER,
@@ -155,14 +156,31 @@ class DriverQueue:
         if p is None or not k:
             return [self.add(base, stride, n, write)[1] for n in lengths]
         free = self.free
+        dpage, doff, apage, aoff = p[0], p[1], p[2], p[3] + 4
+        flags = VIRTQ_DESC_F_WRITE if write else 0
+        if k < RUN_MIN:  # one at a time
+            put_desc = DESC.pack_into
+            put_u16 = U16.pack_into
+            in_flight = self.in_flight
+            mask = size - 1
+            idx = self.avail_idx
+            out = []
+            for n in lengths:
+                i = free.pop()
+                in_flight.add(i)
+                gpa = base + i * stride
+                put_desc(dpage, doff + 16 * i, gpa, n, flags, 0)
+                put_u16(apage, aoff + 2 * (idx & mask), i)
+                idx = (idx + 1) & 0xFFFF
+                out.append(gpa)
+            self.avail_idx = idx
+            return out
         if k > len(free):
             raise IndexError("pop from empty list")  # as add() would, on the first id missing
         ids = free[-k:]
         ids.reverse()  # the order pop() takes them in
         del free[-k:]
         self.in_flight.update(ids)
-        dpage, doff, apage, aoff = p[0], p[1], p[2], p[3] + 4
-        flags = VIRTQ_DESC_F_WRITE if write else 0
         gpas = [base + i * stride for i in ids]
         order = ids if ascending_run(ids) else ids[::-1] if ascending_run(ids[::-1]) else None
         if order is not None:  # one slice of the table, written at once
@@ -244,7 +262,7 @@ class DriverQueue:
         chained = self.chained
         mask = self.size - 1
         n = (idx - last) & 0xFFFF
-        if p is not None and n <= self.size and not chained:
+        if p is not None and RUN_MIN <= n <= self.size and not chained:
             flat = ring_run(p[4], p[5] + 4, last & mask, n, self.size, 8)
             ids, lens = list(flat[0::2]), list(flat[1::2])
             if len(set(ids)) == n and in_flight.issuperset(ids):

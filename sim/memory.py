@@ -207,7 +207,9 @@ class GuestMemory:
             e.watch(self)
         self.faults = 0
         self.touched: set[int] | None = None
-        self._cache: dict[int, tuple[bytearray, int]] = {}
+        #: guest page -> (host page, host frame, a memoryview of the page: a
+        #: slice of a memoryview is read and written without a second copy)
+        self._cache: dict[int, tuple[bytearray, int, memoryview]] = {}
         #: moves with every invalidation: a page a caller resolved (a ring's,
         #: :meth:`pinned_page`) is good while this has not moved
         self.generation = 0
@@ -248,7 +250,7 @@ class GuestMemory:
         frame = hpa >> PAGE_SHIFT
         buf = self.host.page(frame)
         if self.caching:
-            self._cache[page_no] = (buf, frame)
+            self._cache[page_no] = (buf, frame, memoryview(buf))
         if self.touched is not None:
             self.touched.add(frame)
         return buf, off
@@ -271,10 +273,9 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
             hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
-            if hit is None:
-                page, off = self._page(gpa)
-            else:
-                page = hit[0]
+            if hit is not None:
+                return hit[2][off : off + n].tobytes()
+            page, off = self._page(gpa)
             return bytes(page[off : off + n])
         out = bytearray()
         while n:
@@ -292,10 +293,10 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
             hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
-            if hit is None:
-                page, off = self._page(gpa)
-            else:
-                page = hit[0]
+            if hit is not None:
+                hit[2][off : off + n] = data
+                return
+            page, off = self._page(gpa)
             page[off : off + n] = data
             return
         view = memoryview(data)
@@ -320,7 +321,7 @@ class GuestMemory:
             off = gpa & (PAGE_SIZE - 1)
             hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
             if hit is not None and gpa >= 0 and n >= 0:
-                put(bytes(hit[0][off : off + n]))
+                put(hit[2][off : off + n].tobytes())
                 continue
             try:
                 put(self.read(gpa, n))
@@ -343,7 +344,7 @@ class GuestMemory:
             off = gpa & (PAGE_SIZE - 1)
             hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
             if hit is not None and gpa >= 0:
-                hit[0][off : off + n] = data
+                hit[2][off : off + n] = data
                 continue
             try:
                 self.write(gpa, data)
