@@ -11,6 +11,17 @@ with VIRTIO_F_EVENT_IDX, the NO_INTERRUPT flag without). :meth:`set_notify`
 tells the driver whether the device wants kicks (``avail_event``, or the
 NO_NOTIFY flag).
 
+Batches. :meth:`pop_batch` takes up to a batch of chains at once and hands
+the simple ones (one descriptor of the device's direction, as every RX
+buffer and every small TX frame is) as parallel lists of heads, addresses
+and lengths; :meth:`push_many` returns a batch's heads. From
+:data:`~xlio.virtio.RUN_MIN` entries, ring entries are read and written as
+runs (one ``struct`` call each), and so are the descriptors of consecutive
+ids, which a driver that keeps its free ids as a stack (Linux's
+``free_head``) posts. The checks are the ones :meth:`pop` makes: a run is
+taken as a whole only when every entry in it passes them, else entry by
+entry from the same slot.
+
 A guest's bad input never escapes as an exception and never reaches memory
 outside L2's own (every access goes through ``GuestMemory``):
 
