@@ -122,11 +122,11 @@ class DeviceQueue:
         self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
         # the available ring, the descriptor table and the used ring, kept
-        self._ring_pages = RingPages(
+        self._rings = RingPages(
             mem,
             ((avail, avail_ring_size(size)), (desc, desc_table_size(size)),
              (used, used_ring_size(size))),
-        ).get  # fmt: skip
+        )  # fmt: skip
 
     # ------------------------------------------------------------- helpers
     def _break(self, reason: str) -> QueueBroken:
@@ -141,7 +141,7 @@ class DeviceQueue:
         n = (self.avail_idx - self.last_avail) & 0xFFFF
         if n:  # entries seen at the last read of the index: no need to read it again
             return n
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         try:  # caught up: read the driver's index (once per batch, as vhost does)
             idx = _U16.unpack_from(p[0], p[1] + 2)[0] if p else self.mem.read_u16(self.avail + 2)
         except MemoryFault:
@@ -211,7 +211,7 @@ class DeviceQueue:
             pending = self.pending()
             if not pending:
                 return heads, addrs, lens, rest, None
-            p = self._ring_pages()
+            p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
             if p is None:  # rings across pages: one access at a time
                 while len(rest) < limit:
                     try:
@@ -352,7 +352,7 @@ class DeviceQueue:
         if not k:
             return
         size = self.size
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         if p is None or k > size:  # (more than a ring's worth: each overwrites the one before)
             for head, length in zip(heads, lengths, strict=True):
                 self.push(head, length)
@@ -396,7 +396,7 @@ class DeviceQueue:
         old = self.signalled
         if new == old:
             return False
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         if p is not None:
             _U16.pack_into(p[4], p[5] + 2, new)
             if self.event_idx:
@@ -421,7 +421,7 @@ class DeviceQueue:
         """Ask for kicks (at the next available entry) or suppress them."""
         if self.broken:
             return
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         if p is not None:  # as below, in place
             if self.event_idx:
                 event = self.last_avail if enabled else (self.last_avail + 0x8000) & 0xFFFF

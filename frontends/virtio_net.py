@@ -125,11 +125,11 @@ class DriverQueue:
         self.published = 0
         self.last_used = 0
         # the descriptor table, the available ring and the used ring, kept
-        self._ring_pages = RingPages(
+        self._rings = RingPages(
             mem,
             ((self.desc, desc_table_size(size)), (self.avail, avail_ring_size(size)),
              (self.used, used_ring_size(size))),
-        ).get  # fmt: skip
+        )  # fmt: skip
 
     def add(self, base: int, stride: int, length: int, write: bool) -> tuple[int, int]:
         """Post the buffer of a free descriptor (buffer ``i`` is at ``base + i * stride``)
@@ -151,7 +151,7 @@ class DriverQueue:
         with consecutive ids are written as one run, the available entries in
         one run (two when the ring wraps)."""
         size = self.size
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         k = len(lengths)
         if p is None or not k:
             return [self.add(base, stride, n, write)[1] for n in lengths]
@@ -232,7 +232,7 @@ class DriverQueue:
         if new == old:
             return False
         self.published = new
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         if p is not None:  # as below, in place
             U16.pack_into(p[2], p[3] + 2, new)
             if self.event_idx:
@@ -252,7 +252,7 @@ class DriverQueue:
         other, one element at a time."""
         ids: list[int] = []
         lens: list[int] = []
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         idx = U16.unpack_from(p[4], p[5] + 2)[0] if p else self.mem.read_u16(self.used + 2)
         last = self.last_used
         if last == idx:
@@ -304,7 +304,7 @@ class DriverQueue:
             )
         else:
             gpa, value = self.avail, 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT
-        p = self._ring_pages()
+        p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         if p is not None:
             U16.pack_into(p[2], p[3] + gpa - self.avail, value)
         else:

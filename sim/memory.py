@@ -206,13 +206,25 @@ class GuestMemory:
         for e in epochs:
             e.watch(self)
         self.faults = 0
-        self.touched: set[int] | None = None
+        self._touched: set[int] | None = None
         #: guest page -> (host page, host frame, a memoryview of the page: a
         #: slice of a memoryview is read and written without a second copy)
         self._cache: dict[int, tuple[bytearray, int, memoryview]] = {}
         #: moves with every invalidation: a page a caller resolved (a ring's,
         #: :meth:`pinned_page`) is good while this has not moved
         self.generation = 0
+
+    @property
+    def touched(self) -> set[int] | None:
+        """Host frames accessed since this was set (None: not recorded)."""
+        return self._touched
+
+    @touched.setter
+    def touched(self, frames: set[int] | None) -> None:
+        # what callers kept (a ring's pages) was resolved without recording:
+        # resolving again, through the accessor, records
+        self._touched = frames
+        self.invalidate()
 
     def invalidate(self) -> None:
         """A mapping this view relies on changed: every cached page goes."""
@@ -225,7 +237,7 @@ class GuestMemory:
         translations or records every frame touched, so that such a caller
         goes through the accessor each time. The page is good while
         ``generation`` has not moved."""
-        if not self.caching or self.touched is not None:
+        if not self.caching or self._touched is not None:
             return None
         return self.span_page(gpa, n)
 
@@ -239,8 +251,8 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         hit = self._cache.get(page_no)
         if hit is not None:
-            if self.touched is not None:
-                self.touched.add(hit[1])
+            if self._touched is not None:
+                self._touched.add(hit[1])
             return hit[0], off
         try:
             hpa = self.translate(gpa)
@@ -251,8 +263,8 @@ class GuestMemory:
         buf = self.host.page(frame)
         if self.caching:
             self._cache[page_no] = (buf, frame, memoryview(buf))
-        if self.touched is not None:
-            self.touched.add(frame)
+        if self._touched is not None:
+            self._touched.add(frame)
         return buf, off
 
     def span_page(self, gpa: int, n: int) -> tuple[bytearray, int] | None:
@@ -272,7 +284,7 @@ class GuestMemory:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+            hit = None if self._touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
             if hit is not None:
                 return hit[2][off : off + n].tobytes()
             page, off = self._page(gpa)
@@ -292,7 +304,7 @@ class GuestMemory:
             self._span(gpa, n)
         off = gpa & (PAGE_SIZE - 1)
         if off + n <= PAGE_SIZE:
-            hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+            hit = None if self._touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
             if hit is not None:
                 hit[2][off : off + n] = data
                 return
@@ -314,7 +326,7 @@ class GuestMemory:
         any other goes through :meth:`read` and its checks."""
         out: list[bytes | None] = []
         put = out.append
-        cache = self._cache if self.touched is None else {}
+        cache = self._cache if self._touched is None else {}
         get = cache.get
         size = self.size
         for gpa, n in zip(gpas, lens, strict=True):
@@ -335,7 +347,7 @@ class GuestMemory:
         rest of the batch is written). A write inside one cached page is
         done here; any other goes through :meth:`write` and its checks."""
         failed: list[int] = []
-        cache = self._cache if self.touched is None else {}
+        cache = self._cache if self._touched is None else {}
         get = cache.get
         size = self.size
         for i, gpa in enumerate(gpas):
@@ -358,7 +370,7 @@ class GuestMemory:
         off = gpa & (PAGE_SIZE - 1)
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
             return st.unpack(self.read(gpa, n))  # out of range (raises) or across pages
-        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+        hit = None if self._touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
         if hit is None:
             page, off = self._page(gpa)
         else:
@@ -372,7 +384,7 @@ class GuestMemory:
         if gpa < 0 or gpa + n > self.size or off + n > PAGE_SIZE:
             self.write(gpa, st.pack(*values))
             return
-        hit = None if self.touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
+        hit = None if self._touched is not None else self._cache.get(gpa >> PAGE_SHIFT)
         if hit is None:
             page, off = self._page(gpa)
         else:
@@ -394,27 +406,32 @@ class RingPages:
     """The host pages of a queue's three rings (``spans``: (GPA, bytes) each,
     in the order the owner reads them back), kept between batches and
     resolved again only when the view's ``generation`` moves (every mapping
-    change moves it). :meth:`get` is None when they cannot be kept (a ring
-    across pages, a view that does not cache or records what it touches, a
-    fault): then the owner goes through the accessor, which says what is wrong."""
+    change moves it, and so does starting or stopping to record ``touched``).
+    :meth:`get` is None when they cannot be kept (a ring across pages, a view
+    that does not cache or records what it touches, a fault): then the owner
+    goes through the accessor, which says what is wrong.
 
-    __slots__ = ("mem", "spans", "_pages", "_gen")
+    On its hot paths an owner reads ``pages`` itself while ``gen`` equals
+    the view's generation (``rp.pages if rp.gen == mem.generation else
+    rp.get()``): the same answer as :meth:`get`, without a call."""
+
+    __slots__ = ("mem", "spans", "pages", "gen")
 
     def __init__(self, mem: GuestMemory, spans: tuple[tuple[int, int], ...]) -> None:
         self.mem = mem
         self.spans = spans
-        self._pages: Pages3 | None = None
-        self._gen = -1
+        self.pages: Pages3 | None = None
+        self.gen = -1  # the view's generation ``pages`` was resolved at
 
     def get(self) -> Pages3 | None:
         mem = self.mem
-        if self._gen == mem.generation and mem.touched is None:
-            return self._pages
+        if self.gen == mem.generation:
+            return self.pages
         try:
             found = [mem.pinned_page(gpa, n) for gpa, n in self.spans]
         except MemoryFault:
             return None  # not kept: the accessor reports which ring it was
         a, b, c = found
-        self._pages = (*a, *b, *c) if a and b and c else None
-        self._gen = mem.generation
-        return self._pages
+        self.pages = (*a, *b, *c) if a and b and c else None
+        self.gen = mem.generation
+        return self.pages
