@@ -92,6 +92,7 @@ class NetDevice:
             try:
                 self._tx(out, limit)
                 self.txq.set_notify(True)  # drained: ask for a kick at the next buffer
+                return out, self.txq.publish()
             except QueueBroken as e:
                 self._broken(e)
         return out, self._publish(self.txq)
@@ -250,6 +251,7 @@ class NetDevice:
             try:
                 if self._rx(frames) and self._consumed:
                     self.rxq.set_notify(False)
+                return self._consumed, self.rxq.publish()
             except QueueBroken as e:
                 self._broken(e)
         return self._consumed, self._publish(self.rxq)
