@@ -355,7 +355,8 @@ class Datapath:
         """The backend that serves L2's rings right now."""
         if self.path == "single":
             return self.single_dev
-        return self.direct.device if self.direct.active else self.l1_dev
+        direct = self.direct.device  # L0's, while L1 has delegated the device
+        return direct if direct is not None else self.l1_dev
 
     def delegation(self) -> Delegation:
         """What L1 would hand L0 for L2's NIC now (its backend's queue state)."""
@@ -528,8 +529,10 @@ class Datapath:
             self.wire.put_back(frames)
             return 0
         consumed, irq = dev.rx(frames)
-        self._charge_l0(frames[:consumed])
-        self.wire.put_back(frames[consumed:])
+        if consumed < len(frames):
+            self.wire.put_back(frames[consumed:])
+            frames = frames[:consumed]
+        self._charge_l0(frames)
         if irq:
             self._machine("l0_interrupt_l2", self.m.l0_interrupt_l2)
             self.l2_interrupt()
@@ -543,8 +546,10 @@ class Datapath:
             self.wire.put_back(frames)
             return 0
         consumed, irq = nic.rx(frames)
-        self._charge_l0(frames[:consumed])
-        self.wire.put_back(frames[consumed:])
+        if consumed < len(frames):
+            self.wire.put_back(frames[consumed:])
+            frames = frames[:consumed]
+        self._charge_l0(frames)
         if not irq:
             return consumed
         # L2 running: a reflected external interrupt; L1 halted: a wake-up

@@ -33,8 +33,11 @@ class Inbox:
     def take(self, limit: int) -> list[bytes]:
         """Up to ``limit`` frames waiting for L0's RX path."""
         q = self.to_guest
-        n = min(limit, len(q))
-        return [q.popleft() for _ in range(n)]
+        if len(q) <= limit:  # all of it (a request at a time, a burst's tail)
+            out = list(q)
+            q.clear()
+            return out
+        return [q.popleft() for _ in range(limit)]
 
     def put_back(self, frames: list[bytes]) -> None:
         """Frames L0 could not place yet stay at the head of the line."""
