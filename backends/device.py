@@ -180,7 +180,7 @@ class NetDevice:
                         used[1].append(0)
             finally:
                 packets = len(out) - first
-                nbytes = sum(map(len, out[first:])) - NET_HDR_SIZE * packets
+                nbytes = sum(map(len, out[first:] if first else out)) - NET_HDR_SIZE * packets
                 self._settle(q, "tx", used, packets, nbytes, accepted, [0] * len(accepted))
             if broken is not None:
                 raise broken

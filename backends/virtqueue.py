@@ -362,7 +362,7 @@ class DeviceQueue:
             put = USED_ELEM.pack_into
             mask = size - 1
             idx = self.used_idx
-            for head, length in zip(heads, lengths, strict=True):
+            for head, length in zip(heads, lengths):  # noqa: B905 (equal: zip's strict= costs)
                 put(page, off + 8 * (idx & mask), head, length)
                 idx = (idx + 1) & 0xFFFF
             self.used_idx = idx

@@ -329,7 +329,8 @@ class GuestMemory:
         cache = self._cache if self._touched is None else {}
         get = cache.get
         size = self.size
-        for gpa, n in zip(gpas, lens, strict=True):
+        # equal lengths, by every caller's construction (zip's strict= is a keyword call)
+        for gpa, n in zip(gpas, lens):  # noqa: B905
             off = gpa & (PAGE_SIZE - 1)
             hit = get(gpa >> PAGE_SHIFT) if off + n <= PAGE_SIZE and gpa + n <= size else None
             if hit is not None and gpa >= 0 and n >= 0:
