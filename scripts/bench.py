@@ -523,11 +523,11 @@ def on_cpu(cpu: int | None) -> Iterator[None]:
 
 
 #: Round trips before the timed ones, for every responder alike. The
-#: responder is a child forked for the measurement: its first few hundred
-#: requests pay for copy-on-write faults on the pages of every object they
-#: touch and for the model's first run of each machine operation (measured
-#: on l0 after 20 of them: the first quarter of 2,000 trips 76.6 us, the
-#: last three 69.7-74.5 us; the floor 15.8-17.1 us throughout).
+#: responder is a child forked for the measurement: its first requests pay
+#: for copy-on-write faults on the pages of every object they touch and for
+#: the model's first run of each machine operation (``scripts/echo_anatomy.py``
+#: prints the round trip per quarter of the timed trips; the README says
+#: what it showed).
 WARMUP_TRIPS = 500
 
 

@@ -1,0 +1,69 @@
+"""Whether a change moved the datapath model's answers: a digest of ``measure``.
+
+Runs ``measure`` of tx, rx and echo on single, l0 and l1, with batches of
+1, 8 and 64 frames and frames of 60, 1,500 and 9,000 bytes, on every preset
+(324 configurations, 300 operations each), and hashes each result whole
+(per-operation figures, totals, device counters). With ``--against REV``
+the same runs are made on that commit, checked out in a temporary git
+worktree, and the configurations whose digests differ are listed.
+
+    python scripts/model_digest.py [--against REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+
+from worktree import checkout, child_env
+
+CHILD = """
+import hashlib, json
+from xlio.measure import measure
+from xlio.sim.presets import PRESETS
+out = {}
+for preset in sorted(PRESETS):
+    for path in ("single", "l0", "l1"):
+        for w in ("tx", "rx", "echo"):
+            for batch in (1, 8, 64):
+                for size in (60, 1500, 9000):
+                    r = measure(w, path, preset, count=300,
+                                options={"batch": batch, "frame_size": size})
+                    text = json.dumps(r, sort_keys=True, default=str).encode()
+                    out[f"{preset} {path} {w} batch {batch} frame {size}"] = \\
+                        hashlib.sha1(text).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def digests(pythonpath: str | None) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True,
+        env=child_env(pythonpath), cwd=tempfile.gettempdir(), check=True,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--against", metavar="REV")
+    a = ap.parse_args()
+    now = digests(None)
+    whole = hashlib.sha1(json.dumps(now, sort_keys=True).encode()).hexdigest()
+    print(f"{len(now)} configurations, digest of all {whole}")
+    if a.against:
+        with ExitStack() as stack:
+            then = digests(stack.enter_context(checkout(a.against)))
+        differ = [k for k in now if now[k] != then.get(k)]
+        print(f"against {a.against}: {len(differ)} of {len(now)} differ")
+        for k in differ:
+            print(f"  {k}")
+
+
+if __name__ == "__main__":
+    main()
