@@ -50,10 +50,11 @@ USED_ELEM = struct.Struct("<II")  # id, len
 #: Ring work in runs (one ``struct`` call for a run of ring entries or of
 #: consecutive descriptors, a batch's checks over the whole batch) pays off
 #: from this many entries; a shorter batch is done one entry at a time, as
-#: before runs existed. Runs added about 2 us to every one-frame kick
-#: (``scripts/bench_inproc.py``: 1.33-1.43x the time per operation when
-#: they were used for every batch), while at 64 frames a batch they save a
-#: quarter of the time per frame; 8 keeps the one-frame paths as they were.
+#: before runs existed. Used for every batch, runs took a one-frame kick
+#: to 1.33-1.43x its time (``scripts/bench_inproc.py``, 10-35 us more per
+#: operation), while at 64 frames a batch they cut the time per frame to
+#: 0.66-0.89x (``--batch 64``); from 8 entries on, each run saves more
+#: than its set-up costs.
 RUN_MIN = 8
 
 
