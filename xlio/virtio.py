@@ -50,12 +50,13 @@ USED_ELEM = struct.Struct("<II")  # id, len
 #: Ring work in runs (one ``struct`` call for a run of ring entries or of
 #: consecutive descriptors, a batch's checks over the whole batch) pays off
 #: from this many entries; a shorter batch is done one entry at a time, as
-#: before runs existed. Used for every batch, runs took a one-frame kick
-#: to 1.33-1.43x its time (``scripts/bench_inproc.py``, 10-35 us more per
-#: operation), while at 64 frames a batch they cut the time per frame to
-#: 0.66-0.89x (``--batch 64``); from 8 entries on, each run saves more
-#: than its set-up costs.
-RUN_MIN = 8
+#: before runs existed. ``python scripts/run_crossover.py`` (l0, µs per
+#: frame with runs for every batch against none): TX 1.50x at 4 frames a
+#: batch, 1.19x at 8, 1.12x at 12, 0.97x at 16, 0.80x at 64; RX within
+#: 0.94-1.16x from 4 to 24 (noise), 0.91x at 32, 0.88x at 64. Used for
+#: every batch, runs took a one-frame kick to 1.33-1.43x its time
+#: (``scripts/bench_inproc.py``).
+RUN_MIN = 16
 
 
 @functools.cache
