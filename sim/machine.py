@@ -242,7 +242,7 @@ class NestedMachine(ABC):
         if rec is None:
             rec = table[sig] = Replay.record(self, operation)
             return rec
-        if rec.eager:  # rare: VMCS values, APIC deliveries
+        if rec.eager:  # rare: VMCS values
             rec.apply_eager(self)
         if rec.changes:
             self._restore(rec.changes)
@@ -277,6 +277,8 @@ class NestedMachine(ABC):
         self._pending.clear()  # in place: replayers hold this dict
         for rec, n in pending:
             rec.add_to(self._stats, self._vmcss(), n)
+            if rec.delivered:  # a count, read by nothing between flushes
+                self.l2_apic.delivered += rec.delivered * n
 
     # ------------------------------------------------------------- L2 side
     def l2_exit(

@@ -60,7 +60,7 @@ class Replay:
     values: tuple[tuple[int, int, int], ...]
     changes: tuple[tuple[int, Any], ...]  # signature fields the operation changes: (index, value)
     delivered: int  # interrupts the operation delivered (VirtualApicPage.delivered)
-    eager: bool  # values or deliveries to apply at once, not when counters are read
+    eager: bool  # VMCS values to apply at once, not when counters are read
     levels: dict[str, float]  # cycles by level: switch, L0, L1
     result: Any
 
@@ -118,7 +118,7 @@ class Replay:
             (i, a) for i, (b, a) in enumerate(zip(sig, after, strict=True)) if a != b
         )
         rec.delivered = m.l2_apic.delivered - delivered
-        rec.eager = bool(rec.values or rec.delivered)
+        rec.eager = bool(rec.values)  # deliveries are a count: applied with the counters
         d = dict(rec.counters)
         rec.levels = {
             "switch": d.get("cycles_switch", 0.0),
@@ -145,7 +145,6 @@ class Replay:
         vmcss = m._vmcss()
         for i, field, value in self.values:
             vmcss[i].values[field] = value
-        m.l2_apic.delivered += self.delivered
 
     def add_to(self, s: Stats, vmcss: tuple[Vmcs, ...], n: int) -> None:
         """Apply ``n`` replays of this record to the counters ``s`` and the VMCSs."""
