@@ -30,7 +30,7 @@ from typing import cast
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE, RUN_MIN
 
-from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments
+from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments, simple_chains
 
 METRICS = (
     "rx_packets_count",
@@ -125,9 +125,7 @@ class NetDevice:
             first = len(out)
             try:
                 if heads and (min(lens) < lo or max(lens) > hi):
-                    rest[:0] = [
-                        (h, ((a, n),), ()) for h, a, n in zip(heads, gpas, lens, strict=True)
-                    ]
+                    rest[:0] = simple_chains(heads, gpas, lens, write=False)
                     heads, gpas, lens = [], [], []
                 good: list[tuple[int, int]] = []  # (head, descriptors) of rest's good chains
                 for chain in rest:
@@ -279,9 +277,7 @@ class NetDevice:
                 # together when every frame fits its buffer, else one by one below
                 datas = frames[pos : pos + len(heads)]
                 if heads and not all(map(ge, lens, map(len, datas))):
-                    rest[:0] = [
-                        (h, (), ((a, n),)) for h, a, n in zip(heads, gpas, lens, strict=True)
-                    ]
+                    rest[:0] = simple_chains(heads, gpas, lens, write=True)
                     heads, gpas, datas = [], [], []
                 pos += len(heads)
                 for chain in rest:

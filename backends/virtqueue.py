@@ -91,6 +91,16 @@ Batch = tuple[list[int], list[int], list[int], list[Chain | ChainError], QueueBr
 lengths) of its simple chains, the rest, and what broke the ring."""
 
 
+def simple_chains(
+    heads: Sequence[int], addrs: Sequence[int], lens: Sequence[int], write: bool
+) -> list[Chain]:
+    """:meth:`DeviceQueue.pop_batch`'s simple chains as chains: one descriptor
+    each, device-writable when ``write``, else device-readable."""
+    if write:
+        return [(h, (), ((a, n),)) for h, a, n in zip(heads, addrs, lens, strict=True)]
+    return [(h, ((a, n),), ()) for h, a, n in zip(heads, addrs, lens, strict=True)]
+
+
 class DeviceQueue:
     """Device side of a split virtqueue (see the module docstring)."""
 
@@ -182,9 +192,7 @@ class DeviceQueue:
         with its simple prefix as chains.)
         """
         heads, addrs, lens, rest, broken = self.pop_batch(limit, write=False)
-        out: list[Chain | ChainError] = [
-            (h, ((a, n),), ()) for h, a, n in zip(heads, addrs, lens, strict=True)
-        ]
+        out: list[Chain | ChainError] = list(simple_chains(heads, addrs, lens, write=False))
         out += rest
         return out, broken
 

@@ -54,10 +54,10 @@ from xlio.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
-    ascending_run,
     avail_ring_size,
     desc_table_size,
     descs,
+    id_runs,
     need_event,
     ring_run,
     u16s,
@@ -148,8 +148,9 @@ class DriverQueue:
         """:meth:`add` for each length, the descriptor table and the available
         ring resolved once (when each lies in one page); returns the buffers' GPAs.
         The ids come off the free list as :meth:`add` takes them; descriptors
-        with consecutive ids are written as one run, the available entries in
-        one run (two when the ring wraps)."""
+        with consecutive ids are written as one run each
+        (:func:`~xlio.virtio.id_runs`), the available entries in one run (two
+        when the ring wraps)."""
         size = self.size
         p = rp.pages if (rp := self._rings).gen == self.mem.generation else rp.get()
         k = len(lengths)
@@ -182,20 +183,20 @@ class DriverQueue:
         del free[-k:]
         self.in_flight.update(ids)
         gpas = [base + i * stride for i in ids]
-        order = ids if ascending_run(ids) else ids[::-1] if ascending_run(ids[::-1]) else None
-        if order is not None:  # one slice of the table, written at once
-            flat = [0] * (4 * k)  # addr, len, flags, next (0: no chain)
-            if order is ids:
-                flat[0::4], flat[1::4] = gpas, lengths
-            else:
-                flat[0::4], flat[1::4] = gpas[::-1], lengths[::-1]
+        put_desc = DESC.pack_into
+        for at, n, step in id_runs(ids):  # each run of ids: one slice of the table
+            if n == 1:
+                put_desc(dpage, doff + 16 * ids[at], gpas[at], lengths[at], flags, 0)
+                continue
+            run_gpas, run_lens = gpas[at : at + n], lengths[at : at + n]
+            if step < 0:  # the table's order is the ids' reversed
+                run_gpas.reverse()
+                run_lens.reverse()
+            flat = [0] * (4 * n)  # addr, len, flags, next (0: no chain)
+            flat[0::4], flat[1::4] = run_gpas, run_lens
             if flags:
-                flat[2::4] = [flags] * k
-            descs(k).pack_into(dpage, doff + 16 * order[0], *flat)
-        else:
-            put_desc = DESC.pack_into
-            for i, gpa, n in zip(ids, gpas, lengths, strict=True):
-                put_desc(dpage, doff + 16 * i, gpa, n, flags, 0)
+                flat[2::4] = [flags] * n
+            descs(n).pack_into(dpage, doff + 16 * min(ids[at], ids[at + n - 1]), *flat)
         start = self.avail_idx & (size - 1)
         first = min(k, size - start)
         u16s(first).pack_into(apage, aoff + 2 * start, *ids[:first])

@@ -183,8 +183,9 @@ class NestedMachine(ABC):
         """A function that reads :meth:`_signature` (the replayer's hot line):
         everything an operation's effect depends on, besides its arguments
         (the virtual-APIC page's ``delivered`` is a counter: a delta, not
-        state). An architecture with less state reads less (and restores it
-        by its own :meth:`_restore`)."""
+        state). It reads the fields :data:`_SIG_LAYOUT` names, in that order
+        (written out here: this is the hottest line); an architecture with
+        less state reads less and names less."""
         pid = self.l2_pid
         apic = self.l2_apic
         ctl = self.l1_controls
@@ -200,18 +201,30 @@ class NestedMachine(ABC):
     def _signature(self) -> tuple[Any, ...]:
         return self._signature_reader()()
 
-    _SIG_FIELDS = ("state", "_cache", "vmcs12_dirty", "l2_halted", "l1_halted", "_l1_background")
-    _SIG_APIC = ("on", "pir", "irr", "isr")  # signature fields 7-10: l2_pid's, then l2_apic's
+    #: Where each field of the signature lives, in the signature's order:
+    #: (the part of the machine holding it, "" for the machine itself; the
+    #: attribute, None for L1's controls, which restore their own state).
+    _SIG_LAYOUT: tuple[tuple[str, str | None], ...] = (
+        ("", "state"), ("", "_cache"), ("", "vmcs12_dirty"), ("", "l2_halted"),
+        ("", "l1_halted"), ("", "_l1_background"), ("l1_controls", None),
+        ("l2_pid", "on"), ("l2_pid", "pir"), ("l2_apic", "irr"), ("l2_apic", "isr"),
+    )  # fmt: skip
+    _sig_targets: tuple[tuple[Any, str | None], ...] = ()
 
     def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
         """Set the signature's fields that a replayed operation changes."""
+        targets = self._sig_targets
+        if not targets:  # resolved once: the parts are the machine's for its life
+            # (None for the machine itself: holding it here would be a cycle)
+            targets = self._sig_targets = tuple(
+                (getattr(self, part) if part else None, field) for part, field in self._SIG_LAYOUT
+            )
         for i, value in changes:
-            if i < 6:
-                setattr(self, self._SIG_FIELDS[i], value)
-            elif i == 6:
-                self.l1_controls.restore(value)
+            target, field = targets[i]
+            if field is None:
+                target.restore(value)
             else:
-                setattr(self.l2_pid if i < 9 else self.l2_apic, self._SIG_APIC[i - 7], value)
+                setattr(self if target is None else target, field, value)
 
     def replay(self, key: Any, operation: Callable[[], Any]) -> Replay:
         """Run ``operation`` (machine calls only) or replay what it did before.

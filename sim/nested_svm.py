@@ -134,7 +134,10 @@ class NestedSvm(NestedMachine):
     # SVM's state is smaller than VMX's: no register cache of VMCS fields, no
     # dirty vmcs12, no posted-interrupt descriptor (no AVIC for L2). So is its
     # signature, and the replayer's hot line reads just these seven fields.
-    _SVM_SIG_FIELDS = ("state", "l2_halted", "l1_halted", "_l1_background")
+    _SIG_LAYOUT = (
+        ("", "state"), ("", "l2_halted"), ("", "l1_halted"), ("", "_l1_background"),
+        ("l1_controls", None), ("l2_apic", "irr"), ("l2_apic", "isr"),
+    )  # fmt: skip
 
     def _signature_reader(self) -> Callable[[], tuple[Any, ...]]:
         ctl = self.l1_controls
@@ -145,15 +148,6 @@ class NestedSvm(NestedMachine):
                     apic.irr, apic.isr)  # fmt: skip
 
         return sig
-
-    def _restore(self, changes: tuple[tuple[int, Any], ...]) -> None:
-        for i, value in changes:
-            if i < 4:
-                setattr(self, self._SVM_SIG_FIELDS[i], value)
-            elif i == 4:
-                self.l1_controls.restore(value)
-            else:
-                setattr(self.l2_apic, ("irr", "isr")[i - 5], value)
 
     # ---------------------------------------------------------------- L1's instructions
     def l1_svm_insns(self, insns: tuple[SvmInsn, ...], cause: str) -> None:

@@ -78,12 +78,6 @@ def descs(n: int) -> struct.Struct:
     return struct.Struct("<" + "QIHH" * n)
 
 
-def ascending_run(ids: Sequence[int]) -> bool:
-    """Whether ``ids`` are consecutive and ascending (one slice of the descriptor table)."""
-    first = ids[0]
-    return ids[-1] - first == len(ids) - 1 and list(ids) == list(range(first, first + len(ids)))
-
-
 def _is_run(ids: Sequence[int], at: int, k: int, step: int) -> bool:
     first = ids[at]
     return list(ids[at : at + k]) == list(range(first, first + step * k, step))
