@@ -13,8 +13,12 @@ differs. Frames cross with their 12-byte virtio-net header (IFF_VNET_HDR).
   dropped and counted in ``tap_write_fails``.
 * Receive: the reader task waits with ``trio.lowlevel.wait_readable``,
   reads with ``os.read`` until EAGAIN (a batch), and lets the datapath pump
-  the batch toward L2. A guest with no RX buffers is counted by the device
-  (``no_rx_avail_buffer``) and the frames wait here, up to ``INBOX_MAX``.
+  the batch toward L2; then it reads again, and waits for readiness only
+  once a read finds the tap empty, as vhost-net's ``handle_rx`` polls its
+  socket until it is empty before it re-arms the wake-up (every
+  ``RX_WEIGHT`` frames it lets the other tasks run). A guest with no RX
+  buffers is counted by the device (``no_rx_avail_buffer``) and the frames
+  wait here, up to ``INBOX_MAX``.
 * The tap's link set down: writes fail with EIO; the frame is dropped and
   counted (``tx_link_down``) and the wire keeps going, so traffic resumes
   when the link comes back up.
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
     from .datapath import Datapath
 
 BACKLOG_MAX = 4096
+#: Frames the reader moves before it lets the other tasks run: vhost-net's
+#: VHOST_NET_PKT_WEIGHT (drivers/vhost/net.c, Linux 6.1).
+RX_WEIGHT = 256
 INBOX_MAX = 4096
 READ_SIZE = 65536 + NET_HDR_SIZE
 NUM_BUFFERS_1 = b"\x01\x00"  # the header's last field, little-endian
@@ -313,6 +320,25 @@ async def _writer(wire: TapWire) -> None:
             await trio.lowlevel.wait_writable(wire.fd)
 
 
+async def _handle_rx(dp: Datapath, wire: TapWire) -> None:
+    """vhost-net's ``handle_rx``: with the tap readable, read and pump until a
+    read finds the tap empty (then the caller waits for readiness again, as
+    ``vhost_net_enable_vq`` re-arms the socket's poll) or the inbox is full.
+    Past :data:`RX_WEIGHT` frames it gives the other tasks a turn and goes
+    on (``vhost_exceeds_weight`` requeues the work), so a busy tap neither
+    starves them nor delays a cancellation by more than a weight's worth."""
+    weight = RX_WEIGHT
+    while True:
+        got = wire.read_available()
+        dp.pump()
+        if not got or wire.inbox_full():
+            return
+        weight -= got
+        if weight <= 0:
+            await trio.lowlevel.checkpoint()
+            weight = RX_WEIGHT
+
+
 async def serve_tap(
     dp: Datapath, wire: TapWire, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -330,10 +356,10 @@ async def serve_tap(
                 # each wait parks this task, so the writer and the guest's tasks run
                 if wire.inbox_full():  # L2 takes nothing now: leave frames in the kernel
                     await trio.sleep(0.001)
-                else:
-                    await trio.lowlevel.wait_readable(wire.fd)
-                    wire.read_available()
-                dp.pump()
+                    dp.pump()
+                    continue
+                await trio.lowlevel.wait_readable(wire.fd)
+                await _handle_rx(dp, wire)
     except BaseExceptionGroup as group:
         raise_first(group, TapGone)
         raise

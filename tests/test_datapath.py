@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from typing import Any
 
 import pytest
 
@@ -387,7 +388,9 @@ def test_a_dead_machine_is_freed_by_reference_counting(workload: str, path: str)
     gc.collect()
     gc.disable()
     try:
-        small = {"working_set_mib": 4, "seconds": 0.05, "l2_mem_gib": 1, "l1_mem_gib": 2}
+        small: dict[str, Any] = {
+            "working_set_mib": 4, "seconds": 0.05, "l2_mem_gib": 1, "l1_mem_gib": 2,
+        }  # fmt: skip
         opts = small if workload in ("ept-touch", "ept-churn") else {}
         if workload in PAGING_WORKLOADS:  # with EPT they cost nothing: run them under a shadow MMU
             opts = {"l2_mmu": "shadow-on-ept"}

@@ -149,7 +149,7 @@ def test_ring_pages_follow_a_mapping_change() -> None:
     under them changes (the view's epoch moves, as when L1 swaps the page
     out and back in elsewhere) it must read the ring where it is now."""
     host = HostMemory(MEM)
-    where = {}  # guest page -> host page, changeable
+    where: dict[int, int] = {}  # guest page -> host page, changeable
 
     def translate(gpa: int) -> int:
         return (where.get(gpa >> 12, gpa >> 12) << 12) | (gpa & 4095)

@@ -34,12 +34,12 @@ OTHER_MAC = bytes.fromhex("020000000009")
 def run_min(value: int) -> Iterator[None]:
     kept = virtio.RUN_MIN
     for mod in (virtio, virtqueue, device, virtio_net):
-        mod.RUN_MIN = value  # type: ignore[attr-defined]
+        mod.RUN_MIN = value  # type: ignore[attr-defined,union-attr]
     try:
         yield
     finally:
         for mod in (virtio, virtqueue, device, virtio_net):
-            mod.RUN_MIN = kept  # type: ignore[attr-defined]
+            mod.RUN_MIN = kept  # type: ignore[attr-defined,union-attr]
 
 
 def both(scenario: Callable[[], Any]) -> None:

@@ -36,7 +36,7 @@ def test_every_sample_lies_within_the_ranges_and_a_seed_repeats_its_draw() -> No
     task = Task("vmexit", (2, ("cpuid",), None), (base,))
     for dist in Dist:
         s = Study(task, 64, 3, dist)
-        seen = {k: [] for k in rs}
+        seen: dict[str, list[float]] = {k: [] for k in rs}
         for t in s.tasks:
             (c,) = t.costs
             for k, r in rs.items():

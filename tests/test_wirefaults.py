@@ -174,6 +174,92 @@ async def test_a_burst_larger_than_the_inbox_stays_in_the_kernel_until_l2_has_ro
     assert wire.frames_from_peer == n
 
 
+def _arrivals(
+    dp: Datapath, frames: list[bytes], first: Callable[[int, int], bytes]
+) -> Callable[[int, int], bytes]:
+    """A tap read for the fake tap: the first frame is the one queued on the
+    socket (which makes it readable once); frame ``i + 1`` arrives only once
+    L2 has received frame ``i``, as a client sends its next request when the
+    answer is out. Then the tap is empty (EAGAIN)."""
+    at = [0]
+
+    def read(fd: int, size: int) -> bytes:
+        if at[0] == 0:
+            at[0] = 1
+            return first(fd, size)
+        if at[0] >= len(frames) or len(dp.received or ()) < at[0]:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        at[0] += 1
+        return bytes(12) + frames[at[0] - 1]
+
+    return read
+
+
+async def test_the_reader_reads_again_after_a_pump_and_waits_only_on_an_empty_tap(
+    fake_tap,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vhost-net's handle_rx: after a pass the reader reads the tap again, and
+    only a read that finds it empty sends it back to wait for readiness.
+    Frames that arrive while it works (here each after the one before was
+    received) are taken without a wait: the socket is readable once."""
+    dp, wire, peer = fake_tap
+    frames = frames_in(0, 20)
+    peer.send(bytes(12) + frames[0])
+    wire.read = _arrivals(dp, frames, os.read)
+    waits = [0]
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd: int) -> None:
+        waits[0] += 1
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            await n.start(serve_tap, dp, wire)
+            while len(dp.received or ()) < len(frames):
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    assert dp.received == frames
+    assert waits[0] == 2  # the first frame's, then the empty tap's
+
+
+async def test_a_tap_that_never_empties_starves_no_task_and_the_run_still_stops(
+    fake_tap,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past RX_WEIGHT frames the reader lets the other tasks run (as
+    vhost_exceeds_weight requeues the work): a flood neither starves them
+    nor keeps a cancellation from ending the run."""
+    from xlio.backends import tap
+
+    dp, wire, peer = fake_tap
+    dp.received = None
+    frame = bytes(12) + frames_in(0, 1)[0]
+    peer.send(frame)  # readable once; then the tap always has the next frame
+    cap = 50 * tap.RX_WEIGHT
+    reads = [0]
+
+    def flood(fd: int, size: int) -> bytes:
+        reads[0] += 1
+        if reads[0] > cap:  # a reader that never yields ends here, not in a hang
+            raise OSError(errno.EBADF, "flood over")
+        return frame
+
+    wire.read = flood
+    monkeypatch.setattr(tap, "INBOX_MAX", 64)  # small passes: several per weight
+    turns = 0
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            await n.start(serve_tap, dp, wire)
+            while turns < 5:  # this task gets its turns while the flood goes on
+                await trio.sleep(0)
+                turns += 1
+            n.cancel_scope.cancel()
+    assert tap.RX_WEIGHT <= reads[0] < cap  # the reader ran between this task's turns
+
+
 # ---------------------------------------------------------------- real taps
 def _link(host: NamespacedTap, state: str) -> None:
     assert host.info is not None
