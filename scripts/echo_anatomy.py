@@ -4,7 +4,9 @@ On the tap (as ``scripts/bench.py``'s echo rows: a fresh namespace, the
 responder a child forked for the measurement, client and responder on CPU
 0): for the floor (the straight-line ring) and for the path, the mean round
 trip of each quarter of ``--trips`` timed trips after ``--warmup`` untimed
-ones, and, inside the serving child, the time per ``Datapath.pump`` (one
+ones, the responder's CPU time and context switches per trip (``wait4``'s
+rusage: a wait is a voluntary switch, a preemption by the woken client an
+involuntary one), and, inside the serving child, the time per ``Datapath.pump`` (one
 request), per ``TapWire.transmit`` (the reply's ``os.write``, which
 delivers it to the client) and per ``TapWire.read_available``.
 
@@ -104,9 +106,13 @@ def on_tap(path: str, trips: int, warmup: int) -> None:
                     q = quarters(s, trips, warmup)
             finally:
                 os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
+                _, _, ru = os.wait4(pid, 0)
+            n = trips + warmup
             print(f"{who}: round trip by quarter of {trips:,} after {warmup:,} untimed: "
-                  + ", ".join(f"{x:.1f}" for x in q) + " us")  # fmt: skip
+                  + ", ".join(f"{x:.1f}" for x in q) + " us; the responder's CPU "
+                  f"{(ru.ru_utime + ru.ru_stime) / n * 1e6:.1f} us a trip (user "
+                  f"{ru.ru_utime / n * 1e6:.1f}), context switches a trip: "
+                  f"{ru.ru_nvcsw / n:.2f} waits, {ru.ru_nivcsw / n:.2f} preempted")  # fmt: skip
         print(f"{path} server: " + os.read(r, 400).decode().strip())
 
 

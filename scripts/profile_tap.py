@@ -4,18 +4,20 @@
 a real tap (a fresh namespace, removed at the end), as ``scripts/bench.py``'s
 TX row. ``echo``: the session serves under trio in this process while a
 forked child sends UDP echo requests from the namespace, one at a time, as
-the echo row does (the profiler sees the server only).
+the echo row does (the profiler sees the server only); ``--cpu N`` puts
+both on CPU N, as the echo rows that the targets judge do.
 
     py-spy record -f raw -r 400 -o prof.txt -- python scripts/profile_tap.py tx l0 8
+    py-spy record -f raw -r 1000 -o prof.txt -- python scripts/profile_tap.py echo l1 8 --cpu 0
     python scripts/pyspy_top.py prof.txt [--layers]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import signal
-import sys
 import time
 
 import trio
@@ -43,8 +45,10 @@ async def _serve_for(s: TapSession, seconds: float) -> None:
         await s.run()
 
 
-def echo(s: TapSession, seconds: float) -> None:
+def echo(s: TapSession, seconds: float, cpu: int | None = None) -> None:
     pin_neighbour(s.info, GUEST_MAC)
+    if cpu is not None:  # the client forked below inherits it
+        os.sched_setaffinity(0, {cpu})
     pid = os.fork()
     if pid == 0:  # the client: round trips until the time is up
         try:
@@ -62,9 +66,17 @@ def echo(s: TapSession, seconds: float) -> None:
 
 
 def main() -> None:
-    kind, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    with tap_session(path) as s:
-        {"tx": tx, "echo": echo}[kind](s, seconds)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=("tx", "echo"))
+    ap.add_argument("path", choices=("l0", "l1"))
+    ap.add_argument("seconds", type=float)
+    ap.add_argument("--cpu", type=int, help="echo: server and client on this CPU")
+    a = ap.parse_args()
+    with tap_session(a.path) as s:
+        if a.kind == "tx":
+            tx(s, a.seconds)
+        else:
+            echo(s, a.seconds, a.cpu)
 
 
 if __name__ == "__main__":
