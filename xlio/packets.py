@@ -22,6 +22,9 @@ NEIGHBORS_MAX = 256  # ARP entries (Linux's gc_thresh1 default is 128)
 
 _ETH = struct.Struct("!6s6sH")
 _IP = struct.Struct("!BBHHHBBH4s4s")
+#: An Ethernet header and the IPv4 header's fields :meth:`Endpoint.handle`
+#: reads (version/IHL, total length, protocol, addresses), in one unpack.
+_ETH_IP = struct.Struct("!6s6sHBxH5xB2x4s4s")
 _UDP = struct.Struct("!HHHH")
 _ICMP = struct.Struct("!BBHHH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
@@ -140,14 +143,18 @@ class Endpoint:
 
     def handle(self, frame: bytes) -> list[bytes]:
         self.received += 1
-        if len(frame) < 14:
+        n = len(frame)
+        if n >= 34:  # long enough for IPv4: both headers at once
+            dst, src, etype, vihl, total, proto, sip, dip = _ETH_IP.unpack_from(frame)
+        elif n >= 14:
+            dst, src, etype = _ETH.unpack_from(frame)
+        else:
             self.discarded += 1
             return []
-        dst, src, etype = _ETH.unpack_from(frame)
-        if dst not in (self.mac, BROADCAST):
+        if dst != self.mac and dst != BROADCAST:
             self.discarded += 1
             return []
-        if etype == ETH_P_ARP and len(frame) >= 42:
+        if etype == ETH_P_ARP and n >= 42:
             _, _, _, _, op, smac, sip, _, tip = _ARP.unpack_from(frame, 14)
             if tip == self.ip:
                 if sip not in self.neighbors and len(self.neighbors) >= NEIGHBORS_MAX:
@@ -159,12 +166,11 @@ class Endpoint:
                 return []
             self.discarded += 1
             return []
-        if etype != ETH_P_IP or len(frame) < 34:
+        if etype != ETH_P_IP or n < 34:
             self.discarded += 1
             return []
-        vihl, _, total, ident, _, _, proto, _, sip, dip = _IP.unpack_from(frame, 14)
         ihl = (vihl & 15) * 4
-        if dip != self.ip or ihl < 20 or 14 + total > len(frame):
+        if dip != self.ip or ihl < 20 or 14 + total > n:
             self.discarded += 1
             return []
         u = 14 + ihl  # the L4 header; L4 ends at 14 + total
@@ -173,9 +179,9 @@ class Endpoint:
             if dport == UDP_ECHO_PORT:
                 self.answered += 1
                 # swap addresses and ports: both checksums hold as they are
-                ip = frame[14:26] + dip + sip + frame[34:u]
-                return [src + self.mac + frame[12:14] + ip + frame[u + 2 : u + 4] + frame[u : u + 2]
-                        + frame[u + 4 : 14 + total]]  # fmt: skip
+                return [b"".join((src, self.mac, frame[12:26], dip, sip, frame[34:u],
+                                  frame[u + 2 : u + 4], frame[u : u + 2],
+                                  frame[u + 4 : 14 + total]))]  # fmt: skip
             end = u + min(ulen, total - ihl)  # the payload, only where it is kept
             if sport == UDP_ECHO_PORT:
                 self.udp_replies.append((dport, frame[u + 8 : end]))
