@@ -17,13 +17,9 @@ equal digests, equal behaviour on those frames.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
 from contextlib import ExitStack
 
-from worktree import checkout, child_env
+from worktree import checkout, run_json
 
 CHILD = """
 import hashlib, json, random, sys, time
@@ -82,13 +78,7 @@ print(json.dumps(out))
 
 
 def _run(pythonpath: str | None, loops: int, frames: int) -> dict[str, float | str]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(loops), str(frames)],
-        capture_output=True,
-        text=True, env=child_env(pythonpath), cwd=tempfile.gettempdir(), check=True,
-    )  # fmt: skip
-    result: dict[str, float | str] = json.loads(out.stdout)
-    return result
+    return dict(run_json(CHILD, [str(loops), str(frames)], pythonpath))
 
 
 def main() -> None:

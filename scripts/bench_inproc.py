@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 from contextlib import ExitStack
 
-from worktree import checkout, child_env
+from worktree import checkout, run_json
 
 ROWS = [(p, w) for p in ("l0", "l1") for w in ("echo", "rx", "tx")]
 CHILD = """
@@ -38,12 +35,7 @@ print(json.dumps(out))
 
 
 def _run(pythonpath: str | None, count: int, batch: int) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(ROWS), str(count), str(batch)],
-        capture_output=True,
-        text=True, env=child_env(pythonpath), cwd=tempfile.gettempdir(), check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return dict(run_json(CHILD, [json.dumps(ROWS), str(count), str(batch)], pythonpath))
 
 
 def main() -> None:

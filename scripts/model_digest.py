@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
-import sys
-import tempfile
 from contextlib import ExitStack
 
-from worktree import checkout, child_env
+from worktree import checkout, run_json
 
 CHILD = """
 import hashlib, json
@@ -61,11 +58,7 @@ print(json.dumps(out))
 
 
 def digests(pythonpath: str | None) -> dict[str, str]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD], capture_output=True, text=True,
-        env=child_env(pythonpath), cwd=tempfile.gettempdir(), check=True,
-    )  # fmt: skip
-    return dict(json.loads(out.stdout))
+    return dict(run_json(CHILD, [], pythonpath))
 
 
 def main() -> None:

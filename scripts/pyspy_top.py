@@ -1,11 +1,13 @@
 """Summarize a py-spy raw profile: top self time per function, or per layer.
 
-    python scripts/pyspy_top.py prof.txt [--top N] [--layers]
+    python scripts/pyspy_top.py prof.txt [--top N] [--layers] [--within FUNC]
 
 ``prof.txt`` is ``py-spy record -f raw`` output (one collapsed stack and its
 sample count per line). Self time is the sample's innermost frame. With
 ``--layers`` each sample goes to the layer of xlio (or library) its innermost
-frame lives in, so the shares add up to 100%.
+frame lives in, so the shares add up to 100%. With ``--within FUNC`` only
+the samples whose stack holds a frame of that function count (the steady
+state, say ``TapSession.run``, without the start-up).
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ LAYERS = (
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):\d+\)$")
 
 
-def _parse(path: str) -> tuple[int, Counter[str], Counter[str]]:
+def _parse(path: str, within: str | None = None) -> tuple[int, Counter[str], Counter[str]]:
     total = 0
     by_func: Counter[str] = Counter()
     by_layer: Counter[str] = Counter()
     with open(path) as f:
         for line in f:
             stack, _, n = line.rstrip().rpartition(" ")
-            if not stack:
+            if not stack or (within is not None and f"{within} (" not in stack):
                 continue
             k = int(n)
             total += k
@@ -56,8 +58,9 @@ def main() -> None:
     ap.add_argument("profile")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--within", metavar="FUNC", help="only samples with this function on the stack")
     a = ap.parse_args()
-    total, by_func, by_layer = _parse(a.profile)
+    total, by_func, by_layer = _parse(a.profile, a.within)
     rows = by_layer.most_common() if a.layers else by_func.most_common(a.top)
     print(f"== {'self time by layer' if a.layers else 'top self time'}, of {total} samples")
     for name, k in rows:

@@ -10,11 +10,14 @@ temporary directory) so that the current directory does not win either.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +48,14 @@ def child_env(pythonpath: str | None) -> dict[str, str]:
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     return env
+
+
+def run_json(code: str, args: list[str], pythonpath: str | None = None) -> Any:
+    """Run ``code`` (a program that prints one JSON document) in a child on
+    ``pythonpath``'s xlio (None: this checkout's), from outside the
+    checkout, with ``args`` as its ``sys.argv[1:]``; returns what it printed."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True,
+        env=child_env(pythonpath), cwd=tempfile.gettempdir(), check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)

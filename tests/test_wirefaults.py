@@ -174,9 +174,7 @@ async def test_a_burst_larger_than_the_inbox_stays_in_the_kernel_until_l2_has_ro
     assert wire.frames_from_peer == n
 
 
-def _arrivals(
-    dp: Datapath, frames: list[bytes], first: Callable[[int, int], bytes]
-) -> Callable[[int, int], bytes]:
+def _arrivals(dp: Datapath, frames: list[bytes]) -> Callable[[int, int], bytes]:
     """A tap read for the fake tap: the first frame is the one queued on the
     socket (which makes it readable once); frame ``i + 1`` arrives only once
     L2 has received frame ``i``, as a client sends its next request when the
@@ -186,7 +184,7 @@ def _arrivals(
     def read(fd: int, size: int) -> bytes:
         if at[0] == 0:
             at[0] = 1
-            return first(fd, size)
+            return os.read(fd, size)
         if at[0] >= len(frames) or len(dp.received or ()) < at[0]:
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         at[0] += 1
@@ -206,7 +204,7 @@ async def test_the_reader_reads_again_after_a_pump_and_waits_only_on_an_empty_ta
     dp, wire, peer = fake_tap
     frames = frames_in(0, 20)
     peer.send(bytes(12) + frames[0])
-    wire.read = _arrivals(dp, frames, os.read)
+    wire.read = _arrivals(dp, frames)
     waits = [0]
     real_wait = trio.lowlevel.wait_readable
 
