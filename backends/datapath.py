@@ -73,8 +73,16 @@ from xlio.virtio import (
 )
 
 from .device import RX_HDR, NetDevice, with_rx_header
-from .direct import Delegation, DelegationRefused, DirectBackend, device_queue, queue_state
-from .virtqueue import DeviceQueue, QueueBroken, queue_spans, span_problem
+from .direct import (
+    Delegation,
+    DelegationRefused,
+    DirectBackend,
+    QueueState,
+    fresh_queue,
+    net_device,
+    queue_state,
+)
+from .virtqueue import QueueBroken, queue_spans, span_problem
 from .wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
 
 #: The config-space I/O port of L2's NIC (legacy virtio-pci BAR0: status,
@@ -176,16 +184,30 @@ class _DeviceModel:
     def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
         self._access(lambda: self.queues.__setitem__(index, (size, desc, avail, used)))
 
+    def queue_states(self) -> tuple[QueueState, QueueState]:
+        """The queues the driver set up, as a backend starts on them."""
+        return fresh_queue(*self.queues[RXQ]), fresh_queue(*self.queues[TXQ])
+
     def make_device(self, mem: GuestMemory, name: str, mac: bytes | None) -> NetDevice:
-        event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
-        qs = [DeviceQueue(mem, *self.queues[i], event_idx) for i in (RXQ, TXQ)]
-        dev = NetDevice(mem, qs[0], qs[1], name, mac=mac)
-        for q in qs:
-            try:
-                q.set_notify(True)
-            except QueueBroken as e:
-                dev._broken(e)
-        return dev
+        return started_device(mem, *self.queue_states(), self.features, name, mac)
+
+
+def started_device(
+    mem: GuestMemory, rx: QueueState, tx: QueueState, features: int, name: str,
+    mac: bytes | None,
+) -> NetDevice:  # fmt: skip
+    """A backend starting on a driver's queues: it asks for kicks on both."""
+    dev = net_device(mem, rx, tx, features, name, mac)
+    for q in (dev.rxq, dev.txq):
+        try:
+            q.set_notify(True)
+        except QueueBroken as e:
+            dev._broken(e)
+    return dev
+
+
+def _no_guest(queue: int) -> None:
+    """The interrupt line of a datapath that has no real guest attached."""
 
 
 class Datapath:
@@ -204,6 +226,7 @@ class Datapath:
         l1_mem_mib: int = 256,
         wire: Any = None,
         kick: str = "pio",
+        guest: bool = False,
     ) -> None:
         if kick not in KICKS:
             raise ValueError(f"kick must be one of {', '.join(KICKS)}")
@@ -256,10 +279,19 @@ class Datapath:
         )  # fmt: skip
         self._l2_irq_pending = False  # an interrupt for L2 raised while its handler runs
         self._in_l2_handler = False
-        self.driver = VirtioNetDriver(
-            self.l2_view, self.model, queue_size=queue_size, event_idx=event_idx,
-            buf_size=buf_size,
-        )  # fmt: skip
+        #: L2's driver: xlio's own, or (``guest``) a real guest's, which brings
+        #: its rings with :meth:`attach_guest` (vhost-user) and takes its
+        #: interrupts on ``signal`` (the queue's call eventfd)
+        self.driver: VirtioNetDriver | None = None
+        self.signal: Callable[[int], None] = _no_guest
+        #: L2's driver takes TX completion interrupts (Linux's virtio-net with
+        #: napi_tx, 6.1's default); xlio's own reclaims on send and never does
+        self.tx_interrupts = guest
+        if not guest:
+            self.driver = VirtioNetDriver(
+                self.l2_view, self.model, queue_size=queue_size, event_idx=event_idx,
+                buf_size=buf_size,
+            )  # fmt: skip
         if nested:
             l1_model = _DeviceModel(
                 w(self._l1_config_access), w(self._l1_nic_kick), w(self._start_l1_nic),
@@ -272,7 +304,8 @@ class Datapath:
             )  # fmt: skip
             with m.l1_background():  # L1 boots with its own NIC
                 self.l1_nic.probe()
-        self.driver.probe()  # L2 boots (on l0, L1 delegates at DRIVER_OK)
+        if self.driver is not None:
+            self.driver.probe()  # L2 boots (on l0, L1 delegates at DRIVER_OK)
 
     # ------------------------------------------------------------- translation
     def _l2_hw(self, gpa: int) -> int:
@@ -322,12 +355,18 @@ class Datapath:
         return handler()
 
     def _start_l2_backend(self, model: _DeviceModel) -> NetDevice:
-        """DRIVER_OK: the device model starts its backend; on ``l0`` L1 then
+        """DRIVER_OK: the device model starts its backend."""
+        return self._serve_l2(*model.queue_states(), model.features)
+
+    def _serve_l2(self, rx: QueueState, tx: QueueState, features: int) -> NetDevice:
+        """The backend of this path starts on L2's queues; on ``l0`` L1 then
         delegates the device to L0."""
         if self.path == "single":
-            self.single_dev = model.make_device(self.l0_view_of_l2, "l0", GUEST_MAC)
+            self.single_dev = started_device(self.l0_view_of_l2, rx, tx, features, "l0", GUEST_MAC)
             return self.single_dev
-        dev = self.l1_dev = model.make_device(self.l1_view_of_l2, "l1-backend", GUEST_MAC)
+        dev = self.l1_dev = started_device(
+            self.l1_view_of_l2, rx, tx, features, "l1-backend", GUEST_MAC
+        )
         if self.path == "l0" and not dev.needs_reset:
             try:
                 self.l1_delegate()
@@ -393,22 +432,52 @@ class Datapath:
             m.l1_set_io_passthrough(frozenset())
         if not resume:
             return True
-        event_idx = bool(self.model.features >> VIRTIO_F_EVENT_IDX & 1)
-        self.l1_dev = NetDevice(
-            self.l1_view_of_l2,
-            device_queue(self.l1_view_of_l2, hb.rx, event_idx),
-            device_queue(self.l1_view_of_l2, hb.tx, event_idx),
-            "l1-backend",
-            mac=GUEST_MAC,
+        self.l1_dev = net_device(
+            self.l1_view_of_l2, hb.rx, hb.tx, self.model.features, "l1-backend", GUEST_MAC
         )
         self.model.device = self.l1_dev
         # a backend that takes over a queue looks for work it was never kicked
         # for (L2 may have published and notified L0 just before the REVOKE)
         with m.l1_background():
-            frames, _ = self.l1_dev.tx()
+            frames, irq = self.l1_dev.tx()
             self._charge_l1(frames)
             self._l1_relay(frames)
+        if irq and self.tx_interrupts:  # raised by L1's other vCPU: the model has no such line
+            self.signal(TXQ)
         return True
+
+    # ------------------------------------------------------------- a real guest
+    def attach_guest(
+        self, mem: GuestMemory, features: int, rx: QueueState, tx: QueueState,
+        signal: Callable[[int], None],
+    ) -> NetDevice:  # fmt: skip
+        """A real guest's driver brings its rings (vhost-user: its memory
+        table, its queues once both are started): the backend of this path
+        serves them from ``rx`` and ``tx`` (their positions included) on
+        ``mem``, the guest's memory as every level sees it (one mapping of
+        the VMM's), with ``features`` as the VMM negotiated them; interrupts
+        go to ``signal``. On ``l0`` L1 then delegates the device to L0."""
+        if self.driver is not None:
+            raise ValueError("this datapath's L2 driver is xlio's own")
+        self.detach_guest()
+        self.l2_view = self.l1_view_of_l2 = self.l0_view_of_l2 = mem
+        self.direct.mem = mem
+        self.model.features = features
+        self.signal = signal
+        return self._serve_l2(rx, tx, features)
+
+    def detach_guest(self) -> tuple[QueueState, QueueState] | None:
+        """The guest's rings go away (GET_VRING_BASE, a reset, a disconnect):
+        whoever serves them stops (L1 revokes L0's service first); returns
+        where each queue stood, None if nothing was served."""
+        dev = self.active_device()
+        state = None if dev is None else (queue_state(dev.rxq), queue_state(dev.txq))
+        if self.direct.active:  # what L0 hands back is where its device stands
+            self.l1_revoke(resume=False)
+        self.l1_dev = None
+        self.single_dev = None
+        self.signal = _no_guest
+        return state
 
     # ------------------------------------------------------------- data plane
     def _machine(self, key: Hashable, operation: Callable[[], Any]) -> Any:
@@ -448,29 +517,49 @@ class Datapath:
         to_l1 = self.path == "l1" or (self.path == "l0" and not self.direct.active)
         return self._machine(("mmio_kick", to_l1), lambda: mmio_kick_exit(m, to_l1))
 
-    def kick(self, queue: int) -> None:
-        """L2 writes the queue index to the notify register."""
+    def kick(self, queue: int, exits: int = 1) -> None:
+        """L2 writes the queue index to the notify register (``exits`` times:
+        a real guest's kicks that arrived together on one eventfd read, each
+        its own exit, served by one pass of the backend)."""
         m = self.m
+        for _ in range(exits - 1):
+            self._kick_exit_only()
         level = self._l2_kick_exit()
         if level == L0:
             dev = self.active_device()
             if dev is not None and queue == TXQ:
-                frames, _ = dev.tx()
+                frames, irq = dev.tx()
                 self._charge_l0(frames)
                 self.wire.transmit(frames)
+                if irq and self.tx_interrupts:
+                    self._machine("l0_interrupt_l2", m.l0_interrupt_l2)
+                    self.l2_interrupt(TXQ)
             return
+        tx_irq = False
         try:
             if self.l1_dev is not None:
                 if queue == TXQ:
-                    frames, _ = self.l1_dev.tx()
+                    frames, irq = self.l1_dev.tx()
                     self._charge_l1(frames)
                     self._l1_relay(frames)
+                    if irq and self.tx_interrupts:  # L1 injects it before it resumes L2
+                        self._machine("l1_interrupt_l2", m.l1_interrupt_l2)
+                        tx_irq = True
                 elif self._l1_to_l2():  # new buffers let L1 deliver what it held
                     self._l2_irq_pending = True
         finally:  # whatever L1's backend does, L1 resumes L2
             self._machine("l1_vmresume", m.l1_vmresume)
+        if tx_irq:
+            self.l2_interrupt(TXQ)
         if self._l2_irq_pending and not self._in_l2_handler:
             self.l2_interrupt()
+
+    def _kick_exit_only(self) -> None:
+        """One kick's exit with nothing new to serve (the backend's pass for
+        the kicks that came with it found the ring already drained): L0 or
+        L1 handles it, and L1 resumes L2."""
+        if self._l2_kick_exit() != L0:
+            self._machine("l1_vmresume", self.m.l1_vmresume)
 
     def _l1_relay(self, frames: list[bytes]) -> None:
         """L1's backend passes frames to L1's own NIC (L1 runs, L2 is out)."""
@@ -568,9 +657,15 @@ class Datapath:
         self._config_interrupt_if_broken()
         return consumed
 
-    def l2_interrupt(self) -> None:
-        """L2's RX interrupt handler (EOI on return from the hard interrupt), then
-        its NAPI poll and its endpoint's answers."""
+    def l2_interrupt(self, queue: int = RXQ) -> None:
+        """L2's interrupt handler for ``queue`` (EOI on return from the hard
+        interrupt): xlio's driver then runs its NAPI poll and its endpoint
+        answers; a real guest's handler is its own, so the interrupt is
+        signalled to it (its call eventfd)."""
+        if self.driver is None:
+            self._machine("l2_eoi", self.m.l2_eoi)
+            self.signal(queue)
+            return
         if self._in_l2_handler:  # taken when the running handler returns
             self._l2_irq_pending = True
             return
@@ -600,6 +695,7 @@ class Datapath:
 
     def send(self, frames: list[bytes]) -> int:
         """L2 transmits (its driver kicks when the device asks)."""
+        assert self.driver is not None, "a real guest sends by itself"
         sent = self.driver.send(frames)
         self._config_interrupt_if_broken()
         return sent
@@ -611,6 +707,8 @@ class Datapath:
         if dev is None or not dev.needs_reset:
             return
         self.resets_signalled += 1
+        if self.driver is None:
+            return  # a real guest's VMM holds its config space (vhost-user has no say)
         if self.m.state == L1:
             return  # delivered when L1 resumes L2
         if self.path == "l1" or (self.path == "l0" and not self.direct.active):
@@ -691,13 +789,15 @@ def datapath_memory(queue_size: int, buf_size: int) -> tuple[int, int]:
 
 
 def make_datapath(
-    m: NestedMachine, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None
-) -> Datapath:
+    m: NestedMachine, path: str, o: dict[str, Any], capture: bool = False, wire: Any = None,
+    guest: bool = False,
+) -> Datapath:  # fmt: skip
     buf = _buf_size(o["frame_size"])
     l2_mib, l1_mib = datapath_memory(o["queue_size"], buf)
     dp = Datapath(
         m, path, queue_size=o["queue_size"], event_idx=o["event_idx"], buf_size=buf,
         capture=capture, wire=wire, kick=o["kick"], l2_mem_mib=l2_mib, l1_mem_mib=l1_mib,
+        guest=guest,
     )  # fmt: skip
     m.datapath = dp
     return dp

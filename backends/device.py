@@ -11,7 +11,9 @@ in :mod:`xlio.backends.virtqueue`: a dropped chain counts ``tx_fails`` or
 ``rx_fails`` plus its reason in ``errors``; a frame shorter than the header
 plus an Ethernet header, or a chain longer than 65,562 bytes, counts
 ``tx_malformed_frames``, as does a header asking for an offload that was
-never negotiated (checksum or GSO); a frame whose source MAC is not the one
+never negotiated (checksum or GSO: :func:`~xlio.virtio.tx_offload_allowed`;
+a negotiated one passes through with its header to the wire, as vhost-net
+hands it to a tap opened with IFF_VNET_HDR); a frame whose source MAC is not the one
 the device was configured with is dropped and counted in
 ``tx_spoofed_mac_count``. A broken queue (also a used ring that cannot be
 written) sets ``needs_reset`` (the device's DEVICE_NEEDS_RESET status bit)
@@ -28,7 +30,14 @@ from operator import ge, itemgetter
 from typing import cast
 
 from xlio.sim.memory import GuestMemory, MemoryFault
-from xlio.virtio import ETH_MIN, MAX_TX_CHAIN_BYTES, NET_HDR, NET_HDR_SIZE, RUN_MIN
+from xlio.virtio import (
+    ETH_MIN,
+    MAX_TX_CHAIN_BYTES,
+    NET_HDR,
+    NET_HDR_SIZE,
+    RUN_MIN,
+    tx_offload_allowed,
+)
 
 from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments, simple_chains
 
@@ -69,12 +78,14 @@ class NetDevice:
         name: str,
         *,
         mac: bytes | None = None,
+        features: int = 0,
     ) -> None:
         self.mem = mem
         self.rxq = rx
         self.txq = tx
         self.name = name
         self.mac = mac  # the MAC the device was configured with; None: no check
+        self.features = features  # negotiated: which TX offloads a header may ask for
         self.metrics: Counter[str] = Counter({k: 0 for k in METRICS})
         self.errors: Counter[str] = Counter()
         self.needs_reset = False
@@ -166,7 +177,9 @@ class NetDevice:
                     at += k
                     if data is None:
                         drop(used, head, "buffer not mapped in guest memory", "tx_fails")
-                    elif data[0] or data[1]:  # flags, gso_type: no offload was negotiated
+                    elif (data[0] or data[1]) and not tx_offload_allowed(
+                        self.features, data[0], data[1]
+                    ):  # flags, gso_type: an offload that was not negotiated
                         self.metrics["tx_malformed_frames"] += 1
                         drop(used, head, "offload not negotiated", None)
                     elif mac is not None and data[SRC_MAC] != mac:

@@ -46,16 +46,33 @@ from dataclasses import dataclass
 from xlio.sim.memory import GuestMemory, MemoryFault
 from xlio.virtio import (
     VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    bit,
     valid_queue_size,
 )
 
 from .device import NetDevice
 from .virtqueue import DeviceQueue, queue_spans, span_problem
 
-#: Features L0's direct backend can serve.
-DIRECT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_F_EVENT_IDX)
+#: Features every backend here serves, L0's direct one included: what xlio's
+#: own driver takes (VERSION_1, MAC, EVENT_IDX) and what Linux's virtio-net
+#: takes from a vhost-user device (indirect tables, mergeable RX buffers, TX
+#: checksum and TCP segmentation offload, RX checksum trust).
+DIRECT_FEATURES = sum(
+    1 << b
+    for b in (
+        VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
+        VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    )
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,11 @@ class QueueState:
     last_avail: int
     used_idx: int
     signalled: int
+    #: interrupts the driver asked for and ones it suppressed, carried across
+    #: hand-overs so that a queue's counts are the queue's, whoever served it
+    interrupts: int = 0
+    interrupts_suppressed: int = 0
+    popped: int = 0  # available entries consumed
 
 
 @dataclass(frozen=True)
@@ -93,22 +115,46 @@ class DelegationRefused(Exception):
 
 
 def queue_state(q: DeviceQueue) -> QueueState:
-    return QueueState(q.size, q.desc, q.avail, q.used, q.last_avail, q.used_idx, q.signalled)
+    return QueueState(
+        q.size, q.desc, q.avail, q.used, q.last_avail, q.used_idx, q.signalled,
+        q.interrupts, q.interrupts_suppressed, q.popped,
+    )  # fmt: skip
 
 
-def device_queue(mem: GuestMemory, s: QueueState, event_idx: bool) -> DeviceQueue:
+def fresh_queue(size: int, desc: int, avail: int, used: int) -> QueueState:
+    """A queue the driver has just set up: nothing consumed, nothing used."""
+    return QueueState(size, desc, avail, used, 0, 0, 0)
+
+
+def device_queue(mem: GuestMemory, s: QueueState, features: int) -> DeviceQueue:
     q = DeviceQueue(
         mem,
         s.size,
         s.desc,
         s.avail,
         s.used,
-        event_idx,
+        bit(features, VIRTIO_F_EVENT_IDX),
         last_avail=s.last_avail,
         used_idx=s.used_idx,
+        indirect=bit(features, VIRTIO_F_INDIRECT_DESC),
     )
     q.signalled = s.signalled
+    q.interrupts, q.interrupts_suppressed = s.interrupts, s.interrupts_suppressed
+    q.popped = s.popped
     return q
+
+
+def net_device(
+    mem: GuestMemory, rx: QueueState, tx: QueueState, features: int, name: str,
+    mac: bytes | None,
+) -> NetDevice:  # fmt: skip
+    """A backend for a virtio-net function on ``mem``, its queues where ``rx``
+    and ``tx`` say, serving the negotiated ``features``: how every backend
+    (L0's, L1's, L0's direct service, L0's device for L1's own NIC) starts."""
+    return NetDevice(
+        mem, device_queue(mem, rx, features), device_queue(mem, tx, features), name,
+        mac=mac, features=features,
+    )  # fmt: skip
 
 
 class DirectBackend:
@@ -171,14 +217,7 @@ class DirectBackend:
         except DelegationRefused:
             self.refusals += 1
             raise
-        event_idx = bool(d.features >> VIRTIO_F_EVENT_IDX & 1)
-        self.device = NetDevice(
-            self.mem,
-            device_queue(self.mem, d.rx, event_idx),
-            device_queue(self.mem, d.tx, event_idx),
-            "l0-direct",
-            mac=d.mac,
-        )
+        self.device = net_device(self.mem, d.rx, d.tx, d.features, "l0-direct", d.mac)
         self.delegation = d
 
     def revoke(self) -> Handback:

@@ -27,7 +27,8 @@ outside L2's own (every access goes through ``GuestMemory``):
 
 * a chain that is malformed (descriptor index out of range in ``next``, a
   loop or a chain longer than the queue, a zero-length buffer, an indirect
-  descriptor, which we do not offer, a readable descriptor after a writable
+  descriptor when VIRTIO_F_INDIRECT_DESC was not negotiated, or a bad or
+  nested indirect table when it was, a readable descriptor after a writable
   one, an address outside L2's memory or not mapped by EPT12) is dropped:
   :meth:`pop` raises :class:`ChainError` with the head, the device returns the
   head to the used ring with length 0 and counts it (Firecracker's behaviour);
@@ -115,6 +116,7 @@ class DeviceQueue:
         *,
         last_avail: int = 0,
         used_idx: int = 0,
+        indirect: bool = False,
     ) -> None:
         if not valid_queue_size(size):
             raise ValueError(f"queue size {size} is not a power of two up to 32768")
@@ -124,10 +126,15 @@ class DeviceQueue:
         self.avail = avail
         self.used = used
         self.event_idx = event_idx
+        self.indirect = indirect  # VIRTIO_F_INDIRECT_DESC negotiated
         self.last_avail = last_avail
         self.avail_idx = last_avail  # the driver's available index as last read
         self.used_idx = used_idx
         self.signalled = used_idx  # used index at the last publish
+        # publishes of new used entries: the driver asked to be interrupted,
+        # or it had suppressed that (EVENT_IDX's used_event, NO_INTERRUPT)
+        self.interrupts = 0
+        self.interrupts_suppressed = 0
         self.broken = False
         self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
@@ -320,23 +327,42 @@ class DeviceQueue:
         return addrs, lens, flags
 
     def _walk(self, head: int) -> Chain:
-        """The chain at ``head`` (already taken off the ring), or ChainError."""
+        """The chain at ``head`` (already taken off the ring), or ChainError.
+
+        With VIRTIO_F_INDIRECT_DESC a descriptor flagged INDIRECT (and not
+        NEXT: 2.7.5.3.1) points at a table of ``len / 16`` descriptors in
+        guest memory, which is walked instead, bounded by its own size; a
+        table inside a table, or one of a length that is not a positive
+        multiple of 16, drops the chain (vhost's "Invalid indirect
+        descriptor length" and "Nested indirect descriptor")."""
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         mem = self.mem
-        size = self.size
+        table, limit = self.desc, self.size  # the ring's table, or an indirect one
+        in_indirect = False
         idx = head
         seen = 0
         while True:
             seen += 1
-            if seen > size:
+            if seen > limit:
                 raise ChainError("descriptor loop or chain longer than the queue", head)
             try:
-                addr, length, flags, nxt = mem.unpack_from(DESC, self.desc + 16 * idx)
+                addr, length, flags, nxt = mem.unpack_from(DESC, table + 16 * idx)
             except MemoryFault:
+                if in_indirect:
+                    raise ChainError("indirect table outside guest memory", head) from None
                 raise self._break("descriptor table unreadable") from None
             if flags & VIRTQ_DESC_F_INDIRECT:
-                raise ChainError("indirect descriptor (feature not offered)", head)
+                if not self.indirect:
+                    raise ChainError("indirect descriptor (feature not offered)", head)
+                if in_indirect:
+                    raise ChainError("nested indirect descriptor", head)
+                if flags & VIRTQ_DESC_F_NEXT or readable or writable:
+                    raise ChainError("indirect descriptor inside a chain", head)
+                if not length or length % 16 or addr + length > mem.size:
+                    raise ChainError("indirect table length or address invalid", head)
+                table, limit, idx, seen, in_indirect = addr, length // 16, 0, 0, True
+                continue
             if length == 0:
                 raise ChainError("zero-length buffer", head)
             if addr + length > mem.size or addr + length < addr:
@@ -349,7 +375,7 @@ class DeviceQueue:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return head, tuple(readable), tuple(writable)
-            if nxt >= size:
+            if nxt >= limit:
                 raise ChainError("next descriptor index out of range", head)
             idx = nxt
 
@@ -412,6 +438,10 @@ class DeviceQueue:
             else:
                 notify = not _U16.unpack_from(p[0], p[1])[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
             self.signalled = new
+            if notify:
+                self.interrupts += 1
+            else:
+                self.interrupts_suppressed += 1
             return notify
         try:
             self.mem.write_u16(self.used + 2, new)
@@ -423,6 +453,10 @@ class DeviceQueue:
         except MemoryFault:
             raise self._break("used ring unwritable") from None
         self.signalled = new
+        if notify:
+            self.interrupts += 1
+        else:
+            self.interrupts_suppressed += 1
         return notify
 
     def set_notify(self, enabled: bool) -> None:

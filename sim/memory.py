@@ -436,3 +436,68 @@ class RingPages:
         self.pages = (*a, *b, *c) if a and b and c else None
         self.gen = mem.generation
         return self.pages
+
+
+class MappedHost:
+    """A VMM's guest memory as regions mapped into this process (vhost-user's
+    memory table): the ``host`` of a :class:`GuestMemory` whose frames are
+    guest-physical page numbers, backed by whichever region holds them.
+
+    ``regions`` are (guest-physical start, bytes, buffer) with page-aligned
+    starts and sizes, disjoint; a buffer is anything a memoryview takes (an
+    ``mmap`` of the VMM's memfd, a bytearray in tests). :meth:`translate`
+    is the bounds check: an address in no region raises :class:`MemoryFault`
+    (the hole below 1 MiB that QEMU leaves for VGA and the BIOS is one), so
+    nothing outside the mapped regions is ever touched. :meth:`release`
+    drops every view into the buffers, so that their owner can unmap them.
+    """
+
+    def __init__(self, regions: Sequence[tuple[int, int, Any]]) -> None:
+        ordered = sorted(regions, key=lambda r: r[0])
+        for gpa, size, _ in ordered:
+            if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+                raise ValueError(f"region [{gpa:#x}, +{size:#x}) is not whole pages")
+        for (a, n, _), (b, _, _) in zip(ordered, ordered[1:], strict=False):
+            if b < a + n:
+                raise ValueError(f"regions at {a:#x} and {b:#x} overlap")
+        self.starts = [gpa for gpa, _, _ in ordered]
+        self.ends = [gpa + size for gpa, size, _ in ordered]
+        self.views: list[memoryview] | None = [memoryview(buf) for _, _, buf in ordered]
+        self.size = self.ends[-1] if ordered else 0
+        self.epoch = Epoch()
+
+    def _region(self, gpa: int) -> int:
+        import bisect
+
+        i = bisect.bisect_right(self.starts, gpa) - 1
+        if i < 0 or gpa >= self.ends[i] or self.views is None:
+            raise MemoryFault(f"guest-physical {gpa:#x} is in no mapped region")
+        return i
+
+    def translate(self, gpa: int) -> int:
+        """The identity on mapped guest-physical addresses; else MemoryFault."""
+        self._region(gpa)
+        return gpa
+
+    def page(self, frame: int) -> memoryview:
+        gpa = frame << PAGE_SHIFT
+        i = self._region(gpa)
+        assert self.views is not None
+        off = gpa - self.starts[i]
+        return self.views[i][off : off + PAGE_SIZE]
+
+    def memory(self, name: str) -> GuestMemory:
+        """A view of these regions, its translations cached until :meth:`release`."""
+        return GuestMemory(self, self.size, self.translate, name, (self.epoch,))  # type: ignore[arg-type]
+
+    def release(self) -> None:
+        """Forget every page handed out (the views empty their caches) and the
+        buffers themselves; accesses after this fault."""
+        self.epoch.move()
+        if self.views is not None:
+            for v in self.views:
+                try:
+                    v.release()
+                except BufferError:  # a page still held somewhere: the collector frees it
+                    pass
+        self.views = None

@@ -235,7 +235,7 @@ def test_delegation_is_validated() -> None:
         with pytest.raises(DelegationRefused):
             dp.direct.delegate(replace(d, rx=q))
     with pytest.raises(DelegationRefused):
-        dp.direct.delegate(replace(d, features=d.features | (1 << 15)))
+        dp.direct.delegate(replace(d, features=d.features | (1 << 22)))  # MQ: not served
     assert dp.direct.refusals == 4 and not dp.direct.active
 
 

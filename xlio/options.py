@@ -362,6 +362,19 @@ def netns_name(text: str) -> str:
     return text
 
 
+def socket_file(text: str) -> str:
+    """A unix socket path we may create: in an existing directory, short
+    enough for ``sockaddr_un`` (107 bytes), not an existing non-socket."""
+    import stat
+
+    writable_file(text)
+    if len(os.fsencode(os.path.abspath(text))) > 107:
+        raise argparse.ArgumentTypeError(f"{text}: longer than a unix socket path may be")
+    if os.path.exists(text) and not stat.S_ISSOCK(os.stat(text).st_mode):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a socket")
+    return text
+
+
 def writable_file(text: str) -> str:
     """A file we can create or overwrite, checked before anything is built."""
     if not text:

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
+from xlio.backends.direct import DelegationRefused
 from xlio.backends.netns import HostInfo, NamespacedTap
 from xlio.backends.tap import (
     CaptureFailed,
@@ -58,6 +59,7 @@ class TapSession:
         preset: str | CostModel = "turtles-2010",
         pcap: str | PcapBatcher | None = None,
         record_batches: bool = False,
+        guest: bool = False,
         **opts: Any,
     ) -> None:
         assert host.info is not None, "open the host first"
@@ -67,7 +69,7 @@ class TapSession:
         self.pcap = PcapBatcher(pcap) if isinstance(pcap, str) else pcap
         self.wire = TapWire(host.fd, self.pcap, record_batches=record_batches)
         o = datapath_options(opts)
-        self.dp: Datapath = make_datapath(self.m, path, o, wire=self.wire)
+        self.dp: Datapath = make_datapath(self.m, path, o, wire=self.wire, guest=guest)
         self.dp.endpoint.ip = ip4(self.info.guest_ip)
         self.host_ip = ip4(self.info.host_ip)
         self.setup = self.m.stats.summary()
@@ -77,7 +79,11 @@ class TapSession:
         await serve_tap(self.dp, self.wire, task_status=task_status)
 
     def frames(self) -> int:
-        """Frames L2's NIC moved since counting began (both directions)."""
+        """Frames L2's NIC moved since counting began (both directions); for a
+        real guest, whose device comes and goes with its driver, the frames
+        that crossed the tap."""
+        if self.dp.driver is None:
+            return self.wire.frames_to_peer + self.wire.frames_from_peer
         dev = self.dp.active_device()
         if dev is None:
             return 0
@@ -282,12 +288,18 @@ def serve(
     ready: Callable[[str], None] | None = None,
     interval: float | None = None,
     emit: Callable[[dict[str, Any]], None] | None = None,
+    vhost_user: str | None = None,
+    switch_every: float | None = None,
 ) -> dict[str, Any]:
     """Build the namespace, keep L2 reachable until the duration or a stop signal.
 
     ``ready`` hears one line the moment L2 answers (its ARP for the host
-    was answered through the tap: both directions work). With ``interval``,
+    was answered through the tap: both directions work), or with
+    ``vhost_user`` (L2 is a real guest whose VMM connects to that socket)
+    the moment the socket listens. With ``interval``,
     ``emit`` gets the metrics of each interval (see :func:`interval_metrics`).
+    With ``switch_every`` (path ``l1``) L1 delegates L2's NIC to L0 and
+    revokes it in turn, every that many seconds.
     The result's ``stopped_by`` names the signal that ended the run (None:
     the duration did). A capture that cannot be written ends the run with
     :class:`CaptureFailed`, its ``report`` holding the run's result (how
@@ -298,16 +310,26 @@ def serve(
         try:
             announce(f"xlio serve: building namespace {host.name}")
             info = host.open()
-            session = TapSession(path, host, preset=preset, pcap=pcap)
+            session = TapSession(path, host, preset=preset, pcap=pcap, guest=bool(vhost_user))
+            who = f"vhost-user socket {vhost_user}" if vhost_user else "L2 guest"
             announce(
                 f"xlio serve: path {path}, namespace {info.netns}, host {info.host_ip}/"
-                f"{info.prefix} on {info.ifname}, L2 guest {info.guest_ip}\n"
+                f"{info.prefix} on {info.ifname}, {who} {info.guest_ip}\n"
                 f"  try: ip netns exec {info.netns} ping {info.guest_ip}"
             )
             StopState.check()
+            vhost = None
+            if vhost_user is not None:
+                from xlio.vhostsession import VhostUserServer
+
+                vhost = VhostUserServer(session.dp, vhost_user, announce)
+            switches = [0]
             try:
                 try:
-                    _, stop = run_trio(_serve_main, session, duration, ready, interval, emit)
+                    _, stop = run_trio(
+                        _serve_main, session, duration, ready, interval, emit, vhost,
+                        switch_every, switches,
+                    )  # fmt: skip
                 except BaseExceptionGroup as group:
                     raise_first(group, (TapGone, CaptureFailed))
                     raise
@@ -317,6 +339,10 @@ def serve(
                 e.report["stopped_by"] = None
                 raise
             r["stopped_by"] = signal.Signals(stop).name if stop else None
+            if vhost is not None:
+                r["vhost_user"] = vhost.report()
+            if switch_every is not None:
+                r["switches"] = switches[0]
             return r
         finally:
             host.close()
@@ -325,18 +351,47 @@ def serve(
 async def _serve_main(
     received: list[int], session: TapSession, duration: float | None,
     ready: Callable[[str], None] | None, interval: float | None,
-    emit: Callable[[dict[str, Any]], None] | None,
+    emit: Callable[[dict[str, Any]], None] | None, vhost: Any = None,
+    switch_every: float | None = None, switches: list[int] | None = None,
 ) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, received)
         await nursery.start(session.run)
         if interval is not None and emit is not None:  # counting starts before L2 speaks
-            nursery.start_soon(_every, session, interval, emit, interval_metrics(session))
-        if ready is not None:
+            nursery.start_soon(_every, session, interval, emit, interval_metrics(session, vhost),
+                               vhost)  # fmt: skip
+        if vhost is not None:
+            await nursery.start(vhost.serve)
+            if ready is not None:
+                i = session.info
+                ready(
+                    f"xlio serve: ready: listening on {vhost.path} (vhost-user), path "
+                    f"{session.path}, namespace {i.netns}, host {i.host_ip}/{i.prefix} on "
+                    f"{i.ifname}, guest {i.guest_ip}"
+                )
+        elif ready is not None:
             nursery.start_soon(_announce_ready, session, ready)
+        if switch_every is not None and switches is not None:
+            nursery.start_soon(_switch, session, switch_every, switches)
         if duration is not None:
             await trio.sleep(duration)
             nursery.cancel_scope.cancel()
+
+
+async def _switch(session: TapSession, every: float, switches: list[int]) -> None:
+    """L1 hands L2's NIC to L0 (DELEGATE), takes it back (REVOKE), in turn;
+    a switch is counted when it took place (L2's device is up and L0 agreed)."""
+    dp = session.dp
+    while True:
+        await trio.sleep(every)
+        if dp.direct.active:
+            switches[0] += dp.l1_revoke()
+        elif dp.l1_dev is not None and not dp.l1_dev.needs_reset:
+            try:
+                dp.l1_delegate()
+            except DelegationRefused:
+                continue
+            switches[0] += 1
 
 
 async def _announce_ready(session: TapSession, ready: Callable[[str], None]) -> None:
@@ -352,21 +407,24 @@ async def _announce_ready(session: TapSession, ready: Callable[[str], None]) -> 
 
 async def _every(
     session: TapSession, interval: float, emit: Callable[[dict[str, Any]], None],
-    before: dict[str, Any],
+    before: dict[str, Any], vhost: Any = None,
 ) -> None:  # fmt: skip
     start = time.monotonic()
     while True:
         await trio.sleep(interval)
-        now = interval_metrics(session)
+        now = interval_metrics(session, vhost)
         emit({"t_s": round(time.monotonic() - start, 3), "interval_s": interval,
               **_delta(now, before)})  # fmt: skip
         before = now
 
 
-def interval_metrics(session: TapSession) -> dict[str, Any]:
-    """Counters of a serving session (cumulative): devices, tap, exits by level and reason."""
+def interval_metrics(session: TapSession, vhost: Any = None) -> dict[str, Any]:
+    """Counters of a serving session (cumulative): devices, tap, exits by level
+    and reason, and a real guest's notifications (``vhost``)."""
     s = session.m.stats
+    extra = {"vhost_user": vhost.report()["queues"]} if vhost is not None else {}
     return {
+        **extra,
         "devices": session.dp.metrics(),
         "tap": session.wire.metrics(),
         "exits": {f"{row['level']} {row['reason']}": row["count"] for row in s.reason_rows()},

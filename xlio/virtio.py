@@ -25,14 +25,28 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
-# feature bits
+# feature bits (virtio 1.x, 5.1.3 and 6)
 VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+
+# virtio-net header: flags and gso_type (virtio 1.x, 5.1.6)
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 # device status bits
 STATUS_ACKNOWLEDGE = 1
@@ -150,6 +164,31 @@ def avail_ring_size(size: int) -> int:
 
 def used_ring_size(size: int) -> int:
     return 6 + 8 * size
+
+
+def bit(features: int, b: int) -> bool:
+    """Whether feature bit ``b`` is set in ``features``."""
+    return bool(features >> b & 1)
+
+
+def tx_offload_allowed(features: int, flags: int, gso_type: int) -> bool:
+    """Whether a TX header's offload request is one the negotiated
+    ``features`` allow: NEEDS_CSUM needs VIRTIO_NET_F_CSUM; a TCPv4 or TCPv6
+    segmentation request needs HOST_TSO4 or HOST_TSO6 and checksum offload,
+    which GSO implies (5.1.6.2); the ECN bit HOST_ECN. No other flag or GSO
+    type is served (UDP fragmentation offload was never offered)."""
+    if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return False
+    if flags and not bit(features, VIRTIO_NET_F_CSUM):
+        return False
+    if gso_type & VIRTIO_NET_HDR_GSO_ECN and not bit(features, VIRTIO_NET_F_HOST_ECN):
+        return False
+    gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso == VIRTIO_NET_HDR_GSO_NONE:
+        return True
+    need = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6}.get(gso)  # fmt: skip
+    return need is not None and bit(features, need) and bit(features, VIRTIO_NET_F_CSUM)
 
 
 def need_event(event: int, new: int, old: int) -> bool:

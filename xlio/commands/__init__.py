@@ -13,6 +13,7 @@ from xlio.commands import (
     compare,
     demo,
     estimate,
+    guest,
     measure,
     netperf,
     presets,
@@ -25,6 +26,6 @@ from xlio.commands import (
 )
 
 COMMANDS: tuple[ModuleType, ...] = (
-    measure, trace, sweep, compare, demo, netperf, vmexit, serve, profile, estimate, calibrate,
+    measure, trace, sweep, compare, demo, netperf, vmexit, serve, guest, profile, estimate, calibrate,
     sensitivity, presets, cleanup,
 )  # fmt: skip

@@ -20,6 +20,7 @@ from xlio.options import (
     cost_model,
     netns_name,
     seconds_in,
+    socket_file,
     writable_file,
 )
 from xlio.report import format_measure
@@ -45,6 +46,15 @@ def add_parser(sub: Any) -> None:
         "--interval", type=seconds_in(3600), default=None, metavar="S",
         help="one JSON line of metrics on stdout every S seconds (the interval's counts)",
     )  # fmt: skip
+    sv.add_argument(
+        "--vhost-user", type=socket_file, default=None, metavar="SOCKET",
+        help="L2 is a real guest: serve its virtio-net rings to the VMM that connects "
+        "to this unix socket (QEMU's -netdev vhost-user); see xlio guest",
+    )  # fmt: skip
+    sv.add_argument(
+        "--switch-every", type=seconds_in(3600), default=None, metavar="S",
+        help="with --path l1: L1 delegates L2's NIC to L0, then revokes it, every S seconds",
+    )  # fmt: skip
 
 
 def _serve_text(r: dict[str, Any]) -> str:
@@ -52,6 +62,16 @@ def _serve_text(r: dict[str, Any]) -> str:
         format_measure(r, command="serve"),
         "tap: " + ", ".join(f"{k} {v}" for k, v in r["tap"].items()),
     ]
+    v = r.get("vhost_user")
+    if v is not None:
+        lines.append(
+            f"vhost-user {v['socket']}: {v['connections']} connections, "
+            f"{v['protocol_errors']} protocol errors"
+        )
+        for q, c in v["queues"].items():
+            lines.append(f"  {q} queue: " + ", ".join(f"{k} {n}" for k, n in c.items()))
+    if "switches" in r:
+        lines.append(f"switches (delegate or revoke): {r['switches']}")
     for name, metrics in r.get("devices", {}).items():
         shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if v)
         lines.append(f"device {name}: {shown or 'idle'}")
@@ -75,6 +95,8 @@ def run(a: argparse.Namespace) -> int:
     def emit_metrics(metrics: dict[str, Any]) -> None:
         print(json.dumps(metrics, separators=(",", ":")), flush=True)
 
+    if a.switch_every is not None and a.path != "l1":
+        raise UsageError("--switch-every needs --path l1 (L1 delegates and revokes)")
     costs = cost_model(a)
     try:  # the capture is test-written before any namespace exists
         pcap = PcapBatcher(a.pcap) if a.pcap else None
@@ -84,7 +106,8 @@ def run(a: argparse.Namespace) -> int:
     try:
         r = serve(
             a.path, a.netns, a.duration, costs, pcap, announce, ready=ready,
-            interval=a.interval, emit=emit_metrics,
+            interval=a.interval, emit=emit_metrics, vhost_user=a.vhost_user,
+            switch_every=a.switch_every,
         )  # fmt: skip
     except HostSetupError as e:
         raise UsageError(str(e)) from None
