@@ -50,7 +50,6 @@ from typing import Any
 
 from xlio.frontends.virtio_net import (
     RXQ,
-    TX_HDR,
     TXQ,
     VirtioNetDriver,
     chain_buffers,
@@ -68,6 +67,9 @@ from xlio.virtio import (
     STATUS_DRIVER_OK,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC,
     valid_queue_size,
 )
@@ -89,6 +91,10 @@ from .wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
 #: features, queue set-up); never delegated, the control plane stays L1's.
 VIRTIO_CONFIG_PORT = 0xC040
 DEVICE_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_F_EVENT_IDX)
+#: TX offloads L0's device for L1's own NIC offers (a relayed frame keeps them).
+TX_OFFLOADS = (
+    (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_HOST_TSO6)
+)
 #: Where L1 keeps its own NIC's rings and buffers (L1 GPA), clear of L2's backing.
 L1_NIC_BASE = 64 << 20
 RX_BATCH = 256  # frames L0's RX thread moves per pass
@@ -382,13 +388,23 @@ class Datapath:
         self.single_dev = None
 
     def _start_l1_nic(self, model: _DeviceModel) -> NetDevice:
-        # L1's NIC carries L2's frames across L1's bridge: no source-MAC check
-        self.l0_nic = model.make_device(self.l1_view, "l0-for-l1-nic", None)
+        # L1's NIC carries L2's frames across L1's bridge: no source-MAC check;
+        # L0's device for it offers the TX offloads (as vhost-net does to a
+        # Linux L1), so what L2's driver left to the device (a checksum, TSO)
+        # crosses L1 with L2's header and is done at the end, on the tap
+        self.l0_nic = started_device(
+            self.l1_view, *model.queue_states(), model.features | TX_OFFLOADS,
+            "l0-for-l1-nic", None,
+        )  # fmt: skip
         return self.l0_nic
 
     def _l2_broken(self) -> bool:
         dev = self.active_device()
         return dev is not None and dev.needs_reset
+
+    def l1_serves(self) -> bool:
+        """Whether L2's NIC is L1's now: nested, and not delegated to L0."""
+        return self.path != "single" and not self.direct.active
 
     def active_device(self) -> NetDevice | None:
         """The backend that serves L2's rings right now."""
@@ -418,6 +434,9 @@ class Datapath:
             self.direct.delegate(d)
             m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
         self.l1_dev = None
+        if self.l1_pending:  # what L1 held for L2's RX waits on L0's wire, first in line
+            self.wire.put_back(list(self.l1_pending))
+            self.l1_pending.clear()
 
     def l1_revoke(self, *, resume: bool = True) -> bool:
         """L1 takes L2's NIC back (REVOKE hypercall) and, with ``resume``,
@@ -514,7 +533,7 @@ class Datapath:
                 "io_kick",
                 lambda: m.l2_exit(ExitReason.IO_INSTRUCTION, "io_kick", port=VIRTIO_NOTIFY_PORT),
             )
-        to_l1 = self.path == "l1" or (self.path == "l0" and not self.direct.active)
+        to_l1 = self.l1_serves()
         return self._machine(("mmio_kick", to_l1), lambda: mmio_kick_exit(m, to_l1))
 
     def kick(self, queue: int, exits: int = 1) -> None:
@@ -564,11 +583,8 @@ class Datapath:
     def _l1_relay(self, frames: list[bytes]) -> None:
         """L1's backend passes frames to L1's own NIC (L1 runs, L2 is out)."""
         if frames and self.l1_nic is not None:
-            # the header L2 gave, when it is a plain one (no offload, as the
-            # device checked); else a fresh one, as L1's driver would build
-            plain = TX_HDR
-            if not all(map(bytes.startswith, frames, repeat(plain))):
-                frames = [f if f.startswith(plain) else plain + f[NET_HDR_SIZE:] for f in frames]
+            # with the header L2 gave (its offloads were checked against what
+            # L2 negotiated; L0's device for L1's NIC offers them too)
             self.l1_nic.send(frames, with_header=True)
 
     def _l1_nic_kick(self, queue: int) -> None:
@@ -611,7 +627,7 @@ class Datapath:
 
     def _rx_pass(self) -> int:
         frames = self.wire.take(RX_BATCH)
-        if self.path == "l1" or (self.path == "l0" and not self.direct.active):
+        if self.l1_serves():
             return self._rx_via_l1(frames)
         dev = self.active_device()
         if dev is None:
@@ -663,6 +679,7 @@ class Datapath:
         answers; a real guest's handler is its own, so the interrupt is
         signalled to it (its call eventfd)."""
         if self.driver is None:
+            self._l2_irq_pending = False
             self._machine("l2_eoi", self.m.l2_eoi)
             self.signal(queue)
             return
@@ -711,7 +728,7 @@ class Datapath:
             return  # a real guest's VMM holds its config space (vhost-user has no say)
         if self.m.state == L1:
             return  # delivered when L1 resumes L2
-        if self.path == "l1" or (self.path == "l0" and not self.direct.active):
+        if self.l1_serves():
             self.m.l0_interrupt_l1()  # L1's device model raises it...
             self.m.l1_interrupt_l2()  # ...into L2
             self.m.l1_vmresume()

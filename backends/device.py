@@ -102,7 +102,14 @@ class NetDevice:
         if not self.needs_reset:
             try:
                 self._tx(out, limit)
-                self.txq.set_notify(True)  # drained: ask for a kick at the next buffer
+                # drained: ask for a kick at the next buffer, then look again, as
+                # vhost_enable_notify does: a driver on another CPU may have
+                # published one after the drain and before the ask (it saw no
+                # need to kick then), and would wait for ever on a suppressed kick
+                self.txq.set_notify(True)
+                while len(out) < limit and self.txq.pending():
+                    self._tx(out, limit - len(out))
+                    self.txq.set_notify(True)
                 return out, self.txq.publish()
             except QueueBroken as e:
                 self._broken(e)
@@ -340,8 +347,10 @@ class NetDevice:
             if broken is not None:
                 raise broken
             if not taken:
+                q.set_notify(True)  # out of buffers: a kick when there are more...
+                if q.pending():  # ...unless the driver added some meanwhile (see tx)
+                    continue
                 self.metrics["no_rx_avail_buffer"] += 1
-                q.set_notify(True)
                 return False
         return True
 

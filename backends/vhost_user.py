@@ -302,7 +302,9 @@ class VhostUserDevice:
     def set_features(self, payload: bytes, fds: list[int]) -> None:
         (features,) = U64.unpack(payload)
         if features & ~DEVICE_FEATURES:
-            raise ProtocolError(f"SET_FEATURES: bits {features & ~DEVICE_FEATURES:#x} never offered")
+            raise ProtocolError(
+                f"SET_FEATURES: bits {features & ~DEVICE_FEATURES:#x} never offered"
+            )
         self.features = features
         if not features >> F_PROTOCOL_FEATURES & 1:  # rings are enabled from the start
             for v in self.vrings:
@@ -336,7 +338,9 @@ class VhostUserDevice:
         n, _ = MEM_HEADER.unpack_from(payload)
         regions = []
         for i in range(n):
-            gpa, size, uaddr, offset = REGION.unpack_from(payload, MEM_HEADER.size + REGION.size * i)
+            gpa, size, uaddr, offset = REGION.unpack_from(
+                payload, MEM_HEADER.size + REGION.size * i
+            )
             regions.append(Region(gpa, size, uaddr, offset, fds[i]))
         self._stop_serving()
         self._unmap()
@@ -395,7 +399,9 @@ class VhostUserDevice:
         nofd = bool(u & VRING_NOFD)
         if nofd != (not fds):
             self.fds_to_close += fds
-            raise ProtocolError(f"{name}: {len(fds)} fds with the no-fd flag {'set' if nofd else 'clear'}")
+            raise ProtocolError(
+                f"{name}: {len(fds)} fds with the no-fd flag {'set' if nofd else 'clear'}"
+            )
         return v, (fds[0] if fds else None)
 
     def set_vring_kick(self, payload: bytes, fds: list[int]) -> None:

@@ -161,7 +161,9 @@ class VhostUserServer:
         while True:
             for want in (HEADER.size, None):
                 if want is None:  # the payload the header announced
-                    want = HEADER.unpack_from(dev.buffer)[2] if len(dev.buffer) >= HEADER.size else 0
+                    want = (
+                        HEADER.unpack_from(dev.buffer)[2] if len(dev.buffer) >= HEADER.size else 0
+                    )
                 data, fds = await _recv_exact(conn, want)
                 try:
                     replies = dev.feed(data, fds)

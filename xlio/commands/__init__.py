@@ -26,6 +26,6 @@ from xlio.commands import (
 )
 
 COMMANDS: tuple[ModuleType, ...] = (
-    measure, trace, sweep, compare, demo, netperf, vmexit, serve, guest, profile, estimate, calibrate,
-    sensitivity, presets, cleanup,
+    measure, trace, sweep, compare, demo, netperf, vmexit, serve, guest, profile, estimate,
+    calibrate, sensitivity, presets, cleanup,
 )  # fmt: skip
