@@ -128,9 +128,27 @@ def test_user_mistakes_are_one_line_and_status_2(args: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- every option, malformed
 MALFORMED = ("-1", "0", "99999999999999999999", "abc", "inf", "nan", "", "1e400")
 #: (command, option) -> malformed values that are in fact valid there
+def _a_socket() -> str:
+    """A unix socket that exists for the module's run (``guest`` takes one)."""
+    import atexit
+    import shutil
+    import socket
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="xlio-cli-")
+    atexit.register(shutil.rmtree, d, True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.path.join(d, "vu.sock"))
+    atexit.register(s.close)
+    return os.path.join(d, "vu.sock")
+
+
+_LISTENING = _a_socket()
 VALID_THERE = {
     ("netperf", "--seed"): {"0"},
     ("serve", "--pcap"): set(MALFORMED) - {""},  # file names (tested apart below)
+    ("serve", "--vhost-user"): set(MALFORMED) - {""},  # socket names
+    ("guest", "--run"): set(MALFORMED) - {""},  # shell commands
     ("sweep", "--csv"): set(MALFORMED) - {""},  # file names
     ("sweep", "--json"): set(MALFORMED) - {""},
     ("sweep", "--metric"): {"abc", "inf", "nan"},  # keys: checked by --of (test_reports)
@@ -150,6 +168,7 @@ REQUIRED = {
     "sweep": ["--workload", "tx", "--param", "batch=1,2"],
     "estimate": ["kbuild"],
     "calibrate": ["--vmexit", "l1=/dev/null"],
+    "guest": ["--vhost-user", _LISTENING],
 }
 
 
@@ -177,7 +196,7 @@ def test_every_value_option_is_covered() -> None:
     cmds = {c for c, _ in VALUE_OPTIONS}
     assert cmds == {
         "measure", "demo", "netperf", "vmexit", "serve", "trace", "sweep", "compare",
-        "estimate", "profile", "calibrate", "sensitivity",
+        "estimate", "profile", "calibrate", "sensitivity", "guest",
     }  # fmt: skip
     assert len(VALUE_OPTIONS) >= 35
 

@@ -375,6 +375,26 @@ def socket_file(text: str) -> str:
     return text
 
 
+def existing_socket(text: str) -> str:
+    """A unix socket that exists (a server listens there, or did)."""
+    import stat
+
+    try:
+        mode = os.stat(text).st_mode
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise argparse.ArgumentTypeError(f"{text} is not a socket")
+    return text
+
+
+def command_text(text: str) -> str:
+    """A shell command: not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty command")
+    return text
+
+
 def writable_file(text: str) -> str:
     """A file we can create or overwrite, checked before anything is built."""
     if not text:

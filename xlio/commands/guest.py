@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from xlio.measure import UsageError
-from xlio.options import seconds_in
+from xlio.options import command_text, existing_socket, seconds_in
 
 NAME = "guest"
 
@@ -22,8 +22,11 @@ def add_parser(sub: Any) -> None:
         "CMD in busybox's shell, prints its output and powers off; the exit status is CMD's "
         "(124 on a timeout).",
     )
-    g.add_argument("--vhost-user", required=True, metavar="SOCKET", help="xlio serve's socket")
-    g.add_argument("--run", default="ping -c 3 198.18.0.1", metavar="CMD",
+    g.add_argument(
+        "--vhost-user", required=True, type=existing_socket, metavar="SOCKET",
+        help="xlio serve's socket",
+    )
+    g.add_argument("--run", default="ping -c 3 198.18.0.1", metavar="CMD", type=command_text,
                    help="what the guest runs (default: %(default)s)")  # fmt: skip
     g.add_argument("--timeout", type=seconds_in(86400), default=120.0, metavar="S",
                    help="power the guest off after S seconds (default: %(default)s)")  # fmt: skip
