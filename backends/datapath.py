@@ -43,7 +43,7 @@ deterministic), so a frame's Python is its data, not its accounting.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from itertools import repeat
 from typing import Any
@@ -275,6 +275,7 @@ class Datapath:
         self.l1_dev: NetDevice | None = None  # L1's backend for L2's NIC
         self.single_dev: NetDevice | None = None  # L0's backend, single-level
         self.l1_pending: deque[bytes] = deque()  # L1 holds these for L2's RX
+        self.retired: Counter[str] = Counter()  # see _retire
         self.resets_signalled = 0
         self.l0_nic: NetDevice | None = None  # L0's device for L1's own NIC
         self.l1_nic: VirtioNetDriver | None = None
@@ -384,6 +385,7 @@ class Datapath:
         """L2 resets its NIC: whoever serves it stops first (L1 revokes L0's service)."""
         if self.direct.active:
             self.l1_revoke(resume=False)
+        self._retire(self.l1_dev or self.single_dev)
         self.l1_dev = None
         self.single_dev = None
 
@@ -401,6 +403,32 @@ class Datapath:
     def _l2_broken(self) -> bool:
         dev = self.active_device()
         return dev is not None and dev.needs_reset
+
+    def _retire(self, dev: NetDevice | None) -> None:
+        """An L2 backend stops serving (a hand-over, a reset, the guest gone):
+        what it did is kept in ``retired``, so that a queue's totals are the
+        queue's whoever served it: its metrics, and per queue the available
+        entries it took and the interrupts it signalled and saw suppressed."""
+        if dev is None:
+            return
+        r = self.retired
+        r.update(dev.metrics)
+        for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
+            r[f"{name}_avail_entries"] += q.popped
+            r[f"{name}_interrupts"] += q.interrupts
+            r[f"{name}_interrupts_suppressed"] += q.interrupts_suppressed
+
+    def served(self) -> Counter[str]:
+        """``retired`` plus the backend serving now: L2's NIC's totals."""
+        out = Counter(self.retired)
+        dev = self.active_device()
+        if dev is not None:
+            out.update(dev.metrics)
+            for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
+                out[f"{name}_avail_entries"] += q.popped
+                out[f"{name}_interrupts"] += q.interrupts
+                out[f"{name}_interrupts_suppressed"] += q.interrupts_suppressed
+        return out
 
     def l1_serves(self) -> bool:
         """Whether L2's NIC is L1's now: nested, and not delegated to L0."""
@@ -433,6 +461,7 @@ class Datapath:
             m.l1_exit(ExitReason.VMCALL, "vmcall", cause="delegate")
             self.direct.delegate(d)
             m.l1_set_io_passthrough(frozenset({VIRTIO_NOTIFY_PORT}))
+        self._retire(self.l1_dev)
         self.l1_dev = None
         if self.l1_pending:  # what L1 held for L2's RX waits on L0's wire, first in line
             self.wire.put_back(list(self.l1_pending))
@@ -444,11 +473,13 @@ class Datapath:
         m = self.m
         with m.l1_background():
             m.l1_exit(ExitReason.VMCALL, "vmcall", cause="revoke")
+            serving = self.direct.device
             try:
                 hb = self.direct.revoke()
             except DelegationRefused:
                 return False
             m.l1_set_io_passthrough(frozenset())
+        self._retire(serving)
         if not resume:
             return True
         self.l1_dev = net_device(
@@ -493,6 +524,8 @@ class Datapath:
         state = None if dev is None else (queue_state(dev.rxq), queue_state(dev.txq))
         if self.direct.active:  # what L0 hands back is where its device stands
             self.l1_revoke(resume=False)
+        else:
+            self._retire(dev)
         self.l1_dev = None
         self.single_dev = None
         self.signal = _no_guest

@@ -84,11 +84,6 @@ class QueueState:
     last_avail: int
     used_idx: int
     signalled: int
-    #: interrupts the driver asked for and ones it suppressed, carried across
-    #: hand-overs so that a queue's counts are the queue's, whoever served it
-    interrupts: int = 0
-    interrupts_suppressed: int = 0
-    popped: int = 0  # available entries consumed
 
 
 @dataclass(frozen=True)
@@ -115,10 +110,7 @@ class DelegationRefused(Exception):
 
 
 def queue_state(q: DeviceQueue) -> QueueState:
-    return QueueState(
-        q.size, q.desc, q.avail, q.used, q.last_avail, q.used_idx, q.signalled,
-        q.interrupts, q.interrupts_suppressed, q.popped,
-    )  # fmt: skip
+    return QueueState(q.size, q.desc, q.avail, q.used, q.last_avail, q.used_idx, q.signalled)
 
 
 def fresh_queue(size: int, desc: int, avail: int, used: int) -> QueueState:
@@ -139,8 +131,6 @@ def device_queue(mem: GuestMemory, s: QueueState, features: int) -> DeviceQueue:
         indirect=bit(features, VIRTIO_F_INDIRECT_DESC),
     )
     q.signalled = s.signalled
-    q.interrupts, q.interrupts_suppressed = s.interrupts, s.interrupts_suppressed
-    q.popped = s.popped
     return q
 
 

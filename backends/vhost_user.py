@@ -173,8 +173,6 @@ class NotifyCounts:
     kicks: int = 0  # eventfd counts read: each was one notify write (one exit)
     kick_reads: int = 0  # eventfd reads: passes of the backend
     interrupts: int = 0  # call eventfd writes
-    chains: int = 0  # available entries consumed in serving periods that ended
-    suppressed: int = 0  # interrupts suppressed in serving periods that ended
 
 
 @dataclass
@@ -224,6 +222,8 @@ class VhostUserDevice:
         self.notify = [NotifyCounts() for _ in range(NUM_QUEUES)]
         self.messages: Counter[str] = Counter()
         self.attaches = 0
+        #: the datapath's totals when this connection began (it may have served others)
+        self.served_before = dp.served()
 
     # ------------------------------------------------------------- framing
     def feed(self, data: bytes, fds: list[int]) -> list[bytes]:
@@ -489,10 +489,8 @@ class VhostUserDevice:
         self.serving = False
         state = self.dp.detach_guest()
         if state is not None:
-            for v, n, s in zip(self.vrings, self.notify, state, strict=True):
+            for v, s in zip(self.vrings, state, strict=True):
                 v.base = s.last_avail
-                n.chains += s.popped
-                n.suppressed += s.interrupts_suppressed
 
     def _signal(self, index: int) -> None:
         v = self.vrings[index]
@@ -524,21 +522,20 @@ class VhostUserDevice:
         driver published them with notifications off, EVENT_IDX's
         ``avail_event``, or behind another entry's kick), interrupts
         signalled and the used-entry publishes whose interrupt the driver
-        suppressed (``used_event``)."""
-        dev = self.dp.active_device()
+        suppressed (``used_event``). Counted since the connection began."""
+        served = self.dp.served()
         out = {}
         for i, name in enumerate(("rx", "tx")):
             n = self.notify[i]
-            q = None if dev is None else (dev.rxq, dev.txq)[i]
-            chains = n.chains + (q.popped if q is not None else 0)
+            chains = served[f"{name}_avail_entries"] - self.served_before[f"{name}_avail_entries"]
             out[name] = {
                 "kicks": n.kicks,
                 "kick_reads": n.kick_reads,
                 "avail_entries": chains,
                 "kicks_suppressed": max(0, chains - n.kicks),
                 "interrupts": n.interrupts,
-                "interrupts_suppressed": n.suppressed
-                + (q.interrupts_suppressed if q is not None else 0),
+                "interrupts_suppressed": served[f"{name}_interrupts_suppressed"]
+                - self.served_before[f"{name}_interrupts_suppressed"],
             }
         return out
 

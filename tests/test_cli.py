@@ -127,6 +127,8 @@ def test_user_mistakes_are_one_line_and_status_2(args: tuple[str, ...]) -> None:
 
 # ---------------------------------------------------------------- every option, malformed
 MALFORMED = ("-1", "0", "99999999999999999999", "abc", "inf", "nan", "", "1e400")
+
+
 #: (command, option) -> malformed values that are in fact valid there
 def _a_socket() -> str:
     """A unix socket that exists for the module's run (``guest`` takes one)."""

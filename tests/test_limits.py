@@ -13,6 +13,8 @@ case may print a traceback.
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import signal
 import subprocess
@@ -42,6 +44,23 @@ STUDIES = {
     "vmexit": ["cpuid"],
     "estimate": ["kbuild"],
 }  # fmt: skip
+
+
+def _deaf_socket() -> str:
+    import atexit
+    import shutil
+    import socket
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="xlio-limits-")
+    atexit.register(shutil.rmtree, d, True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.path.join(d, "deaf.sock"))  # bound, never listening: connect is refused
+    atexit.register(s.close)
+    return os.path.join(d, "deaf.sock")
+
+
+_DEAF_SOCKET = _deaf_socket()
 BASES: dict[tuple[str, str], list[list[str]]] = {
     ("measure", "--count"): [["--workload", "cpuid"], ["--workload", "echo"]],
     **{("measure", o): [["--workload", w] for w in MEMORY] for o in MEMORY_OPTIONS},
@@ -62,6 +81,9 @@ BASES: dict[tuple[str, str], list[list[str]]] = {
     ("netperf", "--burst"): [["-t", "TCP_RR", "--path", "l0"]],
     ("serve", "--duration"): [["--netns"]],
     ("serve", "--interval"): [["--netns", "--duration", "2"]],
+    ("serve", "--switch-every"): [["--netns", "--path", "l1", "--duration", "2"]],
+    # a socket nobody listens on: QEMU cannot connect, one line, whatever the timeout
+    ("guest", "--timeout"): [["--vhost-user", _DEAF_SOCKET, "--run", "true"]],
     ("estimate", "--rate"): [["kbuild", "--swap", "l1"], ["kbuild", "--swap", "l0"]],
     **{("sensitivity", o): [["--method", "morris", "--trajectories", "2", "--", "vmexit",
                              "cpuid"]]

@@ -249,13 +249,15 @@ def run_guest(
         console: list[str] = []
         out: list[str] = []
         status: int | None = None
-        inside = False
+        inside = began = False
         try:
             assert proc.stdout is not None
             deadline = t0 + timeout
             for raw in _lines(proc, deadline):
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 console.append(line)
+                if not began and "Failed to connect" in line:  # reconnect=1 would retry
+                    raise GuestSetupError(f"QEMU cannot reach the vhost-user socket: {line}")
                 if line.startswith(END + " "):
                     inside = False
                     try:
@@ -264,7 +266,7 @@ def run_guest(
                         status = None
                     continue
                 if line == BEGIN:
-                    inside = True
+                    inside = began = True
                     continue
                 if inside and not _NOISE.match(line):
                     out.append(line)
@@ -280,6 +282,10 @@ def run_guest(
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+    if status is None and not began and proc.returncode not in (None, -signal.SIGKILL):
+        last = next((line for line in reversed(console) if line.strip()), "no output")
+        raise GuestSetupError(f"QEMU exited with status {proc.returncode} before the guest "
+                              f"ran: {last}")  # fmt: skip
     return GuestRun(status, "\n".join(out), "\n".join(console), time.monotonic() - t0,
                     proc.returncode)  # fmt: skip
 

@@ -94,6 +94,8 @@ class TapSession:
         r = result_of(self.m, "tap", self.path, n, per, setup=self.setup)
         r["tap"] = self.wire.metrics()
         r["netns"] = self.info.netns
+        if self.dp.driver is None:  # a real guest: its NIC's totals over every backend it had
+            r["l2_nic"] = dict(sorted(self.dp.served().items()))
         if self.pcap is not None:
             if self.pcap.failed is None:
                 self.pcap.close()

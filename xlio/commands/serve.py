@@ -70,6 +70,9 @@ def _serve_text(r: dict[str, Any]) -> str:
         )
         for q, c in v["queues"].items():
             lines.append(f"  {q} queue: " + ", ".join(f"{k} {n}" for k, n in c.items()))
+    if "l2_nic" in r:
+        shown = ", ".join(f"{k} {n}" for k, n in r["l2_nic"].items() if n)
+        lines.append(f"L2's NIC, every backend it had: {shown or 'idle'}")
     if "switches" in r:
         lines.append(f"switches (delegate or revoke): {r['switches']}")
     for name, metrics in r.get("devices", {}).items():
