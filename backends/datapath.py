@@ -200,10 +200,11 @@ class _DeviceModel:
 
 def started_device(
     mem: GuestMemory, rx: QueueState, tx: QueueState, features: int, name: str,
-    mac: bytes | None,
+    mac: bytes | None, make: Callable[..., NetDevice] = net_device,
 ) -> NetDevice:  # fmt: skip
-    """A backend starting on a driver's queues: it asks for kicks on both."""
-    dev = net_device(mem, rx, tx, features, name, mac)
+    """A backend starting on a driver's queues (``make`` builds it): it asks
+    for kicks on both."""
+    dev = make(mem, rx, tx, features, name, mac)
     for q in (dev.rxq, dev.txq):
         try:
             q.set_notify(True)
@@ -276,6 +277,12 @@ class Datapath:
         self.single_dev: NetDevice | None = None  # L0's backend, single-level
         self.l1_pending: deque[bytes] = deque()  # L1 holds these for L2's RX
         self.retired: Counter[str] = Counter()  # see _retire
+        #: how L2's backends are built (a shadow datapath builds stand-ins)
+        self.l2_device: Callable[..., NetDevice] = net_device
+        #: hears of every L2 event: a kick, what L2's backend took from TX and
+        #: gave to RX, and when the datapath is done with an event (see
+        #: :mod:`xlio.backends.shadow`); None: nobody listens
+        self.recorder: Any = None
         self.resets_signalled = 0
         self.l0_nic: NetDevice | None = None  # L0's device for L1's own NIC
         self.l1_nic: VirtioNetDriver | None = None
@@ -368,11 +375,14 @@ class Datapath:
     def _serve_l2(self, rx: QueueState, tx: QueueState, features: int) -> NetDevice:
         """The backend of this path starts on L2's queues; on ``l0`` L1 then
         delegates the device to L0."""
+        make = self.l2_device
         if self.path == "single":
-            self.single_dev = started_device(self.l0_view_of_l2, rx, tx, features, "l0", GUEST_MAC)
+            self.single_dev = started_device(
+                self.l0_view_of_l2, rx, tx, features, "l0", GUEST_MAC, make
+            )
             return self.single_dev
         dev = self.l1_dev = started_device(
-            self.l1_view_of_l2, rx, tx, features, "l1-backend", GUEST_MAC
+            self.l1_view_of_l2, rx, tx, features, "l1-backend", GUEST_MAC, make
         )
         if self.path == "l0" and not dev.needs_reset:
             try:
@@ -482,7 +492,7 @@ class Datapath:
         self._retire(serving)
         if not resume:
             return True
-        self.l1_dev = net_device(
+        self.l1_dev = self.l2_device(
             self.l1_view_of_l2, hb.rx, hb.tx, self.model.features, "l1-backend", GUEST_MAC
         )
         self.model.device = self.l1_dev
@@ -490,6 +500,8 @@ class Datapath:
         # for (L2 may have published and notified L0 just before the REVOKE)
         with m.l1_background():
             frames, irq = self.l1_dev.tx()
+            if self.recorder is not None:
+                self.recorder.tx(frames, irq, drain=True)
             self._charge_l1(frames)
             self._l1_relay(frames)
         if irq and self.tx_interrupts:  # raised by L1's other vCPU: the model has no such line
@@ -574,6 +586,9 @@ class Datapath:
         a real guest's kicks that arrived together on one eventfd read, each
         its own exit, served by one pass of the backend)."""
         m = self.m
+        rec = self.recorder
+        if rec is not None:
+            rec.kick(queue, exits)
         for _ in range(exits - 1):
             self._kick_exit_only()
         level = self._l2_kick_exit()
@@ -581,17 +596,23 @@ class Datapath:
             dev = self.active_device()
             if dev is not None and queue == TXQ:
                 frames, irq = dev.tx()
+                if rec is not None:
+                    rec.tx(frames, irq)
                 self._charge_l0(frames)
                 self.wire.transmit(frames)
                 if irq and self.tx_interrupts:
                     self._machine("l0_interrupt_l2", m.l0_interrupt_l2)
                     self.l2_interrupt(TXQ)
+            if rec is not None:
+                rec.done()
             return
         tx_irq = False
         try:
             if self.l1_dev is not None:
                 if queue == TXQ:
                     frames, irq = self.l1_dev.tx()
+                    if rec is not None:
+                        rec.tx(frames, irq)
                     self._charge_l1(frames)
                     self._l1_relay(frames)
                     if irq and self.tx_interrupts:  # L1 injects it before it resumes L2
@@ -605,6 +626,8 @@ class Datapath:
             self.l2_interrupt(TXQ)
         if self._l2_irq_pending and not self._in_l2_handler:
             self.l2_interrupt()
+        if rec is not None:
+            rec.done()
 
     def _kick_exit_only(self) -> None:
         """One kick's exit with nothing new to serve (the backend's pass for
@@ -638,6 +661,8 @@ class Datapath:
         pending = self.l1_pending
         frames = list(pending)
         consumed, irq = dev.rx(frames)
+        if self.recorder is not None:
+            self.recorder.rx(frames[:consumed], irq)
         self._charge_l1(frames[:consumed])
         if consumed == len(frames):
             pending.clear()
@@ -656,6 +681,8 @@ class Datapath:
             if not n:
                 break
             moved += n
+        if self.recorder is not None:
+            self.recorder.done()
         return moved
 
     def _rx_pass(self) -> int:
@@ -667,6 +694,8 @@ class Datapath:
             self.wire.put_back(frames)
             return 0
         consumed, irq = dev.rx(frames)
+        if self.recorder is not None:
+            self.recorder.rx(frames[:consumed], irq)
         if consumed < len(frames):
             self.wire.put_back(frames[consumed:])
             frames = frames[:consumed]

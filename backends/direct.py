@@ -155,6 +155,7 @@ class DirectBackend:
         self.device: NetDevice | None = None
         self.delegation: Delegation | None = None
         self.refusals = 0
+        self.make_device = net_device  # how L0's device is built (a shadow's builds a stand-in)
 
     @property
     def active(self) -> bool:
@@ -207,7 +208,7 @@ class DirectBackend:
         except DelegationRefused:
             self.refusals += 1
             raise
-        self.device = net_device(self.mem, d.rx, d.tx, d.features, "l0-direct", d.mac)
+        self.device = self.make_device(self.mem, d.rx, d.tx, d.features, "l0-direct", d.mac)
         self.delegation = d
 
     def revoke(self) -> Handback:

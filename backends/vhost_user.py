@@ -66,6 +66,7 @@ from xlio.virtio import (
 
 from .datapath import Datapath
 from .direct import QueueState
+from .shadow import Shadows
 from .virtqueue import queue_spans, span_problem
 
 
@@ -197,7 +198,8 @@ class VhostUserDevice:
 
     ``map_region(fd, offset, size)`` returns a buffer of ``size`` bytes of
     the fd from ``offset`` (the edge's mmap); ``unmap(buffer)`` undoes it.
-    ``dp`` is the datapath whose backend serves the rings.
+    ``dp`` is the datapath whose backend serves the rings; ``shadows``, when
+    given, charge the same events on the other paths.
     """
 
     def __init__(
@@ -205,8 +207,10 @@ class VhostUserDevice:
         dp: Datapath,
         map_region: Callable[[int, int, int], Any],
         unmap: Callable[[Any], None],
+        shadows: Shadows | None = None,
     ) -> None:
         self.dp = dp
+        self.shadows = shadows  # the same events charged on the other paths
         self.map_region = map_region
         self.unmap = unmap
         self.buffer = b""
@@ -478,8 +482,10 @@ class VhostUserDevice:
             return
         m = self.memory
         rx, tx = (self._queue_state(i, m.mem, m.host) for i in range(NUM_QUEUES))
-        self.dp.attach_guest(m.mem, self.features & ~(1 << F_PROTOCOL_FEATURES), rx, tx,
-                             self._signal)  # fmt: skip
+        features = self.features & ~(1 << F_PROTOCOL_FEATURES)
+        self.dp.attach_guest(m.mem, features, rx, tx, self._signal)
+        if self.shadows is not None:
+            self.shadows.attach(m.mem, features, rx, tx)
         self.serving = True
         self.attaches += 1
 
@@ -488,6 +494,8 @@ class VhostUserDevice:
             return
         self.serving = False
         state = self.dp.detach_guest()
+        if self.shadows is not None:
+            self.shadows.detach()
         if state is not None:
             for v, s in zip(self.vrings, state, strict=True):
                 v.base = s.last_avail

@@ -13,9 +13,8 @@ case may print a traceback.
 
 from __future__ import annotations
 
-import os
-
 import argparse
+import os
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor

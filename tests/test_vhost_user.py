@@ -370,3 +370,37 @@ async def test_on_a_socket_a_bad_message_closes_that_connection_and_the_next_is_
     assert srv.connections == 3 and srv.protocol_errors == 2
     assert not [m for m in open("/proc/self/maps") if "xlio-test" in m]  # unmapped
     assert PAGE_SIZE == 4096
+
+
+@pytest.mark.parametrize("real", ["single", "l1", "l0"])
+def test_shadows_charge_the_same_events_as_a_real_run_on_their_path(real: str) -> None:
+    """xlio's driver notifies alike on every path (deterministic), so the
+    shadow of path P in a run on another path must charge what a run on P
+    charges: every exit, by level, and the cycles."""
+    from xlio.backends.datapath import DATAPATH_DEFAULTS
+    from xlio.backends.shadow import Shadows
+
+    def run(path: str, shadows_of: list[str] = ()) -> tuple[Frontend, Shadows | None]:  # type: ignore[assignment]
+        fe = Frontend(path)
+        sh = None
+        if shadows_of:
+            ms = {p: machine_for(make_config("turtles-2010", p)) for p in shadows_of}
+            sh = Shadows(fe.dp, ms, dict(DATAPATH_DEFAULTS))
+            fe.dev.shadows = sh
+        fe.driver.probe()
+        for m in [fe.dp.m, *(d.m for d in (sh.dps.values() if sh else []))]:
+            m.reset_stats()
+        for i in range(20):
+            fe.echo(10 * i, 10)
+        return fe, sh
+
+    others = [p for p in ("single", "l1", "l0") if p != real]
+    _, sh = run(real, others)
+    assert sh is not None
+    sh.catch_up()
+    for p in others:
+        alone, _ = run(p)
+        want, got = alone.dp.m.stats.summary(), sh.dps[p].m.stats.summary()
+        for k in ("l0_exits", "l1_exits", "l2_exits", "reflected", "l1_be_exits"):
+            assert got[k] == want[k], (p, k, got[k], want[k])
+        assert got["cycles"] == pytest.approx(want["cycles"], rel=1e-9)

@@ -33,6 +33,7 @@ import trio
 from xlio.backends.datapath import Datapath, datapath_options, make_datapath
 from xlio.backends.direct import DelegationRefused
 from xlio.backends.netns import HostInfo, NamespacedTap
+from xlio.backends.shadow import Shadows
 from xlio.backends.tap import (
     CaptureFailed,
     PcapBatcher,
@@ -45,7 +46,13 @@ from xlio.measure import make_config, result_of
 from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.arch import machine_for
 from xlio.sim.presets import CostModel
+from xlio.sim.workloads import PATHS
+
 from xlio.stop import STOP_SIGNALS, Stopped, StopState, deferring_stops, stopping_on_signals
+
+#: What a real guest's run reports of the other two paths, per frame.
+OTHER_PATH_FIELDS = ("l0_exits", "l1_exits", "l2_exits", "reflected", "l1_be_exits",
+                     "irqs_injected_l2", "cycles", "time_us")  # fmt: skip
 
 
 class TapSession:
@@ -74,6 +81,13 @@ class TapSession:
         self.host_ip = ip4(self.info.host_ip)
         self.setup = self.m.stats.summary()
         self.m.reset_stats()
+        #: a real guest's events charged on the other two paths as well
+        self.shadows: Shadows | None = None
+        if guest:
+            others = {p: machine_for(make_config(preset, p)) for p in PATHS if p != path}
+            self.shadows = Shadows(self.dp, others, o)
+            for m in others.values():
+                m.reset_stats()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_tap(self.dp, self.wire, task_status=task_status)
@@ -94,6 +108,13 @@ class TapSession:
         r = result_of(self.m, "tap", self.path, n, per, setup=self.setup)
         r["tap"] = self.wire.metrics()
         r["netns"] = self.info.netns
+        if self.shadows is not None:
+            self.shadows.catch_up()
+            r["other_paths"] = {
+                p: {k: v for k, v in result_of(dp.m, "tap", p, n, per)["per_op"].items()
+                    if k in OTHER_PATH_FIELDS}
+                for p, dp in self.shadows.dps.items()
+            }  # fmt: skip
         if self.dp.driver is None:  # a real guest: its NIC's totals over every backend it had
             r["l2_nic"] = dict(sorted(self.dp.served().items()))
         if self.pcap is not None:
@@ -324,7 +345,7 @@ def serve(
             if vhost_user is not None:
                 from xlio.vhostsession import VhostUserServer
 
-                vhost = VhostUserServer(session.dp, vhost_user, announce)
+                vhost = VhostUserServer(session.dp, vhost_user, announce, session.shadows)
             switches = [0]
             try:
                 try:

@@ -92,8 +92,11 @@ def _close(fd: int) -> None:
 class VhostUserServer:
     """The listener and the one connection it serves at a time."""
 
-    def __init__(self, dp: Datapath, path: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, dp: Datapath, path: str, log: Callable[[str], None], shadows: Any = None
+    ) -> None:
         self.dp = dp
+        self.shadows = shadows
         self.path = path
         self.log = log
         self.connections = 0
@@ -123,7 +126,7 @@ class VhostUserServer:
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
         self.connections += 1
-        dev = VhostUserDevice(self.dp, map_region, unmap)
+        dev = VhostUserDevice(self.dp, map_region, unmap, self.shadows)
         dev.signal_fd = signal_eventfd  # type: ignore[method-assign]
         self.device = dev
         watched: dict[int, tuple[int, trio.CancelScope]] = {}

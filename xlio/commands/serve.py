@@ -70,6 +70,12 @@ def _serve_text(r: dict[str, Any]) -> str:
         )
         for q, c in v["queues"].items():
             lines.append(f"  {q} queue: " + ", ".join(f"{k} {n}" for k, n in c.items()))
+    for p, o in r.get("other_paths", {}).items():
+        lines.append(
+            f"the same events on path {p}, per frame: l0_exits {o['l0_exits']:.2f}, l1_exits "
+            f"{o['l1_exits']:.2f}, l1_be_exits {o['l1_be_exits']:.2f}, modeled "
+            f"{o['time_us']:.2f} us"
+        )
     if "l2_nic" in r:
         shown = ", ".join(f"{k} {n}" for k, n in r["l2_nic"].items() if n)
         lines.append(f"L2's NIC, every backend it had: {shown or 'idle'}")
