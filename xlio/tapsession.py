@@ -47,7 +47,6 @@ from xlio.packets import UDP_ECHO_PORT, ip4
 from xlio.sim.arch import machine_for
 from xlio.sim.presets import CostModel
 from xlio.sim.workloads import PATHS
-
 from xlio.stop import STOP_SIGNALS, Stopped, StopState, deferring_stops, stopping_on_signals
 
 #: What a real guest's run reports of the other two paths, per frame.
