@@ -12,6 +12,11 @@ Python, straight-line in one function, with no model and no checks (issue
 * tap RX: a burst of 4,000 64-byte frames queued in the tap by a packet
   socket in the namespace, drained into L2 on ``l0`` and ``l1``, against
   the straight-line RX ring, frames per second;
+* vhost-user TX and RX (``bench_vhost.py``): the same frames through xlio's
+  vhost-user server on a child, the bench playing the VMM on a memfd, against
+  the tap path on the same path in the same run (sending included on both
+  sides for RX), target ``VHOST_TARGET``; with ``--guest``, serve's CPU per
+  frame under a real guest's TCP stream (QEMU);
 * UDP echo: round trips from a socket in the namespace to the L2 guest on
   ``l0`` and ``l1``, against the straight-line ring echo on the raw tap,
   mean time per round trip (ratio: subject over floor), client and
@@ -33,7 +38,7 @@ machine's speed of the day.
 Tap rows build their own ``xlio-`` namespaces and remove them, also on
 failure. Needs CAP_NET_ADMIN and CAP_SYS_ADMIN for the tap rows.
 
-    python scripts/bench.py [--quick] [--json FILE]
+    python scripts/bench.py [--quick] [--guest] [--json FILE]
 """
 
 from __future__ import annotations
@@ -158,18 +163,71 @@ def tap_tx(path: str, n: int, n_pairs: int) -> dict[str, Any]:
             return straight_ring_tx(fd, raw)
 
         def subject() -> float:
-            dp = s.dp
-            t = time.perf_counter()
-            for i in range(0, n, 64):
-                dp.send(frames[i : i + 64])
-            while not s.wire.flush_backlog():
-                select.select([], [fd], [], 1.0)
-            return n / (time.perf_counter() - t)
+            return tx_rate(s, frames)
 
         subject()  # warm-up: every ring slot used once
         ps = pairs(floor, subject, n_pairs)
     return summarize(f"tap TX, 64-byte frames, batch 64, {path} / floor", "frames/s",
                      ps, TARGETS[("tx", path)])  # fmt: skip
+
+
+def tx_rate(s: TapSession, frames: list[bytes]) -> float:
+    """L2 (xlio's driver, in process) sends ``frames`` in batches of 64 onto the tap."""
+    dp = s.dp
+    n = len(frames)
+    t = time.perf_counter()
+    for i in range(0, n, 64):
+        dp.send(frames[i : i + 64])
+    while not s.wire.flush_backlog():
+        select.select([], [s.wire.fd], [], 1.0)
+    return n / (time.perf_counter() - t)
+
+
+def rx_rate(s: TapSession, frames: list[bytes], sending: bool = False) -> float:
+    """A burst queued in the tap, drained into L2's RX ring (in process); the
+    clock starts once it is queued, or (``sending``) before it is sent."""
+    n = len(frames)
+    dp, fd = s.dp, s.wire.fd
+    dev = dp.active_device()  # the backend filling L2's RX ring (L1's on l1)
+    assert dev is not None
+    t = time.perf_counter()
+    inject(s, frames)
+    if not sending:
+        t = time.perf_counter()
+    before = dev.metrics["rx_packets_count"]
+    while dev.metrics["rx_packets_count"] - before < n:
+        if not s.wire.read_available():
+            select.select([fd], [], [], 1.0)
+        dp.pump()
+    return n / (time.perf_counter() - t)
+
+
+def vhost_rows(path: str, n_tx: int, n_rx: int, n_pairs: int) -> list[dict[str, Any]]:
+    """vhost-user TX and RX (``bench_vhost``) against the tap path on ``path``,
+    each pair measured back to back in this run."""
+    import bench_vhost
+
+    preset = "kvm-2019" if path == "l0" else "turtles-2010"
+    tx = [udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, UDP_DISCARD_PORT, 64, i)
+          for i in range(n_tx)]  # fmt: skip
+    rx = [udp_frame_of_size(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, UDP_DISCARD_PORT, 64, i)
+          for i in range(n_rx)]  # fmt: skip
+    with tap_session(path) as s:
+        tx_rate(s, tx)
+        ps_tx = bench_vhost.vhost_tx(path, preset, n_tx, n_pairs, lambda: tx_rate(s, tx))
+        ps_rx = bench_vhost.vhost_rx(
+            path, preset, n_rx, n_pairs, lambda: rx_rate(s, rx, sending=True), inject
+        )
+    return [
+        summarize(f"vhost-user TX, 64-byte frames, batch 64, {path} / tap path", "frames/s",
+                  ps_tx, VHOST_TARGET),
+        summarize(f"vhost-user RX, burst of {n_rx:,} 64-byte frames sent, {path} / tap path",
+                  "frames/s", ps_rx, VHOST_TARGET),
+    ]  # fmt: skip
+
+
+#: vhost-user against the tap path on the same path (issue 34), frames/s.
+VHOST_TARGET = ">= 0.8"
 
 
 # ---------------------------------------------------------------- the floor
@@ -354,23 +412,13 @@ def tap_rx(path: str, n: int, n_pairs: int) -> dict[str, Any]:
     ]
     with tap_session(path) as s:
         fd = s.wire.fd
-        dp = s.dp
-        dev = dp.active_device()  # the backend filling L2's RX ring (L1's on l1)
-        assert dev is not None
 
         def floor() -> float:
             inject(s, frames)
             return straight_ring_rx(fd, n)
 
         def subject() -> float:
-            inject(s, frames)
-            before = dev.metrics["rx_packets_count"]
-            t = time.perf_counter()
-            while dev.metrics["rx_packets_count"] - before < n:
-                if not s.wire.read_available():
-                    select.select([fd], [], [], 1.0)
-                dp.pump()
-            return n / (time.perf_counter() - t)
+            return rx_rate(s, frames)
 
         subject()
         ps = pairs(floor, subject, n_pairs)
@@ -713,6 +761,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer frames and pairs (under 60 s)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--no-tap", action="store_true", help="model rows only")
+    ap.add_argument(
+        "--guest",
+        action="store_true",
+        help="also serve's CPU per frame under a real guest (QEMU, about 30 s)",
+    )
     a = ap.parse_args()
     q = a.quick
     mach = machine()
@@ -732,6 +785,13 @@ def main() -> None:
         k = 1000  # round trips per measurement: fewer are at the mercy of a noisy neighbour
         for subject in ECHO_ROWS:
             rows.append(echo(subject, k, n_pairs))
+        for path in ("l0", "l1"):
+            rows.extend(vhost_rows(path, tx_n, 4_000, n_pairs))
+        if a.guest:
+            import bench_vhost
+
+            for path, other_paths in (("l0", True), ("l1", True), ("l0", False)):
+                rows.append(bench_vhost.serve_cpu_per_frame(path, other_paths))
     rows.extend(model_rates(0.2 if q else 0.5))
     rows.extend(svm_against_vmx(0.1 if q else 0.2, n_pairs))
     rows.append(measure_configs(1000))

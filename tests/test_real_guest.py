@@ -225,3 +225,33 @@ def test_sigint_to_serve_while_a_guest_runs_ends_it_cleanly() -> None:
     assert rep["stopped_by"] == "SIGINT" and rep["vhost_user"]["queues"]["tx"]["kicks"] > 0
     assert qemu and qemu[0].poll() is not None and r.seconds < 25
     assert in_ns(ns, "true").returncode != 0
+
+
+def test_a_reconnecting_qemu_is_served_again_by_the_next_serve_from_its_rings_state() -> None:
+    """QEMU's ``reconnect=1``: the back-end goes away (serve ends) and a new
+    one listens on the same socket; QEMU connects again, restores the rings'
+    positions (SET_VRING_BASE) and the guest's traffic goes on."""
+    with tempfile.TemporaryDirectory(prefix="xlio-vu-") as tmp:
+        sock = os.path.join(tmp, "vu.sock")
+        reports: list[dict[str, Any]] = []
+
+        def serve_twice() -> None:
+            for path, seconds in (("l1", "7"), ("l0", "30")):
+                p = spawn(xlio_args("serve", "--path", path, "--vhost-user", sock, "--netns",
+                                    netns_name("rc"), "--duration", seconds, "--json"))  # fmt: skip
+                with running(p):
+                    out, _ = p.communicate(timeout=60)
+                reports.append(json.loads(out))
+
+        t = threading.Thread(target=serve_twice)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        r = run_guest(sock, "ping -c 60 -i 0.2 -W 1 198.18.0.1 | tail -2", 60)
+        t.join(timeout=60)
+    assert r.status == 0 and loss(r.output) <= 20, r.console
+    first, second = reports
+    assert first["vhost_user"]["connections"] == 1 and second["vhost_user"]["connections"] == 1
+    assert first["tap"]["frames_to_peer"] > 5 and second["tap"]["frames_to_peer"] > 5

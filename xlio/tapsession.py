@@ -66,6 +66,7 @@ class TapSession:
         pcap: str | PcapBatcher | None = None,
         record_batches: bool = False,
         guest: bool = False,
+        other_paths: bool = True,
         **opts: Any,
     ) -> None:
         assert host.info is not None, "open the host first"
@@ -82,7 +83,7 @@ class TapSession:
         self.m.reset_stats()
         #: a real guest's events charged on the other two paths as well
         self.shadows: Shadows | None = None
-        if guest:
+        if guest and other_paths:
             others = {p: machine_for(make_config(preset, p)) for p in PATHS if p != path}
             self.shadows = Shadows(self.dp, others, o)
             for m in others.values():
@@ -312,6 +313,7 @@ def serve(
     emit: Callable[[dict[str, Any]], None] | None = None,
     vhost_user: str | None = None,
     switch_every: float | None = None,
+    other_paths: bool = True,
 ) -> dict[str, Any]:
     """Build the namespace, keep L2 reachable until the duration or a stop signal.
 
@@ -321,7 +323,9 @@ def serve(
     the moment the socket listens. With ``interval``,
     ``emit`` gets the metrics of each interval (see :func:`interval_metrics`).
     With ``switch_every`` (path ``l1``) L1 delegates L2's NIC to L0 and
-    revokes it in turn, every that many seconds.
+    revokes it in turn, every that many seconds. With ``other_paths`` a real
+    guest's events are charged on the other two paths as well (shadow
+    datapaths: about as much model work again per path).
     The result's ``stopped_by`` names the signal that ended the run (None:
     the duration did). A capture that cannot be written ends the run with
     :class:`CaptureFailed`, its ``report`` holding the run's result (how
@@ -332,7 +336,10 @@ def serve(
         try:
             announce(f"xlio serve: building namespace {host.name}")
             info = host.open()
-            session = TapSession(path, host, preset=preset, pcap=pcap, guest=bool(vhost_user))
+            session = TapSession(
+                path, host, preset=preset, pcap=pcap, guest=bool(vhost_user),
+                other_paths=other_paths,
+            )  # fmt: skip
             who = f"vhost-user socket {vhost_user}" if vhost_user else "L2 guest"
             announce(
                 f"xlio serve: path {path}, namespace {info.netns}, host {info.host_ip}/"

@@ -52,6 +52,11 @@ def add_parser(sub: Any) -> None:
         "to this unix socket (QEMU's -netdev vhost-user); see xlio guest",
     )  # fmt: skip
     sv.add_argument(
+        "--no-other-paths", dest="other_paths", action="store_false",
+        help="with --vhost-user: do not charge the guest's events on the other two paths "
+        "(their shadow datapaths cost about as much model work again each)",
+    )  # fmt: skip
+    sv.add_argument(
         "--switch-every", type=seconds_in(3600), default=None, metavar="S",
         help="with --path l1: L1 delegates L2's NIC to L0, then revokes it, every S seconds",
     )  # fmt: skip
@@ -116,7 +121,7 @@ def run(a: argparse.Namespace) -> int:
         r = serve(
             a.path, a.netns, a.duration, costs, pcap, announce, ready=ready,
             interval=a.interval, emit=emit_metrics, vhost_user=a.vhost_user,
-            switch_every=a.switch_every,
+            switch_every=a.switch_every, other_paths=a.other_paths,
         )  # fmt: skip
     except HostSetupError as e:
         raise UsageError(str(e)) from None
