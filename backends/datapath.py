@@ -213,6 +213,15 @@ def started_device(
     return dev
 
 
+def _queue_counts(name: str, q: Any) -> dict[str, int]:
+    """One queue's counts, as :meth:`Datapath.served` sums them."""
+    return {
+        f"{name}_avail_entries": q.popped, f"{name}_interrupts": q.interrupts,
+        f"{name}_interrupts_suppressed": q.interrupts_suppressed,
+        f"{name}_indirect_tables": getattr(q, "indirect_tables", 0),
+    }  # fmt: skip
+
+
 def _no_guest(queue: int) -> None:
     """The interrupt line of a datapath that has no real guest attached."""
 
@@ -424,9 +433,7 @@ class Datapath:
         r = self.retired
         r.update(dev.metrics)
         for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
-            r[f"{name}_avail_entries"] += q.popped
-            r[f"{name}_interrupts"] += q.interrupts
-            r[f"{name}_interrupts_suppressed"] += q.interrupts_suppressed
+            r.update(_queue_counts(name, q))
 
     def served(self) -> Counter[str]:
         """``retired`` plus the backend serving now: L2's NIC's totals."""
@@ -435,9 +442,7 @@ class Datapath:
         if dev is not None:
             out.update(dev.metrics)
             for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
-                out[f"{name}_avail_entries"] += q.popped
-                out[f"{name}_interrupts"] += q.interrupts
-                out[f"{name}_interrupts_suppressed"] += q.interrupts_suppressed
+                out.update(_queue_counts(name, q))
         return out
 
     def l1_serves(self) -> bool:

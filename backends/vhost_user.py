@@ -530,7 +530,8 @@ class VhostUserDevice:
         driver published them with notifications off, EVENT_IDX's
         ``avail_event``, or behind another entry's kick), interrupts
         signalled and the used-entry publishes whose interrupt the driver
-        suppressed (``used_event``). Counted since the connection began."""
+        suppressed (``used_event``), and the chains that came in an indirect
+        table. Counted since the connection began."""
         served = self.dp.served()
         out = {}
         for i, name in enumerate(("rx", "tx")):
@@ -544,6 +545,8 @@ class VhostUserDevice:
                 "interrupts": n.interrupts,
                 "interrupts_suppressed": served[f"{name}_interrupts_suppressed"]
                 - self.served_before[f"{name}_interrupts_suppressed"],
+                "indirect_tables": served[f"{name}_indirect_tables"]
+                - self.served_before[f"{name}_indirect_tables"],
             }
         return out
 

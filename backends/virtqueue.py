@@ -135,6 +135,7 @@ class DeviceQueue:
         # or it had suppressed that (EVENT_IDX's used_event, NO_INTERRUPT)
         self.interrupts = 0
         self.interrupts_suppressed = 0
+        self.indirect_tables = 0  # chains that came in an indirect table
         self.broken = False
         self.popped = 0  # heads taken off the available ring, good chains or not
         self.errors: Counter[str] = Counter()
@@ -362,6 +363,7 @@ class DeviceQueue:
                 if not length or length % 16 or addr + length > mem.size:
                     raise ChainError("indirect table length or address invalid", head)
                 table, limit, idx, seen, in_indirect = addr, length // 16, 0, 0, True
+                self.indirect_tables += 1
                 continue
             if length == 0:
                 raise ChainError("zero-length buffer", head)
