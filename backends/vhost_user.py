@@ -51,21 +51,10 @@ from enum import IntEnum
 from typing import Any
 
 from xlio.sim.memory import PAGE_SIZE, GuestMemory, MappedHost, MemoryFault
-from xlio.virtio import (
-    MAX_QUEUE_SIZE,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    VIRTIO_NET_F_CSUM,
-    VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MRG_RXBUF,
-    valid_queue_size,
-)
+from xlio.virtio import MAX_QUEUE_SIZE, VIRTIO_NET_F_MAC, valid_queue_size
 
 from .datapath import Datapath
-from .direct import QueueState
+from .direct import DIRECT_FEATURES, QueueState
 from .shadow import Shadows
 from .virtqueue import queue_spans, span_problem
 
@@ -122,19 +111,12 @@ MAX_PAYLOAD = MEM_HEADER.size + REGION.size * MAX_REGIONS
 NUM_QUEUES = 2  # one queue pair: 0 receives, 1 transmits
 MAX_FDS = MAX_REGIONS
 
-#: What the device offers: what the backends serve (``direct.DIRECT_FEATURES``
-#: without MAC, which is QEMU's to answer), and protocol features.
+#: What the device offers: what the backends serve (``direct.DIRECT_FEATURES``)
+#: but MAC, which is QEMU's to answer, and that it speaks protocol features.
 #: Refused: GUEST_TSO4/6 (the tap would need TUNSETOFFLOAD and the device
 #: RX frames of up to 64 KiB spread over mergeable buffers), MQ (one queue
 #: pair), ACCESS_PLATFORM (QEMU then wants the back-end channel).
-DEVICE_FEATURES = sum(
-    1 << b
-    for b in (
-        VIRTIO_F_VERSION_1, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_NET_F_MRG_RXBUF,
-        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_F_HOST_TSO6, F_PROTOCOL_FEATURES,
-    )
-)  # fmt: skip
+DEVICE_FEATURES = (DIRECT_FEATURES & ~(1 << VIRTIO_NET_F_MAC)) | (1 << F_PROTOCOL_FEATURES)
 PROTOCOL_FEATURES = 1 << ProtocolFeature.REPLY_ACK
 
 
@@ -570,6 +552,55 @@ class VhostUserDevice:
             v.started = False
         self.fds_to_close += self.pending_fds
         self.pending_fds = []
+
+
+@dataclass(frozen=True)
+class FrontendMessage:
+    """One message of a front-end's handshake: its bytes, the fd it carries
+    (``"memory"``, ``"call"`` or ``"kick"`` with ``queue``; None: none), and
+    whether the back-end answers it."""
+
+    data: bytes
+    fd: str | None = None
+    queue: int = 0
+    answered: bool = False
+
+
+def frontend_handshake(
+    features: int, mem_size: int, uaddr: int, queues: dict[int, tuple[int, int, int, int]]
+) -> list[FrontendMessage]:
+    """What a VMM sends when its guest's driver sets DRIVER_OK, as QEMU does
+    (REFERENCE 14), for one region of ``mem_size`` bytes at guest-physical 0
+    that the VMM has at ``uaddr``, and ``queues`` (index -> size, desc, avail,
+    used, guest-physical), the driver having taken ``features``; the last
+    message asks for REPLY_ACK's answer, so that the rings are served once
+    it comes. For the front-ends xlio plays itself (tests, benchmarks)."""
+
+    def m(req: int, payload: bytes = b"", **kw: Any) -> FrontendMessage:
+        flags = VERSION | (FLAG_NEED_REPLY if kw.pop("ack", False) else 0)
+        return FrontendMessage(HEADER.pack(req, flags, len(payload)) + payload, **kw)
+
+    out = [
+        m(Request.GET_FEATURES, answered=True),
+        m(Request.SET_PROTOCOL_FEATURES, U64.pack(1 << ProtocolFeature.REPLY_ACK)),
+        m(Request.SET_OWNER),
+        m(Request.SET_FEATURES, U64.pack(features | 1 << F_PROTOCOL_FEATURES)),
+        m(Request.SET_MEM_TABLE, MEM_HEADER.pack(1, 0) + REGION.pack(0, mem_size, uaddr, 0),
+          fd="memory"),
+    ]  # fmt: skip
+    last = max(queues)
+    for i, (size, desc, avail, used) in sorted(queues.items()):
+        out += [
+            m(Request.SET_VRING_NUM, VRING_STATE.pack(i, size)),
+            m(Request.SET_VRING_BASE, VRING_STATE.pack(i, 0)),
+            m(Request.SET_VRING_ADDR,
+              VRING_ADDR.pack(i, 0, uaddr + desc, uaddr + used, uaddr + avail, 0)),
+            m(Request.SET_VRING_CALL, U64.pack(i), fd="call", queue=i),
+            m(Request.SET_VRING_KICK, U64.pack(i), fd="kick", queue=i),
+            m(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1), ack=i == last,
+              answered=i == last),
+        ]  # fmt: skip
+    return out
 
 
 def _regions_problem(regions: list[Region]) -> str | None:

@@ -31,7 +31,7 @@ driver stops using the queues and :meth:`probe` starts over.
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from xlio.sim.memory import GuestMemory, MemoryFault, RingPages
 from xlio.virtio import (
@@ -79,6 +79,38 @@ class Transport(Protocol):
     def set_status(self, status: int) -> None: ...
     def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None: ...
     def notify(self, index: int) -> None: ...
+
+
+class VmmTransport:
+    """The VMM's virtio-pci function when the device lives elsewhere
+    (vhost-user): it offers ``features``, records the queues the driver sets
+    up and, at DRIVER_OK, calls ``start(features taken, queues)``; a notify
+    write goes to ``kick(index)``."""
+
+    def __init__(self, features: int, start: Any, kick: Any) -> None:
+        self.offered = features
+        self.features = 0
+        self.status = 0
+        self.queues: dict[int, tuple[int, int, int, int]] = {}
+        self._start = start
+        self.notify = kick
+
+    def device_features(self) -> int:
+        return self.offered
+
+    def set_driver_features(self, features: int) -> None:
+        self.features = features
+
+    def get_status(self) -> int:
+        return self.status
+
+    def set_status(self, status: int) -> None:
+        self.status = status
+        if status & STATUS_DRIVER_OK:
+            self._start(self.features, self.queues)
+
+    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
+        self.queues[index] = (size, desc, avail, used)
 
 
 class DriverError(Exception):

@@ -36,21 +36,9 @@ from typing import Any
 import trio
 
 from xlio.backends.netns import NamespacedTap
-from xlio.backends.vhost_user import (
-    F_PROTOCOL_FEATURES,
-    FLAG_NEED_REPLY,
-    HEADER,
-    MEM_HEADER,
-    REGION,
-    U64,
-    VERSION,
-    VRING_ADDR,
-    VRING_STATE,
-    ProtocolFeature,
-    Request,
-)
+from xlio.backends.vhost_user import HEADER, frontend_handshake
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC
-from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
+from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver, VmmTransport
 from xlio.packets import UDP_DISCARD_PORT, udp_frame_of_size
 from xlio.sim.memory import MappedHost
 from xlio.tapsession import TapSession
@@ -76,63 +64,26 @@ class SocketFrontend:
         self.sock.connect(path)
         self.kick = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (RXQ, TXQ)}
         self.call = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (RXQ, TXQ)}
-        self.queues: dict[int, tuple[int, int, int, int]] = {}
-        self.status = 0
-        self.driver = VirtioNetDriver(self.host.memory("bench guest"), self, queue_size=RING)
+        vmm = VmmTransport(
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX), self._start,
+            lambda i: os.eventfd_write(self.kick[i], 1),
+        )  # fmt: skip
+        self.driver = VirtioNetDriver(self.host.memory("bench guest"), vmm, queue_size=RING)
         self.driver.probe()
 
-    # the driver's transport: the VMM's virtio-pci; DRIVER_OK starts vhost-user
-    def device_features(self) -> int:
-        return (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
-
-    def set_driver_features(self, features: int) -> None:
-        self.features = features
-
-    def get_status(self) -> int:
-        return self.status
-
-    def set_status(self, status: int) -> None:
-        self.status = status
-        if status & 4:
-            self._start()
-
-    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
-        self.queues[index] = (size, desc, avail, used)
-
-    def notify(self, index: int) -> None:
-        os.eventfd_write(self.kick[index], 1)
-
-    def _msg(self, req: int, payload: bytes = b"", fds: tuple[int, ...] = (),
-             reply: bool = False, ack: bool = False) -> bytes | None:  # fmt: skip
-        flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
-        data = HEADER.pack(req, flags, len(payload)) + payload
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
-        if not (reply or ack):
-            return None
-        head = self.sock.recv(HEADER.size, socket.MSG_WAITALL)
-        size = HEADER.unpack(head)[2]
-        return self.sock.recv(size, socket.MSG_WAITALL) if size else b""
-
-    def _start(self) -> None:
-        self._msg(Request.GET_FEATURES, reply=True)
-        self._msg(Request.SET_PROTOCOL_FEATURES, U64.pack(1 << ProtocolFeature.REPLY_ACK))
-        self._msg(Request.SET_OWNER)
-        self._msg(Request.SET_FEATURES, U64.pack(self.features | 1 << F_PROTOCOL_FEATURES))
-        table = MEM_HEADER.pack(1, 0) + REGION.pack(0, MEM, UADDR, 0)
-        self._msg(Request.SET_MEM_TABLE, table, (self.memfd,))
-        for i, (size, desc, avail, used) in sorted(self.queues.items()):
-            self._msg(Request.SET_VRING_NUM, VRING_STATE.pack(i, size))
-            self._msg(Request.SET_VRING_BASE, VRING_STATE.pack(i, 0))
-            self._msg(
-                Request.SET_VRING_ADDR,
-                VRING_ADDR.pack(i, 0, UADDR + desc, UADDR + used, UADDR + avail, 0),
-            )
-            self._msg(Request.SET_VRING_CALL, U64.pack(i), (self.call[i],))
-            self._msg(Request.SET_VRING_KICK, U64.pack(i), (self.kick[i],))
-            self._msg(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1), ack=True)  # fmt: skip
+    def _start(self, features: int, queues: dict[int, tuple[int, int, int, int]]) -> None:
+        """DRIVER_OK: the VMM's handshake on the socket, its fds along."""
+        for m in frontend_handshake(features, MEM, UADDR, queues):
+            fd = {"memory": self.memfd, "call": self.call[m.queue], "kick": self.kick[m.queue],
+                  None: None}[m.fd]  # fmt: skip
+            if fd is not None:
+                socket.send_fds(self.sock, [m.data], [fd])
+            else:
+                self.sock.sendall(m.data)
+            if m.answered:
+                size = HEADER.unpack(self.sock.recv(HEADER.size, socket.MSG_WAITALL))[2]
+                if size:
+                    self.sock.recv(size, socket.MSG_WAITALL)
 
     # the guest's side of the data path
     def send_all(self, frames: list[bytes], batch: int = 64) -> None:

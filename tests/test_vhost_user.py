@@ -34,9 +34,10 @@ from xlio.backends.vhost_user import (
     ProtocolFeature,
     Request,
     VhostUserDevice,
+    frontend_handshake,
 )
 from xlio.backends.wire import GUEST_IP, GUEST_MAC, PEER_IP, PEER_MAC, LoopbackWire
-from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver
+from xlio.frontends.virtio_net import RXQ, TXQ, VirtioNetDriver, VmmTransport
 from xlio.measure import make_config
 from xlio.packets import UDP_ECHO_PORT, udp_frame_of_size
 from xlio.sim.arch import machine_for
@@ -44,6 +45,7 @@ from xlio.sim.memory import PAGE_SIZE, MappedHost
 from xlio.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 
 MIB = 1 << 20
+OFFERED = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)  # what the "VMM" offers
 UADDR = 0x7F0000000000  # where the "VMM" has the region in its address space
 
 
@@ -74,9 +76,9 @@ class Frontend:
         self.signals: list[int] = []
         self.dev.signal_fd = self.signals.append  # type: ignore[method-assign]
         self.next_fd = 1000
-        self.queues: dict[int, tuple[int, int, int, int]] = {}
         host = MappedHost([(0, size, self.buf)])
-        self.driver = VirtioNetDriver(host.memory("L2 driver"), self, queue_size=256)
+        self.vmm = VmmTransport(OFFERED, self.start, lambda i: self.dev.kick(i, 1))
+        self.driver = VirtioNetDriver(host.memory("L2 driver"), self.vmm, queue_size=256)
 
     def _map(self, fd: int, offset: int, size: int) -> Any:
         if offset + size > len(self.buf):
@@ -92,48 +94,10 @@ class Frontend:
     def send(self, data: bytes, fds: list[int] | None = None) -> list[bytes]:
         return self.dev.feed(data, fds or [])
 
-    # the driver's transport: the VMM's virtio-pci; DRIVER_OK starts vhost-user
-    def device_features(self) -> int:
-        return (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
-
-    def set_driver_features(self, features: int) -> None:
-        self.features = features
-
-    def get_status(self) -> int:
-        return self.status
-
-    status = 0
-
-    def set_status(self, status: int) -> None:
-        self.status = status
-        if status & 4:
-            self.start()
-
-    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
-        self.queues[index] = (size, desc, avail, used)
-
-    def notify(self, index: int) -> None:
-        self.dev.kick(index, 1)
-
-    def start(self) -> None:
-        self.send(msg(Request.GET_FEATURES))
-        self.send(msg(Request.SET_PROTOCOL_FEATURES, U64.pack(1 << ProtocolFeature.REPLY_ACK)))
-        self.send(msg(Request.SET_OWNER))
-        self.send(msg(Request.SET_FEATURES, U64.pack(self.features | 1 << F_PROTOCOL_FEATURES)))
-        self.send(msg(Request.SET_MEM_TABLE, mem_table([(0, len(self.buf), UADDR, 0)])),
-                  [self.fd()])  # fmt: skip
-        for i, (size, desc, avail, used) in self.queues.items():
-            self.send(msg(Request.SET_VRING_NUM, state(i, size)))
-            self.send(msg(Request.SET_VRING_BASE, state(i, 0)))
-            self.send(
-                msg(
-                    Request.SET_VRING_ADDR,
-                    VRING_ADDR.pack(i, 0, UADDR + desc, UADDR + used, UADDR + avail, 0),
-                )
-            )
-            self.send(msg(Request.SET_VRING_CALL, U64.pack(i)), [self.fd()])
-            self.send(msg(Request.SET_VRING_KICK, U64.pack(i)), [self.fd()])
-            self.send(msg(Request.SET_VRING_ENABLE, state(i, 1)))  # fmt: skip
+    def start(self, features: int, queues: dict[int, tuple[int, int, int, int]]) -> None:
+        """DRIVER_OK: the VMM's handshake, each fd a fresh number."""
+        for m in frontend_handshake(features, len(self.buf), UADDR, queues):
+            self.send(m.data, [self.fd()] if m.fd else [])
 
     def echo(self, first: int, n: int, size: int = 200) -> list[bytes]:
         frames = [udp_frame_of_size(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, UDP_ECHO_PORT,
