@@ -148,6 +148,8 @@ def test_pings_both_ways_udp_echo_and_a_tcp_stream_on_every_path(path: str) -> N
     # the stream left partly as TSO frames: skbs with page fragments, which
     # Linux posts as indirect tables (INDIRECT_DESC), with their GSO header
     assert vu["queues"]["tx"]["indirect_tables"] > 0
+    # serve's count of what L2 sent holds the stream (and its headers, ACKs, pings)
+    assert rep["l2_nic"]["tx_bytes_count"] >= 3_000_000
     if path == "l0":
         assert rep["per_op"]["l1_be_exits"] == 0
 
@@ -257,3 +259,30 @@ def test_a_reconnecting_qemu_is_served_again_by_the_next_serve_from_its_rings_st
     first, second = reports
     assert first["vhost_user"]["connections"] == 1 and second["vhost_user"]["connections"] == 1
     assert first["tap"]["frames_to_peer"] > 5 and second["tap"]["frames_to_peer"] > 5
+
+
+def test_after_a_hostile_frontend_and_with_intervals_a_real_guest_is_served() -> None:
+    """A front-end that breaks the protocol gets one line and its connection
+    closed; the real guest that connects next is served; ``--interval``
+    lines carry the guest's notifications and the other paths' charges."""
+    import socket as sk
+    import struct
+
+    with serving("l1", "--interval", "1") as (proc, sock, ns):
+        bad = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+        bad.connect(sock)
+        bad.sendall(struct.pack("<III", 1, 1, 1 << 30))  # GET_FEATURES with a 1 GiB payload
+        assert bad.recv(16) == b""
+        bad.close()
+        r = run_guest(sock, "ping -c 20 -i 0.1 -W 2 198.18.0.1 | tail -2", 60)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert r.status == 0 and loss(r.output) == 0, r.console
+    intervals = [json.loads(x) for x in out.splitlines() if x.startswith('{"t_s"')]
+    rep = json.loads("\n".join(x for x in out.splitlines() if not x.startswith('{"t_s"')))
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert rep["vhost_user"]["protocol_errors"] == 1 and rep["vhost_user"]["connections"] == 2
+    assert sum("vhost-user:" in line for line in err.splitlines()) == 1
+    tx_kicks = sum(i["vhost_user"]["tx"]["kicks"] for i in intervals)
+    assert 0 < tx_kicks <= rep["vhost_user"]["queues"]["tx"]["kicks"]  # the last may be cut
+    assert sum(i["other_paths"]["l0"]["l1_exits"] for i in intervals) > 0

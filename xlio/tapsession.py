@@ -451,7 +451,16 @@ def interval_metrics(session: TapSession, vhost: Any = None) -> dict[str, Any]:
     """Counters of a serving session (cumulative): devices, tap, exits by level
     and reason, and a real guest's notifications (``vhost``)."""
     s = session.m.stats
-    extra = {"vhost_user": vhost.report()["queues"]} if vhost is not None else {}
+    extra: dict[str, Any] = {}
+    if vhost is not None:
+        extra["vhost_user"] = vhost.report()["queues"]
+    if session.shadows is not None:  # what the same events cost on the other paths
+        session.shadows.catch_up()
+        extra["other_paths"] = {
+            p: {"l0_exits": dp.m.stats.l0_exits, "l1_exits": dp.m.stats.l1_exits,
+                "modeled_us": dp.m.costs.cycles_to_us(dp.m.stats.cycles)}
+            for p, dp in session.shadows.dps.items()
+        }  # fmt: skip
     return {
         **extra,
         "devices": session.dp.metrics(),
