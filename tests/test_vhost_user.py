@@ -258,8 +258,8 @@ def test_a_flood_of_messages_is_served_in_bounded_memory() -> None:
 
 
 def test_descriptors_pointing_outside_the_regions_are_counted_not_followed() -> None:
-    """Two regions with a hole between them: a TX descriptor into the hole or
-    past the end is dropped and counted, and no byte outside is touched."""
+    """A TX descriptor past the end of guest memory, across it, or far
+    beyond is dropped and counted; the one good frame goes out."""
     fe = Frontend("single", size=8 * MIB)
     fe.driver.probe()
     tx = fe.driver.tx
@@ -368,3 +368,27 @@ def test_shadows_charge_the_same_events_as_a_real_run_on_their_path(real: str) -
         for k in ("l0_exits", "l1_exits", "l2_exits", "reflected", "l1_be_exits"):
             assert got[k] == want[k], (p, k, got[k], want[k])
         assert got["cycles"] == pytest.approx(want["cycles"], rel=1e-9)
+
+
+def test_mapped_memory_with_a_hole_faults_there_and_touches_nothing_outside() -> None:
+    """QEMU's two regions over one memfd leave 640-768 KiB unmapped: an access
+    there, or one that runs from a region into the hole, faults; a region's
+    bytes are its buffer's."""
+    from xlio.sim.memory import MemoryFault
+
+    low, high = bytearray(0xA0000), bytearray(0x100000)
+    host = MappedHost([(0, len(low), low), (0xC0000, len(high), high)])
+    mem = host.memory("guest")
+    mem.write(0xC0010, b"abc")
+    assert high[0x10:0x13] == b"abc" and mem.read(0xC0010, 3) == b"abc"
+    for gpa, n in ((0xA0000, 4), (0x9FFFE, 4), (0xBFFFF, 2), (0x1C0000, 1), (-1, 2)):
+        with pytest.raises(MemoryFault):
+            mem.read(gpa, n)
+        with pytest.raises(MemoryFault):
+            mem.write(gpa, bytes(n))
+    assert not any(low[-4:]) and mem.faults == 10
+    with pytest.raises(ValueError):
+        MappedHost([(0, 0x2000, bytearray(0x2000)), (0x1000, 0x1000, bytearray(0x1000))])
+    host.release()
+    with pytest.raises(MemoryFault):
+        mem.read(0xC0010, 3)
