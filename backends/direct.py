@@ -14,7 +14,7 @@ BE"), carried by hypercalls (VMCALL from L1, handled by L0):
    MAC, and per queue its size, the L2 GPAs of its descriptor table,
    available and used rings, and L1's ``last_avail``/``used_idx``.
    L0 validates (:meth:`DirectBackend.delegate`): sizes are powers of two up
-   to 32768, features are ones L0 serves (VERSION_1, MAC, EVENT_IDX), the MAC
+   to 32768, features are ones L0 serves (``DIRECT_FEATURES``), the MAC
    is one unicast address, queue positions are ring indices, the six rings
    are aligned, inside L2's memory, mapped by EPT12 and disjoint. A refusal
    changes nothing: L1 keeps serving.
