@@ -36,10 +36,11 @@ from xlio.virtio import (
     NET_HDR,
     NET_HDR_SIZE,
     RUN_MIN,
+    VIRTIO_NET_F_MRG_RXBUF,
     tx_offload_allowed,
 )
 
-from .virtqueue import ChainError, DeviceQueue, QueueBroken, Segments, simple_chains
+from .virtqueue import Chain, ChainError, DeviceQueue, QueueBroken, Segments, simple_chains
 
 METRICS = (
     "rx_packets_count",
@@ -86,6 +87,8 @@ class NetDevice:
         self.name = name
         self.mac = mac  # the MAC the device was configured with; None: no check
         self.features = features  # negotiated: which TX offloads a header may ask for
+        #: VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX buffers
+        self.mergeable = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         self.metrics: Counter[str] = Counter({k: 0 for k in METRICS})
         self.errors: Counter[str] = Counter()
         self.needs_reset = False
@@ -300,7 +303,12 @@ class NetDevice:
                     rest[:0] = simple_chains(heads, gpas, lens, write=True)
                     heads, gpas, datas = [], [], []
                 pos += len(heads)
-                for chain in rest:
+                merged = 0  # buffers beyond a frame's first, when frames span several
+                short = False  # a frame that spans buffers found too few
+                j = 0
+                while j < len(rest):
+                    chain = rest[j]
+                    j += 1
                     data = frames[pos]
                     pos += 1
                     if isinstance(chain, ChainError):
@@ -311,6 +319,17 @@ class NetDevice:
                         drop(used, head, "readable descriptor on RX", "rx_fails")
                         continue
                     need = len(data)
+                    if self.mergeable and len(segments) == 1 and segments[0][1] < need:
+                        more = self._merge(chain, data, rest, j, heads, gpas, datas, used)
+                        if more is None:  # not enough buffers yet: the frame waits
+                            pos -= 1
+                            self._consumed -= 1 + (len(rest) - j)
+                            short = True
+                            break
+                        self._consumed -= more[0]
+                        j += more[0]
+                        merged += more[1]
+                        continue
                     if len(segments) == 1:
                         if segments[0][1] < need:
                             drop(used, head, "RX buffer too small for the frame", "rx_fails")
@@ -339,13 +358,18 @@ class NetDevice:
                     heads = [h for i, h in enumerate(heads) if i not in bad]
                     datas = [d for i, d in enumerate(datas) if i not in bad]
                 sizes = list(map(len, datas))
-                packets += len(heads)
-                nbytes += sum(sizes) - NET_HDR_SIZE * len(heads)
+                packets += len(heads) - merged
+                nbytes += sum(sizes) - NET_HDR_SIZE * (len(heads) - merged)
                 filled, filled_sizes = heads, sizes
             finally:
                 self._settle(q, "rx", used, packets, nbytes, filled, filled_sizes)
             if broken is not None:
                 raise broken
+            if short:  # a kick once the driver adds buffers beyond those it has
+                if q.kick_beyond_known():
+                    continue
+                self.metrics["no_rx_avail_buffer"] += 1
+                return False
             if not taken:
                 q.set_notify(True)  # out of buffers: a kick when there are more...
                 if q.pending():  # ...unless the driver added some meanwhile (see tx)
@@ -353,6 +377,61 @@ class NetDevice:
                 self.metrics["no_rx_avail_buffer"] += 1
                 return False
         return True
+
+    def _merge(
+        self, first: Chain, data: bytes, rest: list[Chain | ChainError], j: int,
+        heads: list[int], gpas: list[int], datas: list[bytes], used: Used,
+    ) -> tuple[int, int] | None:  # fmt: skip
+        """VIRTIO_NET_F_MRG_RXBUF: ``data`` over ``first`` and as many further
+        one-buffer chains as it takes, in ring order (the batch's ``rest`` from
+        ``j``, then the ring), each buffer filled in turn, the header's
+        ``num_buffers`` their count (virtio 1.x, 5.1.6.4). The buffers join
+        the batch's writes, consecutive, as the driver reads them back.
+        Returns (chains taken from ``rest``, buffers beyond the first); None
+        when the ring has too few buffers now: then the chains it took from
+        the ring go back (vhost's ``vhost_discard_vq_desc``) and the frame
+        waits for a kick. A bad chain among them drops the frame."""
+        q = self.rxq
+        bufs = [(first[0], first[2][0])]
+        room = first[2][0][1]
+        if room < NET_HDR_SIZE:  # the header must lie in the first buffer (5.1.6.4)
+            self._drop(used, first[0], "RX buffer too small for the header", "rx_fails")
+            return 0, 0
+        from_rest = popped = 0
+        while room < len(data):
+            if j + from_rest < len(rest):
+                c = rest[j + from_rest]
+                from_rest += 1
+            else:
+                got: Chain | ChainError | None
+                try:
+                    got = q.pop()
+                except ChainError as e:
+                    got = e
+                if got is None:
+                    q.unpop(popped + from_rest + 1)
+                    return None
+                c = got
+                popped += 1
+            if isinstance(c, ChainError) or c[1] or len(c[2]) != 1:
+                bad = c.head if isinstance(c, ChainError) else c[0]
+                for i, h in enumerate([b[0] for b in bufs] + [bad]):  # one frame failed
+                    self._drop(used, h, "bad buffer in a merged frame", None if i else "rx_fails")
+                return from_rest, 0
+            bufs.append((c[0], c[2][0]))
+            room += c[2][0][1]
+        k = len(bufs)
+        view = memoryview(data)
+        at = 0
+        for i, (h, (gpa, n)) in enumerate(bufs):
+            chunk = bytes(view[at : at + n])
+            if i == 0:  # num_buffers, the header's last field
+                chunk = chunk[:10] + k.to_bytes(2, "little") + chunk[12:]
+            heads.append(h)
+            gpas.append(gpa)
+            datas.append(chunk)
+            at += n
+        return from_rest, k - 1
 
     def _scatter(self, segments: Segments, data: bytes) -> None:
         view = memoryview(data)

@@ -486,6 +486,32 @@ class DeviceQueue:
         except MemoryFault:
             raise self._break("used ring unwritable") from None
 
+    def unpop(self, n: int) -> None:
+        """Put back the last ``n`` chains taken, unused (a mergeable RX frame
+        that found too few buffers: vhost's ``vhost_discard_vq_desc``)."""
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+        self.popped -= n
+
+    def kick_beyond_known(self) -> bool:
+        """Ask for a kick at the next entry the driver publishes beyond the
+        ones already seen (``avail_idx``), then look again: True if it has
+        published more meanwhile (vhost_enable_notify's re-check)."""
+        if self.broken:
+            return False
+        known = self.avail_idx
+        try:
+            if self.event_idx:
+                self.mem.write_u16(self.used + 4 + 8 * self.size, known)
+            else:
+                self.mem.write_u16(self.used, 0)
+            idx = self.mem.read_u16(self.avail + 2)
+        except MemoryFault:
+            raise self._break("used ring unwritable") from None
+        if (idx - self.last_avail) & 0xFFFF > self.size:
+            raise self._break("available index moved by more than the queue size")
+        self.avail_idx = idx
+        return idx != known
+
     def state(self) -> tuple[int, int]:
         """(last_avail, used_idx): what a hand-over between backends carries."""
         return self.last_avail, self.used_idx
