@@ -450,3 +450,52 @@ def test_a_mergeable_frame_short_of_buffers_waits_for_the_driver_and_then_goes()
     drv.add_many(0x100000, 4096, [2048], write=True)
     drv.publish()
     assert dev.rx([frame])[0] == 1 and len(drv.take_used()[0]) == 3
+
+
+def test_mergeable_rx_reassembles_whatever_the_buffer_and_frame_sizes() -> None:
+    """Property: for any buffers posted (12 to 3,000 bytes each) and frames
+    (14 to 12,000 bytes), what the device consumed is, reassembled by
+    ``num_buffers`` from the used ring, exactly those frames in order, each
+    buffer's used length within it, and every frame not consumed left whole
+    (it waits: the buffers it would need are not all there)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from xlio.backends.device import NetDevice, with_rx_header
+    from xlio.backends.virtqueue import DeviceQueue
+    from xlio.frontends.virtio_net import DriverQueue
+    from xlio.virtio import VIRTIO_NET_F_MRG_RXBUF
+
+    @settings(max_examples=150, deadline=None)
+    @given(bufs=st.lists(st.integers(12, 3000), min_size=1, max_size=60),
+           sizes=st.lists(st.integers(14, 12000), min_size=1, max_size=20))  # fmt: skip
+    def check(bufs: list[int], sizes: list[int]) -> None:
+        area = bytearray(4 * MIB)
+        mem = MappedHost([(0, len(area), area)]).memory("guest")
+        drv = DriverQueue(mem, 64, 0x2000, True)
+        rxq = DeviceQueue(mem, 64, drv.desc, drv.avail, drv.used, True)
+        txq = DeviceQueue(mem, 8, 0x9000, 0x9080, 0x9100, True)
+        dev = NetDevice(mem, rxq, txq, "rx", features=1 << VIRTIO_NET_F_MRG_RXBUF)
+        size_of: dict[int, int] = {}
+        for b in bufs:
+            (gpa,) = drv.add_many(0x100000, 4096, [b], write=True)
+            size_of[(gpa - 0x100000) // 4096] = b
+        drv.publish()
+        frames = [with_rx_header(bytes([i + 1]) * n) for i, n in enumerate(sizes)]
+        consumed, _ = dev.rx(frames)
+        ids, lens = drv.take_used()
+        at, got = 0, []
+        while at < len(ids):
+            first = mem.read(0x100000 + 4096 * ids[at], lens[at])
+            k = int.from_bytes(first[10:12], "little") if lens[at] >= 12 else 0
+            assert k >= 1 and all(lens[at + i] <= size_of[ids[at + i]] for i in range(k))
+            got.append(first + b"".join(mem.read(0x100000 + 4096 * ids[at + i], lens[at + i])
+                                        for i in range(1, k)))  # fmt: skip
+            at += k
+        assert [g[12:] for g in got] == [f[12:] for f in frames[:consumed]]
+        assert consumed == len(got) == dev.metrics["rx_packets_count"]
+        left = sum(size_of[i] for i in range(len(bufs)) if i not in set(ids))
+        if consumed < len(frames):  # the next frame would not fit what is left
+            assert len(frames[consumed]) > left
+
+    check()
