@@ -181,7 +181,8 @@ class VhostUserDevice:
     ``map_region(fd, offset, size)`` returns a buffer of ``size`` bytes of
     the fd from ``offset`` (the edge's mmap); ``unmap(buffer)`` undoes it.
     ``dp`` is the datapath whose backend serves the rings; ``shadows``, when
-    given, charge the same events on the other paths.
+    given, charge the same events on the other paths; ``signal_fd(fd)``
+    raises an interrupt on a call fd.
     """
 
     def __init__(
@@ -190,8 +191,10 @@ class VhostUserDevice:
         map_region: Callable[[int, int, int], Any],
         unmap: Callable[[Any], None],
         shadows: Shadows | None = None,
+        signal_fd: Callable[[int], None] = lambda fd: None,
     ) -> None:
         self.dp = dp
+        self.signal_fd = signal_fd  # an interrupt: the edge writes the call eventfd
         self.shadows = shadows  # the same events charged on the other paths
         self.map_region = map_region
         self.unmap = unmap
@@ -488,9 +491,6 @@ class VhostUserDevice:
         if v.call is not None:
             self.signal_fd(v.call)
 
-    #: the edge's eventfd write (replaced by the edge; a test counts)
-    signal_fd: Callable[[int], None] = staticmethod(lambda fd: None)
-
     def kick(self, index: int, count: int) -> None:
         """The driver's notify writes on queue ``index`` (``count`` of them, read
         together from its kick eventfd): the datapath serves them."""
@@ -640,26 +640,22 @@ class _Handler:
         return (lambda n: n == size), takes
 
 
-def _h(method: Callable[..., bytes | None], payload: int | None, **kw: Any) -> _Handler:
-    return _Handler(method, payload, **kw)
-
-
 D = VhostUserDevice
 _HANDLERS: dict[Request, _Handler] = {
-    Request.GET_FEATURES: _h(D.get_features, 0),
-    Request.SET_FEATURES: _h(D.set_features, U64.size),
-    Request.SET_OWNER: _h(D.set_owner, 0),
-    Request.RESET_OWNER: _h(D.reset_owner, 0),
-    Request.SET_MEM_TABLE: _h(D.set_mem_table, None),
-    Request.SET_VRING_NUM: _h(D.set_vring_num, VRING_STATE.size),
-    Request.SET_VRING_ADDR: _h(D.set_vring_addr, VRING_ADDR.size),
-    Request.SET_VRING_BASE: _h(D.set_vring_base, VRING_STATE.size),
-    Request.GET_VRING_BASE: _h(D.get_vring_base, VRING_STATE.size),
-    Request.SET_VRING_KICK: _h(D.set_vring_kick, U64.size, fd_message=True),
-    Request.SET_VRING_CALL: _h(D.set_vring_call, U64.size, fd_message=True),
-    Request.SET_VRING_ERR: _h(D.set_vring_err, U64.size, fd_message=True),
-    Request.GET_PROTOCOL_FEATURES: _h(D.get_protocol_features, 0),
-    Request.SET_PROTOCOL_FEATURES: _h(D.set_protocol_features, U64.size),
-    Request.GET_QUEUE_NUM: _h(D.get_queue_num, 0),
-    Request.SET_VRING_ENABLE: _h(D.set_vring_enable, VRING_STATE.size),
+    Request.GET_FEATURES: _Handler(D.get_features, 0),
+    Request.SET_FEATURES: _Handler(D.set_features, U64.size),
+    Request.SET_OWNER: _Handler(D.set_owner, 0),
+    Request.RESET_OWNER: _Handler(D.reset_owner, 0),
+    Request.SET_MEM_TABLE: _Handler(D.set_mem_table, None),
+    Request.SET_VRING_NUM: _Handler(D.set_vring_num, VRING_STATE.size),
+    Request.SET_VRING_ADDR: _Handler(D.set_vring_addr, VRING_ADDR.size),
+    Request.SET_VRING_BASE: _Handler(D.set_vring_base, VRING_STATE.size),
+    Request.GET_VRING_BASE: _Handler(D.get_vring_base, VRING_STATE.size),
+    Request.SET_VRING_KICK: _Handler(D.set_vring_kick, U64.size, fd_message=True),
+    Request.SET_VRING_CALL: _Handler(D.set_vring_call, U64.size, fd_message=True),
+    Request.SET_VRING_ERR: _Handler(D.set_vring_err, U64.size, fd_message=True),
+    Request.GET_PROTOCOL_FEATURES: _Handler(D.get_protocol_features, 0),
+    Request.SET_PROTOCOL_FEATURES: _Handler(D.set_protocol_features, U64.size),
+    Request.GET_QUEUE_NUM: _Handler(D.get_queue_num, 0),
+    Request.SET_VRING_ENABLE: _Handler(D.set_vring_enable, VRING_STATE.size),
 }

@@ -72,9 +72,9 @@ class Frontend:
             machine_for(make_config("turtles-2010", path)), path, guest=True,
             wire=LoopbackWire(capture=True),
         )  # fmt: skip
-        self.dev = VhostUserDevice(self.dp, self._map, lambda b: None)
         self.signals: list[int] = []
-        self.dev.signal_fd = self.signals.append  # type: ignore[method-assign]
+        self.dev = VhostUserDevice(self.dp, self._map, lambda b: None,
+                                   signal_fd=self.signals.append)  # fmt: skip
         self.next_fd = 1000
         host = MappedHost([(0, size, self.buf)])
         self.vmm = VmmTransport(OFFERED, self.start, lambda i: self.dev.kick(i, 1))

@@ -34,7 +34,6 @@ import hashlib
 import lzma
 import os
 import re
-import shlex
 import shutil
 import signal
 import struct
@@ -324,7 +323,3 @@ def _lines(proc: subprocess.Popen[bytes], deadline: float):  # type: ignore[no-u
             buf += chunk
             *done, buf = buf.split(b"\n")
             yield from (d + b"\n" for d in done)
-
-
-def shell_quote(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)

@@ -126,8 +126,7 @@ class VhostUserServer:
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
         self.connections += 1
-        dev = VhostUserDevice(self.dp, map_region, unmap, self.shadows)
-        dev.signal_fd = signal_eventfd  # type: ignore[method-assign]
+        dev = VhostUserDevice(self.dp, map_region, unmap, self.shadows, signal_eventfd)
         self.device = dev
         watched: dict[int, tuple[int, trio.CancelScope]] = {}
         try:
