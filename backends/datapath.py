@@ -98,13 +98,17 @@ def l1_nic_tx_queue_size(queue_size: int, buf_size: int) -> int:
     return max(queue_size, 1 << (need - 1).bit_length())
 
 
-def _queue_counts(name: str, q: Any) -> dict[str, int]:
-    """One queue's counts, as :meth:`Datapath.served` sums them."""
-    return {
-        f"{name}_avail_entries": q.popped, f"{name}_interrupts": q.interrupts,
-        f"{name}_interrupts_suppressed": q.interrupts_suppressed,
-        f"{name}_indirect_tables": getattr(q, "indirect_tables", 0),
-    }  # fmt: skip
+def _tally(dev: Any) -> Counter[str]:
+    """What one L2 backend did, as :meth:`Datapath.served` sums it: its
+    metrics, and per queue the available entries it took, the interrupts it
+    signalled and saw suppressed, the chains that came in indirect tables."""
+    out: Counter[str] = Counter(dev.metrics)
+    for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
+        out[f"{name}_avail_entries"] += q.popped
+        out[f"{name}_interrupts"] += q.interrupts
+        out[f"{name}_interrupts_suppressed"] += q.interrupts_suppressed
+        out[f"{name}_indirect_tables"] += q.indirect_tables
+    return out
 
 
 def _no_guest(queue: int) -> None:
@@ -310,24 +314,17 @@ class Datapath:
 
     def _retire(self, dev: NetDevice | None) -> None:
         """An L2 backend stops serving (a hand-over, a reset, the guest gone):
-        what it did is kept in ``retired``, so that a queue's totals are the
-        queue's whoever served it: its metrics, and per queue the available
-        entries it took and the interrupts it signalled and saw suppressed."""
-        if dev is None:
-            return
-        r = self.retired
-        r.update(dev.metrics)
-        for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
-            r.update(_queue_counts(name, q))
+        what it did (:func:`_tally`) is kept in ``retired``, so that a queue's
+        totals are the queue's, whoever served it."""
+        if dev is not None:
+            self.retired.update(_tally(dev))
 
     def served(self) -> Counter[str]:
         """``retired`` plus the backend serving now: L2's NIC's totals."""
         out = Counter(self.retired)
         dev = self.active_device()
         if dev is not None:
-            out.update(dev.metrics)
-            for name, q in (("rx", dev.rxq), ("tx", dev.txq)):
-                out.update(_queue_counts(name, q))
+            out.update(_tally(dev))
         return out
 
     def l1_serves(self) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Any
 
+from xlio.frontends.virtio_net import TXQ
 from xlio.sim.machine import NestedMachine
 from xlio.sim.memory import GuestMemory
 from xlio.virtio import VIRTIO_F_EVENT_IDX, bit
@@ -50,6 +51,7 @@ class ShadowQueue:
         self.popped = 0
         self.interrupts = 0
         self.interrupts_suppressed = 0
+        self.indirect_tables = 0  # the real queue counts them; a stand-in has none
         self.broken = False
 
     def set_notify(self, enabled: bool) -> None:
@@ -133,7 +135,7 @@ class Recorder:
     def tx(self, frames: list[bytes], irq: bool, drain: bool = False) -> None:
         for s in self.shadows.scripts:
             if drain:
-                s.events.append(("kick", 1, 1))
+                s.events.append(("kick", TXQ, 1))
             s.tx.append((frames, irq))
 
     def rx(self, frames: list[bytes], irq: bool) -> None:

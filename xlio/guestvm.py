@@ -40,7 +40,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from xlio.backends.netns import GUEST_IP, PREFIX
@@ -296,7 +296,7 @@ def _default_signals() -> None:
         signal.signal(s, signal.SIG_DFL)
 
 
-def _lines(proc: subprocess.Popen[bytes], deadline: float):  # type: ignore[no-untyped-def]
+def _lines(proc: subprocess.Popen[bytes], deadline: float) -> Iterator[bytes]:
     """The process's output lines until it closes them or the deadline passes."""
     import selectors
 
